@@ -1,0 +1,226 @@
+"""The replica's HTTP server: serves ROOT/HOST/PATH as MIRROR/HOST/PATH with Range support and fault injection."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+log = logging.getLogger(__name__)
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+COPY_BLOCK = 256 * 1024
+
+
+@dataclass
+class Faults:
+    """Switchable faults. Counters (``*_count``) apply to that many matching requests, then switch off.
+
+    ``path_contains`` restricts every fault to URLs containing that text ('' = all requests).
+    """
+
+    path_contains: str = ""
+    drop_after_bytes: int | None = None  # close the connection after sending this many body bytes
+    drop_count: int = 0
+    status: int | None = None  # answer this status (e.g. 500, 503) instead of the file
+    status_count: int = 0
+    retry_after_s: float | None = None  # with status 429: the Retry-After header
+    truncate_to_bytes: int | None = None  # a complete-looking response whose body (and length) is cut short
+    truncate_count: int = 0
+    corrupt_count: int = 0  # flip one byte in the body
+    latency_s: float = 0.0  # added before every response (not a counter: stays until reset)
+    bandwidth_bps: float | None = None  # per-connection throttle (not a counter)
+    requests_seen: list[str] = field(default_factory=list)
+
+    def _take(self, name: str) -> bool:
+        count = getattr(self, name)
+        if count > 0:
+            setattr(self, name, count - 1)
+            return True
+        return False
+
+
+class ReplicaServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # Many concurrent range readers (tensorstore, parallel downloads) connect at once.
+    request_queue_size = 128
+
+    def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.root = Path(root).resolve()
+        self.faults = Faults()
+        self.lock = threading.Lock()
+        self.bytes_served = 0
+        super().__init__((host, port), ReplicaHandler)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def reset_faults(self) -> None:
+        with self.lock:
+            self.faults = Faults()
+
+
+class ReplicaHandler(BaseHTTPRequestHandler):
+    server: ReplicaServer
+    protocol_version = "HTTP/1.1"
+    server_version = "emdata-replica/1"
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _resolve(self) -> Path | None:
+        path = unquote(urlsplit(self.path).path)
+        target = (self.server.root / path.lstrip("/")).resolve()
+        if self.server.root not in target.parents and target != self.server.root:
+            return None
+        if target.is_dir():
+            index = target / "index.html"
+            return index if index.is_file() else None
+        return target if target.is_file() else None
+
+    def do_HEAD(self) -> None:
+        self._serve(head=True)
+
+    def do_GET(self) -> None:
+        self._serve(head=False)
+
+    def _send_status(self, status: int, extra: dict[str, str] | None = None) -> None:
+        body = f"{status} {HTTPStatus(status).phrase}\n".encode()
+        self.send_response(status)
+        for k, v in (extra or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _serve(self, head: bool) -> None:
+        server = self.server
+        with server.lock:
+            faults = server.faults
+            faults.requests_seen.append(f"{self.command} {self.path} {self.headers.get('Range', '')}".strip())
+            matches = faults.path_contains in self.path
+            status = faults.status if matches and faults.status and faults._take("status_count") else None
+            drop = faults.drop_after_bytes if matches and faults._take("drop_count") else None
+            truncate = faults.truncate_to_bytes if matches and faults._take("truncate_count") else None
+            corrupt = matches and faults._take("corrupt_count")
+            latency, bandwidth, retry_after = faults.latency_s, faults.bandwidth_bps, faults.retry_after_s
+        if latency:
+            time.sleep(latency)
+        if status is not None:
+            extra = {"Retry-After": f"{retry_after:g}"} if status == 429 and retry_after is not None else None
+            self._send_status(status, extra)
+            return
+        target = self._resolve()
+        if target is None:
+            self._send_status(404)
+            return
+        size = target.stat().st_size
+        start, end = 0, size - 1
+        status_code = 200
+        range_header = self.headers.get("Range")
+        if range_header:
+            parsed = _parse_range(range_header, size)
+            if parsed is None:
+                self._send_status(416, {"Content-Range": f"bytes */{size}"})
+                return
+            start, end = parsed
+            status_code = 206
+        length = end - start + 1
+        if truncate is not None:
+            length = min(length, truncate)
+        self.send_response(status_code)
+        self.send_header("Content-Length", str(length))
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Last-Modified", email.utils.formatdate(target.stat().st_mtime, usegmt=True))
+        if status_code == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        if head:
+            return
+        self._send_body(target, start, length, drop=drop, corrupt=corrupt, bandwidth=bandwidth)
+
+    def _send_body(self, target: Path, start: int, length: int, *, drop: int | None, corrupt: bool,
+                   bandwidth: float | None) -> None:
+        sent = 0
+        began = time.monotonic()
+        with target.open("rb") as f:
+            f.seek(start)
+            while sent < length:
+                block = f.read(min(COPY_BLOCK, length - sent))
+                if not block:
+                    break
+                if corrupt and sent == 0:
+                    block = bytes([block[0] ^ 0xFF]) + block[1:]
+                if drop is not None and sent + len(block) > drop:
+                    self.wfile.write(block[: max(0, drop - sent)])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                try:
+                    self.wfile.write(block)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+                    return
+                sent += len(block)
+                if bandwidth:
+                    ahead = sent / bandwidth - (time.monotonic() - began)
+                    if ahead > 0:
+                        time.sleep(ahead)
+        with self.server.lock:
+            self.server.bytes_served += sent
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """One byte range (RFC 9110), including suffix ranges ``bytes=-N``; None means unsatisfiable (416)."""
+    m = _RANGE.match(header.strip())
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first:
+        n = int(last)
+        if n == 0 or size == 0:
+            return None
+        return max(0, size - n), size - 1
+    start = int(first)
+    end = int(last) if last else size - 1
+    if start >= size or end < start:
+        return None
+    return start, min(end, size - 1)
+
+
+@contextmanager
+def serve_in_thread(root: Path, port: int = 0) -> Iterator[ReplicaServer]:
+    """Serve ``root`` on loopback in a background thread (port 0 = a free port) until the block exits."""
+    server = ReplicaServer(root, port=port)
+    thread = threading.Thread(target=server.serve_forever, name="emdata-replica", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def cache_root() -> Path:
+    """Where generated replica trees are kept between runs (override with EMDATA_REPLICA_CACHE)."""
+    env = os.environ.get("EMDATA_REPLICA_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "emdata" / "replica"
