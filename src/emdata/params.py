@@ -1,0 +1,101 @@
+"""params.yaml: loading, validation into frozen dataclasses, and the run context shared by every source."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from emdata.errors import InvalidParameterError
+from emdata.urls import validate_mirror
+
+T = TypeVar("T")
+
+
+def load_params(path: Path | str = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidParameterError(f"params file not found: {str(path)!r}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise InvalidParameterError(f"{str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def dataclass_from_section(cls: type[T], section: Mapping[str, Any] | None, where: str) -> T:
+    """Build ``cls`` from a params section, naming any unknown key (typos fail loudly, before any work)."""
+    section = dict(section or {})
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise InvalidParameterError(f"unknown key(s) {unknown} in params section {where!r}; valid: {sorted(known)}")
+    try:
+        return cls(**section)
+    except TypeError as exc:  # e.g. a list where a number is needed
+        raise InvalidParameterError(f"bad params section {where!r}: {exc}") from exc
+
+
+def _positive(name: str, value: Any, kind: type = float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
+        kind is int and not isinstance(value, int)
+    ):
+        raise InvalidParameterError(f"download.{name} must be a positive {kind.__name__}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """Settings of the download engine (params.yaml section ``download``)."""
+
+    workers: int = 4  # files downloaded at once
+    range_workers: int = 4  # concurrent byte ranges of one large file
+    range_threshold_mb: float = 256.0  # files at least this large are fetched as parallel ranges
+    range_part_mb: float = 64.0
+    retries: int = 5  # attempts after the first one
+    backoff_s: float = 1.0  # first retry delay, doubled each time (capped at backoff_max_s)
+    backoff_max_s: float = 30.0
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    checksums_file: str = "checksums.json"
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "range_workers"):
+            _positive(name, getattr(self, name), int)
+        for name in ("range_threshold_mb", "range_part_mb", "connect_timeout_s", "read_timeout_s",
+                     "backoff_max_s"):
+            _positive(name, getattr(self, name))
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise InvalidParameterError(f"download.retries must be an integer >= 0, got {self.retries!r}")
+        if not isinstance(self.backoff_s, (int, float)) or self.backoff_s < 0:
+            raise InvalidParameterError(f"download.backoff_s must be >= 0, got {self.backoff_s!r}")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every source needs besides its own params: where to fetch from and where to keep things."""
+
+    mirror: str  # '' = live
+    download: DownloadConfig
+    repo_root: Path
+
+    @property
+    def downloads_dir(self) -> Path:
+        """Raw downloads (kept until a verified conversion; never a DVC output)."""
+        return self.repo_root / "data" / ".downloads"
+
+    @property
+    def checksums_path(self) -> Path:
+        return self.repo_root / self.download.checksums_file
+
+
+def run_context(params: Mapping[str, Any], repo_root: Path | None = None) -> RunContext:
+    """The context from the top-level ``mirror`` and ``download`` params (EMDATA_MIRROR overrides mirror)."""
+    mirror = os.environ.get("EMDATA_MIRROR", params.get("mirror") or "")
+    return RunContext(
+        mirror=validate_mirror(mirror),
+        download=dataclass_from_section(DownloadConfig, params.get("download"), "download"),
+        repo_root=(repo_root or Path.cwd()).resolve(),
+    )
