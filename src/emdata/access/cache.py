@@ -1,0 +1,85 @@
+"""A bounded cache of decoded chunks: tensorstore's cache_pool for the fast path, an LRU for the zarr fallback."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Any
+
+import numpy as np
+
+from emdata.errors import InvalidParameterError
+
+DEFAULT_CACHE_BYTES = 512 * 2**20
+
+
+class ChunkCache:
+    """Decoded chunks shared by every array opened with it, bounded by ``total_bytes`` (0 disables caching).
+
+    Tensorstore arrays share one ``cache_pool`` context, so overlapping blocks (halo, overlap, aligned
+    samples of image and labels) decode each storage chunk once while it stays in the pool. The zarr-python
+    fallback keeps decoded chunks in a least-recently-used dict with the same bound.
+    """
+
+    def __init__(self, total_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        if isinstance(total_bytes, bool) or int(total_bytes) != total_bytes or total_bytes < 0:
+            raise InvalidParameterError(f"total_bytes must be a non-negative int, got {total_bytes!r}")
+        self.total_bytes = int(total_bytes)
+        self._lru: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._ts_context: Any = None
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def ts_context(self) -> Any:
+        """The tensorstore Context holding the shared ``cache_pool`` (created on first use)."""
+        if self._ts_context is None:
+            import tensorstore as ts
+
+            self._ts_context = ts.Context({"cache_pool": {"total_bytes_limit": self.total_bytes}})
+        return self._ts_context
+
+    def get(self, key: Hashable) -> np.ndarray | None:
+        with self._lock:
+            chunk = self._lru.get(key)
+            if chunk is None:
+                self.misses += 1
+                return None
+            self._lru.move_to_end(key)
+            self.hits += 1
+            return chunk
+
+    def put(self, key: Hashable, chunk: np.ndarray) -> None:
+        if chunk.nbytes > self.total_bytes:
+            return
+        chunk.setflags(write=False)
+        with self._lock:
+            old = self._lru.pop(key, None)
+            if old is not None:
+                self._bytes -= old.nbytes
+            self._lru[key] = chunk
+            self._bytes += chunk.nbytes
+            while self._bytes > self.total_bytes:
+                _, evicted = self._lru.popitem(last=False)
+                self._bytes -= evicted.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the zarr-fallback LRU (tensorstore accounts for its own pool)."""
+        return self._bytes
+
+
+_default_cache: ChunkCache | None = None
+_default_lock = threading.Lock()
+
+
+def default_cache() -> ChunkCache:
+    """The process-wide cache used when ``open_array`` is given none."""
+    global _default_cache
+    with _default_lock:
+        if _default_cache is None:
+            _default_cache = ChunkCache()
+        return _default_cache

@@ -1,0 +1,246 @@
+"""Grid iteration: cut an ROI into blocks whose cores cover every voxel exactly once, with halo and prefetch."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from emdata.access.open import EmArray
+from emdata.access.spec import AXES, PAD_MODES, BlockSpec, Box, RoiNm, box_to_nm
+from emdata.errors import InvalidParameterError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class AxisBlock:
+    """One block along one axis: the block itself, the part it owns (core) and what is read (block + halo)."""
+
+    block: tuple[int, int]
+    core: tuple[int, int]
+    read: tuple[int, int]
+
+
+def axis_blocks(
+    *, roi: tuple[int, int], size: int, block: int, overlap: int, halo: int, border: str, axis: str = "?"
+) -> list[AxisBlock]:
+    """Blocks along one axis of length ``size`` covering ``roi`` = [start, stop).
+
+    Blocks start every ``block - overlap`` voxels from the ROI start. The core of each block runs from the
+    middle of its overlap with the previous block to the middle of its overlap with the next one (the ROI
+    ends for the first and last block), so cores partition the covered range. In ``drop`` mode the covered
+    range is the ROI minus the voxels closer than ``halo`` to the array border, and the last block is moved
+    back to end on it, so that every block and its halo lie inside the array.
+    """
+    r0, r1 = roi
+    stride = block - overlap
+    if border == "drop":
+        r0, r1 = max(r0, halo), min(r1, size - halo)
+        if r1 - r0 < block:
+            raise InvalidParameterError(
+                f"block_shape_voxels {block} with halo_voxels {halo} along axis {axis} does not fit in drop mode: "
+                f"the array has {size} voxels and the ROI leaves only {max(r1 - r0, 0)} voxels with a full halo; "
+                f"use a smaller block or halo, or a pad or shrink border"
+            )
+    length = r1 - r0
+    count = max(1, math.ceil((length - overlap) / stride))
+    starts = [r0 + j * stride for j in range(count)]
+    if border == "drop":
+        starts[-1] = r1 - block
+    out = []
+    for j, st in enumerate(starts):
+        core_start = r0 if j == 0 else r0 + j * stride + overlap // 2
+        core_stop = r1 if j == count - 1 else r0 + (j + 1) * stride + overlap // 2
+        stop = st + block
+        if border == "shrink":
+            stop = min(stop, r1)
+            read = (max(st - halo, 0), min(stop + halo, size))
+        else:
+            read = (st - halo, stop + halo)
+        out.append(AxisBlock(block=(st, stop), core=(core_start, core_stop), read=read))
+    return out
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of a grid or sampler: ``data`` (z, y, x) covers ``read_box``; boxes are voxels of ``level``.
+
+    ``block_box`` is the block without halo, ``core_box`` the voxels it owns in the grid's partition of the
+    ROI. Physical placement: voxel i of an axis is centred at ``translation_nm + i * voxel_size_nm``.
+    """
+
+    index: tuple[int, ...]
+    read_box: Box
+    block_box: Box
+    core_box: Box
+    level: int
+    voxel_size_nm: tuple[float, float, float]
+    translation_nm: tuple[float, float, float]
+    data: np.ndarray | None = None
+
+    @property
+    def core_in_read(self) -> tuple[slice, slice, slice]:
+        """Slices of ``data`` that hold the core."""
+        return self.core_box.relative_to(self.read_box)
+
+    @property
+    def block_in_read(self) -> tuple[slice, slice, slice]:
+        """Slices of ``data`` that hold the block without its halo."""
+        return self.block_box.relative_to(self.read_box)
+
+    def core(self) -> np.ndarray:
+        assert self.data is not None
+        return self.data[self.core_in_read]
+
+    @property
+    def read_origin_nm(self) -> tuple[float, float, float]:
+        """Physical centre (nm, z, y, x) of ``data[0, 0, 0]``."""
+        return tuple(t + a * v for a, t, v in zip(self.read_box.start, self.translation_nm, self.voxel_size_nm, strict=True))  # type: ignore[return-value]
+
+    @property
+    def core_nm(self) -> RoiNm | None:
+        """Physical extent (voxel edges, nm) of the core."""
+        return box_to_nm(self.core_box, self.voxel_size_nm, self.translation_nm)
+
+    def with_data(self, data: np.ndarray) -> Block:
+        return Block(self.index, self.read_box, self.block_box, self.core_box, self.level,
+                     self.voxel_size_nm, self.translation_nm, data)
+
+
+def resolve_roi(array: EmArray, spec: BlockSpec) -> Box:
+    """The spec's ROI in voxels of ``array`` (the whole array if none); it must lie inside the array."""
+    if spec.roi_nm is not None:
+        roi = array.roi_to_voxels(spec.roi_nm)
+        what = f"roi_nm {spec.roi_nm.start_nm}..{spec.roi_nm.stop_nm} (voxels {roi.start}..{roi.stop})"
+    elif spec.roi_voxels is not None:
+        roi = spec.roi_voxels
+        what = f"roi_voxels {roi.start}..{roi.stop}"
+    else:
+        return array.bounds
+    if roi.size == 0 or not array.bounds.contains(roi):
+        raise InvalidParameterError(
+            f"{what} is outside the array: level {array.level} has shape {array.shape} (z, y, x), "
+            f"i.e. voxels (0, 0, 0)..{array.shape}"
+        )
+    return roi
+
+
+class BlockGrid:
+    """Regular blocks over an ROI of one array level, in C order (z slowest); ``len``, index and iterate.
+
+    Every voxel of ``covered_box`` (the ROI; in drop mode the ROI minus the border without full halo)
+    belongs to exactly one block's core. Iteration reads the blocks in a background thread pool, up to
+    ``prefetch`` blocks ahead; the array's chunk cache makes overlapping reads decode each chunk once.
+    """
+
+    def __init__(self, array: EmArray, spec: BlockSpec, *, prefetch: int = 4) -> None:
+        if spec.level is not None and spec.level != array.level:
+            if spec.level >= array.n_levels:
+                raise InvalidParameterError(
+                    f"scale level {spec.level} does not exist: levels 0..{array.n_levels - 1} are available")
+            array = array.at_level(spec.level)
+        if prefetch < 0:
+            raise InvalidParameterError(f"prefetch must be >= 0, got {prefetch!r}")
+        self.array = array
+        self.spec = spec
+        self.prefetch = prefetch
+        self.roi = resolve_roi(array, spec)
+        self._axes = [
+            axis_blocks(roi=(a, b), size=n, block=bs, overlap=o, halo=h, border=spec.border, axis=ax)
+            for a, b, n, bs, o, h, ax in zip(self.roi.start, self.roi.stop, array.shape, spec.block_shape_voxels,
+                                             spec.overlap_voxels, spec.halo_voxels, AXES, strict=True)
+        ]
+        self.covered_box = Box(tuple(ax[0].core[0] for ax in self._axes),  # type: ignore[arg-type]
+                               tuple(ax[-1].core[1] for ax in self._axes))
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        return tuple(len(ax) for ax in self._axes)  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return math.prod(self.grid_shape)
+
+    def block_at(self, index: int | Sequence[int]) -> Block:
+        """The block (without data) at a flat index or a (z, y, x) grid index."""
+        gidx = self._grid_index(index)
+        parts = [ax[i] for ax, i in zip(self._axes, gidx, strict=True)]
+        return Block(
+            index=gidx,
+            read_box=Box(tuple(p.read[0] for p in parts), tuple(p.read[1] for p in parts)),  # type: ignore[arg-type]
+            block_box=Box(tuple(p.block[0] for p in parts), tuple(p.block[1] for p in parts)),  # type: ignore[arg-type]
+            core_box=Box(tuple(p.core[0] for p in parts), tuple(p.core[1] for p in parts)),  # type: ignore[arg-type]
+            level=self.array.level, voxel_size_nm=self.array.voxel_size_nm,
+            translation_nm=self.array.translation_nm,
+        )
+
+    def blocks(self) -> Iterator[Block]:
+        """All blocks, without reading data."""
+        for gidx in itertools.product(*(range(len(ax)) for ax in self._axes)):
+            yield self.block_at(gidx)
+
+    def read(self, block: Block) -> Block:
+        return block.with_data(read_block(self.array, block.read_box, self.spec))
+
+    def __getitem__(self, index: int | Sequence[int]) -> Block:
+        return self.read(self.block_at(index))
+
+    def __iter__(self) -> Iterator[Block]:
+        return self.iter_blocks()
+
+    def iter_blocks(self, indices: Sequence[int] | None = None) -> Iterator[Block]:
+        """Read blocks (all, or the given flat indices) in order, ``prefetch`` of them ahead in threads."""
+        todo = (self.block_at(i) for i in indices) if indices is not None else self.blocks()
+        yield from prefetched(todo, self.read, self.prefetch)
+
+    def shard(self, rank: int, world_size: int) -> list[int]:
+        """Flat block indices for worker ``rank`` of ``world_size`` (round robin, disjoint, complete)."""
+        if not (0 <= rank < world_size):
+            raise InvalidParameterError(f"rank must be in 0..{world_size - 1}, got {rank!r}")
+        return list(range(rank, len(self), world_size))
+
+    def _grid_index(self, index: int | Sequence[int]) -> tuple[int, int, int]:
+        shape = self.grid_shape
+        if isinstance(index, (int, np.integer)):
+            n = len(self)
+            i = int(index) + n if index < 0 else int(index)
+            if not 0 <= i < n:
+                raise IndexError(f"block index {index} out of range for {n} blocks")
+            return tuple(int(v) for v in np.unravel_index(i, shape))  # type: ignore[return-value]
+        gidx = tuple(int(i) for i in index)
+        if len(gidx) != 3 or any(not 0 <= i < s for i, s in zip(gidx, shape, strict=True)):
+            raise IndexError(f"grid index {gidx} out of range for grid shape {shape} (z, y, x)")
+        return gidx  # type: ignore[return-value]
+
+
+def read_block(array: EmArray, read_box: Box, spec: BlockSpec) -> np.ndarray:
+    if spec.border in PAD_MODES:
+        return array.read_padded(read_box, spec.border, spec.constant_value)
+    return array.read(read_box)
+
+
+def prefetched(items: Iterator[T], read: Callable[[T], R], depth: int) -> Iterator[R]:
+    """Apply ``read`` to each item, keeping up to ``depth`` reads in flight in a thread pool, in order."""
+    if depth == 0:
+        for item in items:
+            yield read(item)
+        return
+    pending: deque[Future[R]] = deque()
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="emdata-prefetch") as pool:
+        try:
+            for item in items:
+                pending.append(pool.submit(read, item))
+                if len(pending) > depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()

@@ -1,0 +1,269 @@
+"""Open one scale level of a project OME-Zarr (by dataset name or path) for block reads in z, y, x order."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+
+from emdata.access.cache import ChunkCache, default_cache
+from emdata.access.spec import AXES, PAD_MODES, Box, RoiNm, box_to_nm
+from emdata.errors import InvalidParameterError
+from emdata.ngff import Geometry
+
+Backend = Literal["tensorstore", "zarr"]
+BACKENDS: tuple[str, ...] = ("tensorstore", "zarr")
+_UNIT_TO_NM = {"nanometer": 1.0, "micrometer": 1000.0, "angstrom": 0.1, None: 1.0}
+
+
+def default_data_root() -> Path:
+    """``$EMDATA_DATA_ROOT`` if set, else ``./data``."""
+    return Path(os.environ.get("EMDATA_DATA_ROOT", "data"))
+
+
+def resolve_dataset(name_or_path: str | os.PathLike[str], data_root: str | os.PathLike[str] | None = None) -> Path:
+    """A path to an existing ``.zarr`` group, or a dataset name looked up as ``<data_root>/<name>.zarr``."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    root = Path(data_root) if data_root is not None else default_data_root()
+    candidate = root / f"{name_or_path}.zarr"
+    if candidate.exists():
+        return candidate
+    available = sorted(p.name[: -len(".zarr")] for p in root.glob("*.zarr")) if root.is_dir() else []
+    raise InvalidParameterError(
+        f"unknown dataset {str(name_or_path)!r}: no such path and no {candidate}; "
+        f"datasets available under {root}: {available or 'none'}"
+    )
+
+
+@dataclass(frozen=True)
+class ArrayRef:
+    """Where a level lives: the OME-Zarr group, optional sub-group and label, and the level index."""
+
+    root: Path
+    group: str | None
+    label: str | None
+    level: int
+
+
+@dataclass
+class EmArray:
+    """One scale level of an OME-Zarr image or label, read in (z, y, x) order; physical units are nm.
+
+    ``voxel_size_nm`` and ``translation_nm`` are this level's ``scale`` and ``translation`` (the centre of
+    voxel (0, 0, 0)). Reads go through tensorstore (``backend="tensorstore"``) or zarr-python, both backed by
+    the same bounded ``cache`` of decoded chunks.
+    """
+
+    ref: ArrayRef
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    chunks: tuple[int, int, int]
+    shards: tuple[int, int, int] | None
+    voxel_size_nm: tuple[float, float, float]
+    translation_nm: tuple[float, float, float]
+    n_levels: int
+    backend: Backend
+    cache: ChunkCache
+    axes: tuple[str, str, str] = AXES
+    _store: Any = field(default=None, repr=False)
+
+    @property
+    def level(self) -> int:
+        return self.ref.level
+
+    @property
+    def path(self) -> Path:
+        """The zarr array directory of this level."""
+        return level_dir(self.ref)
+
+    @property
+    def bounds(self) -> Box:
+        return Box((0, 0, 0), self.shape)
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.voxel_size_nm, self.translation_nm)
+
+    def at_level(self, level: int) -> EmArray:
+        """The same image or label at another scale level, sharing backend and cache."""
+        if level == self.level:
+            return self
+        return open_array(self.ref.root, level=level, label=self.ref.label, group=self.ref.group,
+                          backend=self.backend, cache=self.cache)
+
+    def box_nm(self, box: Box) -> RoiNm | None:
+        return box_to_nm(box, self.voxel_size_nm, self.translation_nm)
+
+    def roi_to_voxels(self, roi: RoiNm) -> Box:
+        return roi.to_voxels(self.voxel_size_nm, self.translation_nm)
+
+    def read(self, box: Box) -> np.ndarray:
+        """Read a box that lies inside the array; returns a new (z, y, x) array."""
+        if not self.bounds.contains(box):
+            raise InvalidParameterError(f"box {box} is outside the array of shape {self.shape} (z, y, x)")
+        if box.size == 0:
+            return np.zeros(box.shape, self.dtype)
+        if self.backend == "tensorstore":
+            return self._store[box.slices].read().result()
+        return self._read_zarr(box)
+
+    def read_padded(self, box: Box, mode: str = "constant", constant_value: float = 0) -> np.ndarray:
+        """Read any box; voxels outside the array follow ``numpy.pad(array, ..., mode)`` exactly."""
+        if mode not in PAD_MODES:
+            raise InvalidParameterError(f"pad mode must be one of {PAD_MODES}, got {mode!r}")
+        if self.bounds.contains(box):
+            return self.read(box)
+        if mode == "constant":
+            out = np.full(box.shape, constant_value, dtype=self.dtype)
+            inner = box.intersect(self.bounds)
+            if inner is not None:
+                out[inner.relative_to(box)] = self.read(inner)
+            return out
+        indices = [_pad_indices(a, b, n, mode) for a, b, n in zip(box.start, box.stop, self.shape, strict=True)]
+        source = Box(tuple(int(i.min()) for i in indices), tuple(int(i.max()) + 1 for i in indices))  # type: ignore[arg-type]
+        data = self.read(source)
+        return data[np.ix_(*(i - s for i, s in zip(indices, source.start, strict=True)))]
+
+    def _read_zarr(self, box: Box) -> np.ndarray:
+        if self.cache.total_bytes == 0:
+            return np.asarray(self._store[box.slices])
+        # Assemble from whole decoded chunks so that overlapping reads decode each chunk once.
+        out = np.empty(box.shape, self.dtype)
+        ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(box.start, box.stop, self.chunks, strict=True)]
+        for cidx in itertools.product(*ranges):
+            cbox = Box(tuple(i * c for i, c in zip(cidx, self.chunks, strict=True)),  # type: ignore[arg-type]
+                       tuple(min((i + 1) * c, n) for i, c, n in zip(cidx, self.chunks, self.shape, strict=True)))
+            key = (str(self.path), cidx)
+            chunk = self.cache.get(key)
+            if chunk is None:
+                chunk = np.asarray(self._store[cbox.slices])
+                self.cache.put(key, chunk)
+            part = cbox.intersect(box)
+            assert part is not None
+            out[part.relative_to(box)] = chunk[part.relative_to(cbox)]
+        return out
+
+
+def _pad_indices(start: int, stop: int, n: int, mode: str) -> np.ndarray:
+    """Source index of each coordinate in [start, stop) under numpy.pad's ``edge`` or ``reflect`` rule."""
+    idx = np.arange(start, stop)
+    if mode == "edge" or n == 1:
+        return np.clip(idx, 0, n - 1)
+    period = 2 * (n - 1)  # reflect without repeating the edge voxel: 0 1 .. n-1 n-2 .. 1 | 0 1 ..
+    r = np.mod(idx, period)
+    return np.where(r < n, r, period - r)
+
+
+def level_dir(ref: ArrayRef) -> Path:
+    base = ref.root
+    if ref.group:
+        base = base / ref.group
+    if ref.label is not None:
+        base = base / "labels" / ref.label
+    ms = _multiscales(base)
+    return base / ms["datasets"][ref.level]["path"]
+
+
+def _multiscales(group_path: Path) -> dict[str, Any]:
+    try:
+        group = zarr.open_group(str(group_path), mode="r", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:  # type: ignore[attr-defined]
+        raise InvalidParameterError(f"no zarr v3 group at {group_path}") from exc
+    ome = group.attrs.get("ome", {})
+    if not ome.get("multiscales"):
+        subgroups = sorted(name for name, _ in group.groups())
+        raise InvalidParameterError(
+            f"{group_path} has no OME-Zarr multiscales; pick a sub-group with group= (available: {subgroups or 'none'})"
+        )
+    return ome["multiscales"][0]
+
+
+def _transforms(dataset: dict[str, Any], axis_units: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    scale: tuple[float, ...] = (1.0, 1.0, 1.0)
+    translation: tuple[float, ...] = (0.0, 0.0, 0.0)
+    for t in dataset.get("coordinateTransformations", []):
+        if t["type"] == "scale":
+            scale = tuple(float(v) * u for v, u in zip(t["scale"], axis_units, strict=True))
+        elif t["type"] == "translation":
+            translation = tuple(float(v) * u for v, u in zip(t["translation"], axis_units, strict=True))
+    return scale, translation
+
+
+def open_array(
+    name_or_path: str | os.PathLike[str],
+    *,
+    level: int = 0,
+    label: str | None = None,
+    group: str | None = None,
+    data_root: str | os.PathLike[str] | None = None,
+    backend: Backend = "tensorstore",
+    cache: ChunkCache | None = None,
+) -> EmArray:
+    """Open scale ``level`` of a dataset (``"epfl"`` -> ``<data_root>/epfl.zarr``) or of an OME-Zarr path.
+
+    ``group`` selects a sub-group holding the image (e.g. ``"training"``), ``label`` one of its
+    ``labels/<name>``. The result carries the level's voxel size, translation (nm) and axes (z, y, x).
+    """
+    if backend not in BACKENDS:
+        raise InvalidParameterError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)):
+        raise InvalidParameterError(f"level must be an int, got {level!r}")
+    root = resolve_dataset(name_or_path, data_root)
+    base = root / group if group else root
+    if group and not base.exists():
+        raise InvalidParameterError(f"no sub-group {group!r} in {root}")
+    if label is not None:
+        labels_dir = base / "labels"
+        if not (labels_dir / label).exists():
+            names = sorted(p.name for p in labels_dir.iterdir() if p.is_dir()) if labels_dir.is_dir() else []
+            raise InvalidParameterError(f"no label {label!r} in {base}; labels available: {names or 'none'}")
+        base = labels_dir / label
+    ms = _multiscales(base)
+    datasets = ms["datasets"]
+    if not 0 <= level < len(datasets):
+        raise InvalidParameterError(
+            f"scale level {level} does not exist in {base}: levels 0..{len(datasets) - 1} are available")
+    axes = ms.get("axes", [{"name": a} for a in AXES])
+    names = tuple(a["name"] if isinstance(a, dict) else a for a in axes)
+    if names != AXES:
+        raise InvalidParameterError(f"{base} has axes {names}; emdata.access reads 3-D (z, y, x) images only")
+    units = []
+    for a in axes:
+        unit = a.get("unit") if isinstance(a, dict) else None
+        if unit not in _UNIT_TO_NM:
+            raise InvalidParameterError(f"unsupported axis unit {unit!r} in {base}; expected nanometer")
+        units.append(_UNIT_TO_NM[unit])
+    scale, translation = _transforms(datasets[level], units)
+    ref = ArrayRef(root=root, group=group, label=label, level=int(level))
+    adir = base / datasets[level]["path"]
+    zarray = zarr.open_array(str(adir), mode="r", zarr_format=3)
+    if zarray.ndim != 3:
+        raise InvalidParameterError(f"{adir} has {zarray.ndim} axes; expected 3 (z, y, x)")
+    shards = tuple(zarray.shards) if zarray.shards is not None else None
+    cache = cache if cache is not None else default_cache()
+    store: Any
+    if backend == "tensorstore":
+        import tensorstore as ts
+
+        store = ts.open(
+            {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(adir.resolve())},
+             # The data is immutable once pulled: trust cached chunks instead of re-validating each read.
+             "recheck_cached_data": "open", "recheck_cached_metadata": "open"},
+            read=True, context=cache.ts_context,
+        ).result()
+    else:
+        store = zarray
+    return EmArray(
+        ref=ref, shape=tuple(int(s) for s in zarray.shape), dtype=np.dtype(zarray.dtype),  # type: ignore[arg-type]
+        chunks=tuple(int(c) for c in zarray.chunks), shards=shards,  # type: ignore[arg-type]
+        voxel_size_nm=scale, translation_nm=translation, n_levels=len(datasets),  # type: ignore[arg-type]
+        backend=backend, cache=cache, _store=store,
+    )
