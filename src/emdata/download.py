@@ -1,0 +1,393 @@
+"""The download engine every source uses: resumable, verified, retried, parallel HTTP downloads.
+
+A file is streamed into ``<dest>.partial``; an interrupted download resumes from the bytes it has with a
+``Range`` request. Bytes are verified against the size the server announced (``Content-Range`` total) and
+against a pinned sha256 before ``os.replace`` moves them into place; bad bytes never reach ``dest``.
+Large files are fetched as parallel byte ranges written in place (``os.pwrite``), resumable per part.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from tqdm import tqdm
+
+from emdata import __version__
+from emdata.errors import DownloadError, IntegrityError
+from emdata.fsutil import write_json_atomic
+from emdata.params import DownloadConfig
+from emdata.urls import redact, rewrite
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"emdata/{__version__} (+https://github.com/emdata/emdata; reproducible EM data downloads)"
+STREAM_BLOCK = 1024 * 1024
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# Worth retrying: the server or the path may recover. Everything else (404, 403, ...) fails at once.
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class Download:
+    """One file to fetch: the live URL (rewritten onto the mirror at fetch time) and where it goes."""
+
+    url: str
+    dest: Path
+    size: int | None = None  # expected size in bytes, when known
+    sha256: str | None = None  # pinned checksum, when known (else looked up in / recorded to the registry)
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    url: str
+    dest: Path
+    size: int
+    sha256: str
+    fetched_bytes: int  # bytes that crossed the network in this run (0 when the file was already here)
+    seconds: float
+    reused: bool
+
+
+class _RetryableStatus(Exception):
+    def __init__(self, status: int, retry_after: float | None) -> None:
+        super().__init__(status)
+        self.status = status
+        self.retry_after = retry_after
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def make_session(config: DownloadConfig) -> requests.Session:
+    session = requests.Session()
+    pool = config.workers * config.range_workers + 4
+    adapter = HTTPAdapter(pool_connections=pool, pool_maxsize=pool, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers["User-Agent"] = USER_AGENT
+    return session
+
+
+class ChecksumRegistry:
+    """sha256 and size per live URL, kept in a JSON file: ``{"live": {url: {...}}, "mirror": {url: {...}}}``.
+
+    Live and mirror bytes differ (the replica is synthetic), so each origin has its own section.
+    Entries not pinned by hand are recorded on first download so the next run verifies them.
+    """
+
+    def __init__(self, path: Path | None, origin: str) -> None:
+        self.path = path
+        self.origin = origin
+        self._lock = threading.Lock()
+        self._data: dict[str, dict[str, dict[str, Any]]] = {"live": {}, "mirror": {}}
+        if path is not None and path.is_file():
+            loaded = json.loads(path.read_text())
+            for key in self._data:
+                self._data[key].update(loaded.get(key, {}))
+
+    def get(self, url: str) -> dict[str, Any] | None:
+        return self._data[self.origin].get(url)
+
+    def record(self, url: str, size: int, sha256: str) -> None:
+        with self._lock:
+            self._data[self.origin][url] = {"size": size, "sha256": sha256}
+            if self.path is not None:
+                write_json_atomic(self.path, self._data)
+
+
+def sha256_file(path: Path, block: int = 8 * STREAM_BLOCK) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Downloader:
+    """Fetches :class:`Download` items from ``mirror`` (or live) with the settings of ``config``."""
+
+    def __init__(self, config: DownloadConfig, *, mirror: str = "", registry: ChecksumRegistry | None = None,
+                 session: requests.Session | None = None, progress: bool | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.config = config
+        self.mirror = mirror
+        self.registry = registry or ChecksumRegistry(None, "mirror" if mirror else "live")
+        self.session = session or make_session(config)
+        self.progress = progress  # None = a bar only on a terminal
+        self._sleep = sleep
+        self._bar: tqdm | None = None
+
+    # ----------------------------------------------------------------- public API
+    def fetch_bytes(self, url: str) -> bytes:
+        """GET a small document (metadata JSON, an index page) with the same retries and timeouts."""
+        target = rewrite(url, self.mirror)
+
+        def attempt(_: int) -> bytes:
+            with self._get(target, {}) as response:
+                return response.content
+
+        return self._with_retries(target, attempt)
+
+    def fetch_json(self, url: str) -> Any:
+        return json.loads(self.fetch_bytes(url))
+
+    def download_all(self, items: Sequence[Download]) -> list[DownloadResult]:
+        """Download every item (``config.workers`` at a time) with one progress bar; results keep the order."""
+        total = sum(i.size or 0 for i in items) or None
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="download",
+                  disable=None if self.progress is None else not self.progress, mininterval=1.0) as bar:
+            self._bar = bar
+            try:
+                if len(items) == 1 or self.config.workers == 1:
+                    return [self.download(i) for i in items]
+                with ThreadPoolExecutor(self.config.workers, thread_name_prefix="download") as pool:
+                    return list(pool.map(self.download, items))
+            finally:
+                self._bar = None
+
+    def download(self, item: Download) -> DownloadResult:
+        """Fetch one file into place, verified; reuse it when it is already there and verifies."""
+        began = time.monotonic()
+        dest = Path(item.dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        expected = self._expected(item)
+        if dest.exists():
+            digest = sha256_file(dest)
+            size = dest.stat().st_size
+            if expected.get("sha256") in (None, digest) and expected.get("size") in (None, size):
+                if expected.get("sha256") is None:
+                    self.registry.record(item.url, size, digest)
+                log.info("%s: already present and verified (%d bytes)", dest.name, size)
+                self._advance(size)
+                return DownloadResult(item.url, dest, size, digest, 0, time.monotonic() - began, True)
+            log.warning("%s: present but does not verify; downloading again", dest)
+            dest.unlink()
+        target = rewrite(item.url, self.mirror)
+        total = self._probe_total(target) if self._wants_ranges(expected) else None
+        if total is not None and total >= self.config.range_threshold_mb * 2**20:
+            fetched = self._download_ranges(target, dest, total)
+        else:
+            fetched = self._download_stream(target, dest)
+        partial = _partial(dest)
+        size = partial.stat().st_size
+        digest = sha256_file(partial)
+        self._verify(item.url, partial, size, digest, expected)
+        os.replace(partial, dest)
+        _parts_file(dest).unlink(missing_ok=True)
+        if expected.get("sha256") is None:
+            self.registry.record(item.url, size, digest)
+        seconds = time.monotonic() - began
+        log.info("%s: %d bytes in %.1f s (%.1f MB/s)", dest.name, size, seconds, fetched / 1e6 / max(seconds, 1e-9))
+        return DownloadResult(item.url, dest, size, digest, fetched, seconds, False)
+
+    # ----------------------------------------------------------------- internals
+    def _expected(self, item: Download) -> dict[str, Any]:
+        pinned = self.registry.get(item.url) or {}
+        return {"size": item.size if item.size is not None else pinned.get("size"),
+                "sha256": item.sha256 or pinned.get("sha256")}
+
+    def _wants_ranges(self, expected: dict[str, Any]) -> bool:
+        size = expected.get("size")
+        return size is None or size >= self.config.range_threshold_mb * 2**20
+
+    def _advance(self, n: int) -> None:
+        if self._bar is not None and n:
+            self._bar.update(n)
+
+    def _verify(self, url: str, partial: Path, size: int, digest: str, expected: dict[str, Any]) -> None:
+        problem = None
+        if expected.get("size") is not None and size != expected["size"]:
+            problem = f"size {size} != expected {expected['size']}"
+        elif expected.get("sha256") is not None and digest != expected["sha256"]:
+            problem = f"sha256 {digest} != expected {expected['sha256']}"
+        if problem:
+            partial.unlink(missing_ok=True)
+            _parts_file(partial.with_suffix("")).unlink(missing_ok=True)
+            raise IntegrityError(f"{redact(url)}: {problem}; the bad download was deleted, not kept")
+
+    def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
+        timeout = (self.config.connect_timeout_s, self.config.read_timeout_s)
+        response = self.session.get(url, headers=headers, stream=True, timeout=timeout)
+        if response.status_code in RETRY_STATUSES:
+            retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
+            response.close()
+            raise _RetryableStatus(response.status_code, retry_after)
+        if response.status_code >= 400:
+            response.close()
+            raise DownloadError(f"GET {redact(url)} failed: HTTP {response.status_code} {response.reason}")
+        return response
+
+    def _with_retries(self, url: str, attempt: Callable[[int], Any]) -> Any:
+        """Run ``attempt`` until it succeeds or ``config.retries`` retries are spent (exponential backoff)."""
+        last = ""
+        for n in range(self.config.retries + 1):
+            try:
+                return attempt(n)
+            except _RetryableStatus as exc:
+                last = f"HTTP {exc.status}"
+                delay = exc.retry_after
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                    _ShortBody) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                delay = None
+            if n == self.config.retries:
+                break
+            if delay is None:
+                delay = min(self.config.backoff_s * 2**n, self.config.backoff_max_s)
+            log.warning("GET %s: %s; retry %d/%d in %.1f s", redact(url), last, n + 1, self.config.retries, delay)
+            self._sleep(delay)
+        raise DownloadError(f"GET {redact(url)} failed after {self.config.retries + 1} attempts: {last}")
+
+    def _probe_total(self, url: str) -> int | None:
+        """The file's size from a one-byte range request (None when the server ignores ranges)."""
+        def attempt(_: int) -> int | None:
+            with self._get(url, {"Range": "bytes=0-0"}) as response:
+                if response.status_code != 206:
+                    return None
+                m = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+                return int(m.group(3)) if m and m.group(3) != "*" else None
+
+        return self._with_retries(url, attempt)  # type: ignore[no-any-return]
+
+    def _download_stream(self, url: str, dest: Path) -> int:
+        """One stream into ``.partial``, resumed from its current length after any interruption."""
+        partial = _partial(dest)
+        fetched = 0
+
+        def attempt(_: int) -> None:
+            nonlocal fetched
+            have = partial.stat().st_size if partial.exists() else 0
+            with self._get(url, {"Range": f"bytes={have}-"} if have else {"Range": "bytes=0-"}) as response:
+                start, total = _range_of(response, have)
+                if start == 0 and have:
+                    log.warning("%s: server ignored the resume request; starting again", dest.name)
+                    self._advance(-have)
+                mode = "r+b" if start else "wb"
+                with partial.open(mode if partial.exists() else "wb") as f:
+                    f.seek(start)
+                    f.truncate()
+                    try:
+                        self._copy(response, f)
+                    finally:
+                        got = f.tell() - start
+                        fetched += got
+                if total is not None and start + got != total:
+                    raise _ShortBody(f"body ended at byte {start + got} of {total}")
+
+        if partial.exists():
+            log.info("%s: resuming after %d bytes already downloaded", dest.name, partial.stat().st_size)
+            self._advance(partial.stat().st_size)
+        self._with_retries(url, attempt)
+        return fetched
+
+    def _copy(self, response: requests.Response, f: Any) -> None:
+        for block in response.iter_content(STREAM_BLOCK):
+            f.write(block)
+            self._advance(len(block))
+
+    def _download_ranges(self, url: str, dest: Path, total: int) -> int:
+        """Parallel byte ranges written in place; finished parts are listed in ``<dest>.partial.parts``."""
+        partial, parts_file = _partial(dest), _parts_file(dest)
+        part = max(1, int(self.config.range_part_mb * 2**20))
+        spans = [(s, min(s + part, total) - 1) for s in range(0, total, part)]
+        done: set[int] = set()
+        if parts_file.exists():
+            done = set(json.loads(parts_file.read_text()).get("done", []))
+        elif partial.exists():
+            # A single-stream partial: its prefix is good; whole parts inside it count as done.
+            have = partial.stat().st_size
+            done = {s for s, e in spans if e < have}
+        with partial.open("r+b" if partial.exists() else "wb") as f:
+            f.truncate(total)
+        lock = threading.Lock()
+        self._advance(sum(e - s + 1 for s, e in spans if s in done))
+        fetched = 0
+        fd = os.open(partial, os.O_WRONLY)
+        try:
+            def fetch_span(span: tuple[int, int]) -> None:
+                nonlocal fetched
+                start, end = span
+
+                def attempt(_: int) -> None:
+                    nonlocal fetched
+                    pos = start
+                    with self._get(url, {"Range": f"bytes={start}-{end}"}) as response:
+                        got_start, _total = _range_of(response, start)
+                        if got_start != start or response.status_code != 206:
+                            raise DownloadError(f"GET {redact(url)}: server did not honour Range bytes={start}-{end}")
+                        try:
+                            for block in response.iter_content(STREAM_BLOCK):
+                                os.pwrite(fd, block, pos)
+                                pos += len(block)
+                                self._advance(len(block))
+                        finally:
+                            with lock:
+                                fetched += pos - start
+                    if pos != end + 1:
+                        self._advance(-(pos - start))
+                        raise _ShortBody(f"range {start}-{end} ended at byte {pos}")
+
+                self._with_retries(url, attempt)
+                with lock:
+                    done.add(start)
+                    write_json_atomic(parts_file, {"total": total, "part": part, "done": sorted(done)})
+
+            todo = [s for s in spans if s[0] not in done]
+            with ThreadPoolExecutor(self.config.range_workers, thread_name_prefix="range") as pool:
+                list(pool.map(fetch_span, todo))
+        finally:
+            os.close(fd)
+        return fetched
+
+
+class _ShortBody(Exception):
+    """The server closed a response before the bytes it announced (retried, resuming where it stopped)."""
+
+
+def _partial(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".partial")
+
+
+def _parts_file(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".partial.parts")
+
+
+def _range_of(response: requests.Response, asked_from: int) -> tuple[int, int | None]:
+    """(first byte, file size) of a response: 206 says it in Content-Range, 200 is the whole file."""
+    if response.status_code == 206:
+        m = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+        if not m:
+            raise DownloadError(f"206 without a valid Content-Range from {redact(response.url)}")
+        return int(m.group(1)), (None if m.group(3) == "*" else int(m.group(3)))
+    length = response.headers.get("Content-Length")
+    return 0, int(length) if length is not None else None
+
+
+def download_files(items: Iterable[Download], config: DownloadConfig, *, mirror: str = "",
+                   checksums: Path | None = None, progress: bool | None = None) -> list[DownloadResult]:
+    """Download ``items`` with a fresh :class:`Downloader` (registry at ``checksums``)."""
+    registry = ChecksumRegistry(checksums, "mirror" if mirror else "live")
+    return Downloader(config, mirror=mirror, registry=registry, progress=progress).download_all(list(items))
