@@ -1,0 +1,194 @@
+"""Grid iteration: exact coverage by block cores and halo contents equal to slicing a numpy.pad-ed copy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from access_fixtures import em_like, make_volume
+from emdata.access import BlockGrid, BlockSpec, Box, RoiNm, axis_blocks, open_array
+from emdata.errors import InvalidParameterError
+
+BORDERS = ["constant", "reflect", "edge", "shrink", "drop"]
+_volumes: dict[tuple[int, ...], tuple[str, np.ndarray]] = {}
+
+
+@pytest.fixture(scope="module")
+def vol_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("grid_volumes")
+
+
+def volume(vol_dir, shape):
+    """One OME-Zarr per shape, built once per test session."""
+    if shape not in _volumes:
+        data = em_like(shape, seed=sum(shape))
+        path = make_volume(vol_dir / f"v_{'x'.join(map(str, shape))}.zarr", data, n_levels=1,
+                           chunks=(4, 4, 4), shards=(8, 8, 8))
+        _volumes[shape] = (str(path), data)
+    return _volumes[shape]
+
+
+@st.composite
+def axis_cases(draw):
+    size = draw(st.integers(1, 80))
+    r0 = draw(st.integers(0, size - 1))
+    r1 = draw(st.integers(r0 + 1, size))
+    block = draw(st.integers(1, 40))
+    overlap = draw(st.integers(0, block - 1))
+    halo = draw(st.integers(0, 12))
+    border = draw(st.sampled_from(BORDERS))
+    return size, (r0, r1), block, overlap, halo, border
+
+
+@settings(max_examples=400, deadline=None)
+@given(axis_cases())
+def test_axis_blocks_cores_partition_the_covered_range(case):
+    size, roi, block, overlap, halo, border = case
+    if border == "drop" and min(roi[1], size - halo) - max(roi[0], halo) < block:
+        with pytest.raises(InvalidParameterError, match="drop mode"):
+            axis_blocks(roi=roi, size=size, block=block, overlap=overlap, halo=halo, border=border)
+        return
+    blocks = axis_blocks(roi=roi, size=size, block=block, overlap=overlap, halo=halo, border=border)
+    lo, hi = (max(roi[0], halo), min(roi[1], size - halo)) if border == "drop" else roi
+    counts = np.zeros(size + 2 * block + 2 * halo, int)
+    for b in blocks:
+        counts[b.core[0] + block + halo:b.core[1] + block + halo] += 1
+        assert b.block[0] <= b.core[0] < b.core[1] <= b.block[1], b  # the core lies in its block
+        if border == "shrink":
+            assert b.block[1] <= roi[1] and b.read == (max(b.block[0] - halo, 0), min(b.block[1] + halo, size))
+        else:
+            assert b.block[1] - b.block[0] == block and b.read == (b.block[0] - halo, b.block[1] + halo)
+        if border == "drop":
+            assert 0 <= b.read[0] and b.read[1] <= size
+    expected = np.zeros_like(counts)
+    expected[lo + block + halo:hi + block + halo] = 1
+    np.testing.assert_array_equal(counts, expected)
+    starts = [b.block[0] for b in blocks]
+    assert starts == sorted(starts) and starts[0] == lo
+
+
+@st.composite
+def grid_cases(draw):
+    shape = tuple(draw(st.integers(1, 14)) for _ in range(3))
+    block = tuple(draw(st.integers(1, 9)) for _ in range(3))
+    overlap = tuple(draw(st.integers(0, b - 1)) for b in block)
+    halo = tuple(draw(st.integers(0, 5)) for _ in range(3))
+    border = draw(st.sampled_from(BORDERS))
+    use_roi = draw(st.booleans())
+    roi = None
+    if use_roi:
+        start = tuple(draw(st.integers(0, s - 1)) for s in shape)
+        stop = tuple(draw(st.integers(a + 1, s)) for a, s in zip(start, shape))
+        roi = Box(start, stop)
+    constant = draw(st.integers(0, 255))
+    return shape, BlockSpec(block, halo_voxels=halo, overlap_voxels=overlap, border=border, roi_voxels=roi,
+                            constant_value=constant)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=grid_cases(), backend=st.sampled_from(["tensorstore", "zarr"]))
+def test_grid_exact_coverage_and_halo_contents(vol_dir, case, backend):
+    shape, spec = case
+    path, data = volume(vol_dir, shape)
+    array = open_array(path, backend=backend)
+    try:
+        grid = BlockGrid(array, spec, prefetch=2)
+    except InvalidParameterError as exc:
+        assert spec.border == "drop" and "drop mode" in str(exc)
+        return
+    roi = spec.roi_voxels or Box((0, 0, 0), shape)
+    pad = max(max(spec.read_shape_voxels), 1) * 2 + max(shape)
+    padded = None
+    if spec.border in ("constant", "reflect", "edge"):
+        kwargs = {"constant_values": spec.constant_value} if spec.border == "constant" else {}
+        padded = np.pad(data, pad, mode=spec.border, **kwargs)
+    counts = np.zeros(shape, np.int32)
+    seen = 0
+    for block in grid:
+        seen += 1
+        assert block.data.shape == block.read_box.shape
+        counts[block.core_box.slices] += 1
+        assert block.read_box.contains(block.block_box) and block.block_box.contains(block.core_box)
+        if padded is not None:
+            expected = padded[tuple(slice(a + pad, b + pad) for a, b in zip(block.read_box.start, block.read_box.stop))]
+            assert block.data.shape == spec.read_shape_voxels
+        else:
+            assert Box((0, 0, 0), shape).contains(block.read_box)
+            expected = data[block.read_box.slices]
+        np.testing.assert_array_equal(block.data, expected)
+    assert seen == len(grid)
+    covered = np.zeros(shape, np.int32)
+    covered[grid.covered_box.slices] = 1
+    np.testing.assert_array_equal(counts, covered)
+    if spec.border != "drop":
+        assert grid.covered_box == roi
+
+
+def test_items_carry_voxel_and_physical_coordinates(tmp_path):
+    data = em_like((20, 24, 28))
+    path = make_volume(tmp_path / "a.zarr", data, voxel_size_nm=(8, 4, 2), translation_nm=(100, 10, 1))
+    grid = BlockGrid(open_array(path), BlockSpec((8, 8, 8), halo_voxels=(1, 2, 3), border="edge"))
+    block = grid[(1, 2, 3)]
+    assert block.index == (1, 2, 3)
+    assert block.block_box == Box((8, 16, 24), (16, 24, 32))
+    assert block.read_box == Box((7, 14, 21), (17, 26, 35))
+    assert block.read_origin_nm == (100 + 7 * 8, 10 + 14 * 4, 1 + 21 * 2)
+    assert block.core_nm == RoiNm((100 + 7.5 * 8, 10 + 15.5 * 4, 1 + 23.5 * 2), (100 + 15.5 * 8, 10 + 23.5 * 4, 1 + 27.5 * 2))
+    np.testing.assert_array_equal(block.core(), data[8:16, 16:24, 24:28])
+    assert grid[-1].index == (2, 2, 3) and len(grid) == 3 * 3 * 4
+
+
+def test_roi_in_nm_and_level_selection(tmp_path):
+    data = em_like((32, 32, 32))
+    path = make_volume(tmp_path / "a.zarr", data, voxel_size_nm=(8, 8, 8), translation_nm=(0, 0, 0))
+    array = open_array(path)
+    # Voxel centres 2..9 along each axis -> [16, 80) nm.
+    grid = BlockGrid(array, BlockSpec(4, roi_nm=RoiNm((16, 16, 16), (80, 80, 80))))
+    assert grid.roi == Box((2, 2, 2), (10, 10, 10)) and len(grid) == 8
+    level1 = BlockGrid(array, BlockSpec(4, level=1))
+    assert level1.array.level == 1 and level1.array.shape == (16, 16, 16)
+    assert level1.array.voxel_size_nm == (16.0, 16.0, 16.0) and level1.array.translation_nm == (4.0, 4.0, 4.0)
+    assert len(level1) == 64
+
+
+def test_rank_sharding_is_disjoint_and_complete(tmp_path):
+    path = make_volume(tmp_path / "a.zarr", em_like((16, 16, 16)), n_levels=1)
+    grid = BlockGrid(open_array(path), BlockSpec(4))
+    parts = [grid.shard(r, 3) for r in range(3)]
+    assert sorted(i for p in parts for i in p) == list(range(len(grid)))
+    blocks = list(grid.iter_blocks(parts[1]))
+    assert [b.index for b in blocks] == [grid.block_at(i).index for i in parts[1]]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"block_shape_voxels": (4, 4)}, "3 values"),
+    ({"block_shape_voxels": 4, "halo_voxels": -1}, "halo_voxels must be >= 0"),
+    ({"block_shape_voxels": (4, 0, 4)}, "block_shape_voxels must be >= 1"),
+    ({"block_shape_voxels": 4, "overlap_voxels": 4}, "overlap_voxels"),
+    ({"block_shape_voxels": 4, "border": "wrap"}, "border must be one of"),
+    ({"block_shape_voxels": 4, "level": -1}, "level"),
+    ({"block_shape_voxels": 4, "roi_voxels": Box((0, 0, 0), (1, 1, 1)), "roi_nm": ((0, 0, 0), (1, 1, 1))}, "not both"),
+])
+def test_spec_validation_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BlockSpec(**kwargs)
+
+
+def test_grid_errors_name_the_problem(tmp_path):
+    path = make_volume(tmp_path / "a.zarr", em_like((16, 16, 16)), n_levels=2)
+    array = open_array(path)
+    with pytest.raises(ValueError, match=r"does not fit in drop mode"):
+        BlockGrid(array, BlockSpec((32, 4, 4), border="drop"))
+    with pytest.raises(ValueError, match=r"does not fit in drop mode"):
+        BlockGrid(array, BlockSpec((12, 4, 4), halo_voxels=3, border="drop"))
+    with pytest.raises(ValueError, match=r"outside the array"):
+        BlockGrid(array, BlockSpec(4, roi_voxels=Box((0, 0, 0), (17, 4, 4))))
+    with pytest.raises(ValueError, match=r"outside the array"):
+        BlockGrid(array, BlockSpec(4, roi_nm=RoiNm((-1000, -1000, -1000), (-500, -500, -500))))
+    with pytest.raises(ValueError, match=r"scale level 5 does not exist"):
+        BlockGrid(array, BlockSpec(4, level=5))
+    # A block larger than the array is fine when padding or shrinking.
+    assert BlockGrid(array, BlockSpec(32, border="reflect"))[0].data.shape == (32, 32, 32)
+    assert BlockGrid(array, BlockSpec(32, border="shrink"))[0].data.shape == (16, 16, 16)
