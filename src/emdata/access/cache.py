@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ class ChunkCache:
         self._bytes = 0
         self._lock = threading.Lock()
         self._ts_context: Any = None
+        self._loading: dict[Hashable, Future[np.ndarray]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -51,6 +53,34 @@ class ChunkCache:
             self._lru.move_to_end(key)
             self.hits += 1
             return chunk
+
+    def get_or_load(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
+        """The cached chunk, or ``load()`` it once even when several threads miss it at the same time."""
+        with self._lock:
+            chunk = self._lru.get(key)
+            if chunk is not None:
+                self._lru.move_to_end(key)
+                self.hits += 1
+                return chunk
+            waiting = self._loading.get(key)
+            if waiting is None:
+                self.misses += 1
+                mine: Future[np.ndarray] = Future()
+                self._loading[key] = mine
+        if waiting is not None:
+            self.hits += 1
+            return waiting.result()
+        try:
+            chunk = load()
+            self.put(key, chunk)
+            mine.set_result(chunk)
+            return chunk
+        except BaseException as exc:
+            mine.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                del self._loading[key]
 
     def put(self, key: Hashable, chunk: np.ndarray) -> None:
         if chunk.nbytes > self.total_bytes:

@@ -121,6 +121,8 @@ class EmArray:
             raise InvalidParameterError(f"pad mode must be one of {PAD_MODES}, got {mode!r}")
         if self.bounds.contains(box):
             return self.read(box)
+        if box.size == 0:
+            return np.full(box.shape, constant_value, dtype=self.dtype)
         if mode == "constant":
             out = np.full(box.shape, constant_value, dtype=self.dtype)
             inner = box.intersect(self.bounds)
@@ -142,10 +144,7 @@ class EmArray:
             cbox = Box(tuple(i * c for i, c in zip(cidx, self.chunks, strict=True)),  # type: ignore[arg-type]
                        tuple(min((i + 1) * c, n) for i, c, n in zip(cidx, self.chunks, self.shape, strict=True)))
             key = (str(self.path), cidx)
-            chunk = self.cache.get(key)
-            if chunk is None:
-                chunk = np.asarray(self._store[cbox.slices])
-                self.cache.put(key, chunk)
+            chunk = self.cache.get_or_load(key, lambda cbox=cbox: np.asarray(self._store[cbox.slices]))
             part = cbox.intersect(box)
             assert part is not None
             out[part.relative_to(box)] = chunk[part.relative_to(cbox)]
