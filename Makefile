@@ -1,0 +1,31 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is needed"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## The whole pipeline offline: replica + local S3, dvc repro, push, pull, metrics (scratch workspace).
+demo: $(STAMP)
+	$(PY) -m emdata.demo $(DEMO_ARGS)
+
+## The test suite (network tests deselected; run `$(PY) -m pytest -m network` for those).
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## Benchmarks (see bench/README.md).
+bench: $(STAMP)
+	$(PY) bench/bench_download.py
+	$(PY) bench/bench_hemibrain.py
+	$(PY) bench/bench_access.py
+
+clean:
+	rm -rf $(VENV) .emdata .pytest_cache
