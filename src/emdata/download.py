@@ -35,7 +35,8 @@ from emdata.urls import redact, rewrite
 log = logging.getLogger(__name__)
 
 USER_AGENT = f"emdata/{__version__} (+https://github.com/emdata/emdata; reproducible EM data downloads)"
-STREAM_BLOCK = 1024 * 1024
+# Bytes still in a read buffer when a connection breaks are lost: small blocks bound what a resume refetches.
+STREAM_BLOCK = 64 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # Worth retrying: the server or the path may recover. Everything else (404, 403, ...) fails at once.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})

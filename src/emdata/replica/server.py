@@ -37,7 +37,8 @@ class Faults:
     retry_after_s: float | None = None  # with status 429: the Retry-After header
     truncate_to_bytes: int | None = None  # a complete-looking response whose body (and length) is cut short
     truncate_count: int = 0
-    corrupt_count: int = 0  # flip one byte in the body
+    corrupt_count: int = 0  # flip the middle byte of the body
+    ignore_ranges: bool = False  # answer 200 with the whole file, as servers without Range support do
     latency_s: float = 0.0  # added before every response (not a counter: stays until reset)
     bandwidth_bps: float | None = None  # per-connection throttle (not a counter)
     requests_seen: list[str] = field(default_factory=list)
@@ -114,9 +115,6 @@ class ReplicaHandler(BaseHTTPRequestHandler):
             faults.requests_seen.append(f"{self.command} {self.path} {self.headers.get('Range', '')}".strip())
             matches = faults.path_contains in self.path
             status = faults.status if matches and faults.status and faults._take("status_count") else None
-            drop = faults.drop_after_bytes if matches and faults._take("drop_count") else None
-            truncate = faults.truncate_to_bytes if matches and faults._take("truncate_count") else None
-            corrupt = matches and faults._take("corrupt_count")
             latency, bandwidth, retry_after = faults.latency_s, faults.bandwidth_bps, faults.retry_after_s
         if latency:
             time.sleep(latency)
@@ -132,7 +130,7 @@ class ReplicaHandler(BaseHTTPRequestHandler):
         start, end = 0, size - 1
         status_code = 200
         range_header = self.headers.get("Range")
-        if range_header:
+        if range_header and not server.faults.ignore_ranges:
             parsed = _parse_range(range_header, size)
             if parsed is None:
                 self._send_status(416, {"Content-Range": f"bytes */{size}"})
@@ -140,8 +138,19 @@ class ReplicaHandler(BaseHTTPRequestHandler):
             start, end = parsed
             status_code = 206
         length = end - start + 1
-        if truncate is not None:
-            length = min(length, truncate)
+        # Body faults apply only to bodies long enough to show them (not to a 1-byte size probe).
+        with server.lock:
+            faults = server.faults
+            matches = faults.path_contains in self.path and not head
+            drop = truncate = None
+            if matches and faults.drop_after_bytes is not None and length > faults.drop_after_bytes \
+                    and faults._take("drop_count"):
+                drop = faults.drop_after_bytes
+            if matches and faults.truncate_to_bytes is not None and length > faults.truncate_to_bytes \
+                    and faults._take("truncate_count"):
+                truncate = faults.truncate_to_bytes
+                length = truncate
+            corrupt = matches and length > 1 and faults._take("corrupt_count")
         self.send_response(status_code)
         self.send_header("Content-Length", str(length))
         self.send_header("Accept-Ranges", "bytes")
@@ -164,8 +173,9 @@ class ReplicaHandler(BaseHTTPRequestHandler):
                 block = f.read(min(COPY_BLOCK, length - sent))
                 if not block:
                     break
-                if corrupt and sent == 0:
-                    block = bytes([block[0] ^ 0xFF]) + block[1:]
+                if corrupt and sent <= length // 2 < sent + len(block):
+                    i = length // 2 - sent  # flip one byte in the middle of the body
+                    block = block[:i] + bytes([block[i] ^ 0xFF]) + block[i + 1:]
                 if drop is not None and sent + len(block) > drop:
                     self.wfile.write(block[: max(0, drop - sent)])
                     self.wfile.flush()

@@ -1,0 +1,55 @@
+"""Shared fixtures: the replica (small profile) and plain file trees served on loopback, port 0."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emdata.replica import ReplicaServer, build_replica, serve_in_thread
+
+
+@pytest.fixture(scope="session")
+def replica_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("replica-cache")
+
+
+@pytest.fixture(scope="session")
+def epfl_tree(replica_cache: Path) -> Path:
+    return build_replica("small", ["epfl"], replica_cache)
+
+
+@pytest.fixture()
+def epfl_replica(epfl_tree: Path) -> Iterator[ReplicaServer]:
+    with serve_in_thread(epfl_tree) as server:
+        yield server
+
+
+class FileTree:
+    """Random files under ROOT/example.org/files/ served by the replica server, with their sha256."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files: dict[str, bytes] = {}
+
+    def add(self, name: str, size: int, seed: int = 0) -> str:
+        data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+        path = self.root / "example.org" / "files" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        self.files[name] = data
+        return f"https://example.org/files/{name}"
+
+    def sha256(self, name: str) -> str:
+        return hashlib.sha256(self.files[name]).hexdigest()
+
+
+@pytest.fixture()
+def file_server(tmp_path: Path) -> Iterator[tuple[ReplicaServer, FileTree]]:
+    tree = FileTree(tmp_path / "served")
+    tree.root.mkdir()
+    with serve_in_thread(tree.root) as server:
+        yield server, tree

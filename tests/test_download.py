@@ -1,0 +1,221 @@
+"""The download engine against the replica server with injected faults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from emdata.download import ChecksumRegistry, Download, Downloader
+from emdata.errors import DownloadError, IntegrityError, InvalidParameterError
+from emdata.params import DownloadConfig
+
+MB = 2**20
+
+
+def make(server, *, sleeps=None, registry=None, **config):
+    config.setdefault("backoff_s", 0.0)
+    return Downloader(DownloadConfig(**config), mirror=server.base_url, registry=registry, progress=False,
+                      sleep=(sleeps.append if sleeps is not None else lambda s: None))
+
+
+def ranges_seen(server, name, probes=False):
+    """The Range headers of the GETs for ``name``; the one-byte size probe (bytes=0-0) only if asked."""
+    spans = [r.split(" ", 2)[2] for r in server.faults.requests_seen if name in r and r.count(" ") >= 2]
+    return spans if probes else [s for s in spans if s != "bytes=0-0"]
+
+
+def test_plain_download_verifies_and_records_hash(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("a.bin", 300_000)
+    registry = ChecksumRegistry(tmp_path / "checksums.json", "mirror")
+    result = make(server, registry=registry).download(Download(url, tmp_path / "out" / "a.bin"))
+    assert Path(result.dest).read_bytes() == tree.files["a.bin"]
+    assert result.sha256 == tree.sha256("a.bin") and result.fetched_bytes == 300_000
+    saved = json.loads((tmp_path / "checksums.json").read_text())
+    assert saved["mirror"][url] == {"size": 300_000, "sha256": tree.sha256("a.bin")}
+    assert saved["live"] == {}
+    assert not (tmp_path / "out" / "a.bin.partial").exists()
+
+
+def test_interrupted_download_resumes_without_refetching(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("a.bin", 3 * MB)
+    dest = tmp_path / "a.bin"
+    server.faults.drop_after_bytes, server.faults.drop_count = 1 * MB, 1
+    with pytest.raises(DownloadError, match="a.bin"):
+        make(server, retries=0).download(Download(url, dest))
+    partial = tmp_path / "a.bin.partial"
+    assert not dest.exists() and partial.stat().st_size == 1 * MB  # kept, not lost
+    server.faults.requests_seen.clear()
+    result = make(server).download(Download(url, dest))
+    assert dest.read_bytes() == tree.files["a.bin"]
+    assert result.fetched_bytes == 2 * MB  # only the missing bytes crossed the network
+    assert ranges_seen(server, "a.bin") == [f"bytes={MB}-"]
+
+
+def test_drop_mid_body_is_retried_and_resumed_in_one_call(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("a.bin", 2 * MB)
+    server.faults.drop_after_bytes, server.faults.drop_count = 700_000, 2
+    result = make(server, retries=3).download(Download(url, tmp_path / "a.bin"))
+    assert result.sha256 == tree.sha256("a.bin") and result.fetched_bytes == 2 * MB
+    spans = ranges_seen(server, "a.bin")
+    assert len(spans) == 3 and spans[0] == "bytes=0-"
+    first, second = (int(s.removeprefix("bytes=").rstrip("-")) for s in spans[1:])
+    # Each retry resumes where the bytes on disk end (at most one 64 KiB read block short of the drop).
+    assert 700_000 - 65_536 < first <= 700_000
+    assert first + 700_000 - 65_536 < second <= first + 700_000
+
+
+def test_corrupted_body_is_detected_and_never_renamed(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("a.bin", 100_000)
+    server.faults.corrupt_count = 1
+    dest = tmp_path / "a.bin"
+    with pytest.raises(IntegrityError, match="sha256"):
+        make(server).download(Download(url, dest, sha256=tree.sha256("a.bin")))
+    assert not dest.exists() and not (tmp_path / "a.bin.partial").exists()
+    # The next run, with the fault gone, gets the right bytes.
+    assert make(server).download(Download(url, dest, sha256=tree.sha256("a.bin"))).sha256 == tree.sha256("a.bin")
+
+
+def test_recorded_hash_is_verified_on_the_next_run(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("a.bin", 50_000)
+    registry_path = tmp_path / "checksums.json"
+    make(server, registry=ChecksumRegistry(registry_path, "mirror")).download(Download(url, tmp_path / "1.bin"))
+    server.faults.corrupt_count = 1
+    with pytest.raises(IntegrityError):
+        make(server, registry=ChecksumRegistry(registry_path, "mirror")).download(Download(url, tmp_path / "2.bin"))
+    assert not (tmp_path / "2.bin").exists()
+
+
+def test_truncated_body_is_detected_and_never_renamed(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("a.bin", 200_000)
+    server.faults.truncate_to_bytes, server.faults.truncate_count = 1000, 100
+    dest = tmp_path / "a.bin"
+    with pytest.raises(DownloadError, match="ended at byte"):
+        make(server, retries=2).download(Download(url, dest))
+    assert not dest.exists()
+
+
+def test_truncated_body_with_a_matching_length_fails_the_size_check(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("a.bin", 200_000)
+    # Without Range support the server's Content-Length is the only length: a cut body looks complete.
+    server.faults.ignore_ranges = True
+    server.faults.truncate_to_bytes, server.faults.truncate_count = 1000, 100
+    with pytest.raises(IntegrityError, match="size 1000 != expected 200000"):
+        make(server).download(Download(url, tmp_path / "a.bin", size=200_000))
+    assert not (tmp_path / "a.bin").exists() and not (tmp_path / "a.bin.partial").exists()
+
+
+def test_server_that_ignores_ranges_restarts_cleanly(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("a.bin", 1 * MB)
+    server.faults.ignore_ranges = True
+    server.faults.drop_after_bytes, server.faults.drop_count = 300_000, 1
+    result = make(server, retries=2).download(Download(url, tmp_path / "a.bin"))
+    assert result.sha256 == tree.sha256("a.bin")
+
+
+def test_retries_stop_at_the_bound_with_url_and_status(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("a.bin", 1000)
+    server.faults.status, server.faults.status_count = 503, 100
+    sleeps: list[float] = []
+    with pytest.raises(DownloadError) as err:
+        make(server, retries=3, backoff_s=0.5, sleeps=sleeps).download(Download(url, tmp_path / "a.bin"))
+    assert f"{server.base_url}/example.org/files/a.bin" in str(err.value) and "HTTP 503" in str(err.value)
+    assert "4 attempts" in str(err.value)
+    assert len([r for r in server.faults.requests_seen if "a.bin" in r]) == 4
+    assert sleeps == [0.5, 1.0, 2.0]  # exponential backoff
+    assert not (tmp_path / "a.bin").exists()
+
+
+def test_429_retry_after_is_honoured(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("a.bin", 1000)
+    server.faults.status, server.faults.status_count, server.faults.retry_after_s = 429, 2, 7
+    sleeps: list[float] = []
+    result = make(server, retries=3, sleeps=sleeps).download(Download(url, tmp_path / "a.bin"))
+    assert result.size == 1000 and sleeps == [7.0, 7.0]
+
+
+def test_404_fails_at_once(file_server, tmp_path):
+    server, _ = file_server
+    with pytest.raises(DownloadError, match=r"example.org/files/missing.bin.*HTTP 404"):
+        make(server, retries=5).download(Download("https://example.org/files/missing.bin", tmp_path / "m"))
+    assert len(server.faults.requests_seen) == 1
+
+
+def test_parallel_ranges_of_one_large_file(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("big.bin", 5 * MB + 123)
+    result = make(server, range_threshold_mb=1, range_part_mb=1, range_workers=3).download(
+        Download(url, tmp_path / "big.bin"))
+    assert result.sha256 == tree.sha256("big.bin")
+    assert "bytes=0-0" in ranges_seen(server, "big.bin", probes=True)  # the size probe
+    assert sorted(ranges_seen(server, "big.bin")) == sorted(
+        f"bytes={s}-{min(s + MB, 5 * MB + 123) - 1}" for s in range(0, 5 * MB + 123, MB))
+    assert not (tmp_path / "big.bin.partial.parts").exists()
+
+
+def test_parallel_ranges_resume_only_missing_parts(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("big.bin", 4 * MB)
+    server.faults.path_contains = "big.bin"
+    server.faults.drop_after_bytes, server.faults.drop_count = 1000, 1
+    with pytest.raises(DownloadError):
+        make(server, retries=0, range_threshold_mb=1, range_part_mb=1, range_workers=1).download(
+            Download(url, tmp_path / "big.bin"))
+    # The probe (bytes=0-0) was the dropped request only if it came first; make sure some parts survive.
+    server.reset_faults()
+    with pytest.raises(DownloadError):
+        server.faults.path_contains = "big.bin"
+        server.faults.drop_after_bytes, server.faults.drop_count = 1000, 0
+        server.faults.status, server.faults.status_count = 503, 0
+        # second interruption: fail the third part only
+        dl = make(server, retries=0, range_threshold_mb=1, range_part_mb=1, range_workers=1)
+        server.faults.drop_count = 0
+        orig = dl._get
+        calls = {"n": 0}
+
+        def flaky(target, headers):
+            calls["n"] += 1
+            if headers.get("Range", "").startswith(f"bytes={2 * MB}-"):
+                raise DownloadError("simulated failure of part 3")
+            return orig(target, headers)
+
+        dl._get = flaky  # type: ignore[method-assign]
+        dl.download(Download(url, tmp_path / "big.bin"))
+    parts = json.loads((tmp_path / "big.bin.partial.parts").read_text())
+    assert set(parts["done"]) >= {0, MB}
+    server.reset_faults()
+    result = make(server, range_threshold_mb=1, range_part_mb=1, range_workers=2).download(
+        Download(url, tmp_path / "big.bin"))
+    assert result.sha256 == tree.sha256("big.bin")
+    fetched_spans = ranges_seen(server, "big.bin")
+    assert all(not s.startswith(("bytes=0-", f"bytes={MB}-")) for s in fetched_spans), fetched_spans
+    assert result.fetched_bytes <= 2 * MB
+
+
+def test_already_present_file_is_reused(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("a.bin", 1000)
+    dl = make(server)
+    dl.download(Download(url, tmp_path / "a.bin"))
+    server.faults.requests_seen.clear()
+    again = dl.download(Download(url, tmp_path / "a.bin", sha256=tree.sha256("a.bin")))
+    assert again.reused and again.fetched_bytes == 0 and server.faults.requests_seen == []
+
+
+@pytest.mark.parametrize("bad", [{"workers": 0}, {"retries": -1}, {"read_timeout_s": "fast"},
+                                 {"range_part_mb": 0}])
+def test_bad_download_config_names_the_value(bad):
+    key, value = next(iter(bad.items()))
+    with pytest.raises(InvalidParameterError, match=f"download.{key}.*{value!r}"):
+        DownloadConfig(**bad)

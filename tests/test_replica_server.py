@@ -1,0 +1,90 @@
+"""The replica server speaks HTTP/1.1 the way the real hosts do: ranges, 206/416, 404, and faults on demand."""
+
+from __future__ import annotations
+
+import requests
+
+from emdata.replica.server import _parse_range
+
+
+def test_full_get_and_head(file_server):
+    server, tree = file_server
+    tree.add("a.bin", 1000)
+    url = f"{server.base_url}/example.org/files/a.bin"
+    r = requests.get(url, timeout=5)
+    assert r.status_code == 200 and r.content == tree.files["a.bin"]
+    assert r.headers["Accept-Ranges"] == "bytes"
+    h = requests.head(url, timeout=5)
+    assert h.status_code == 200 and h.headers["Content-Length"] == "1000" and h.content == b""
+
+
+def test_ranges_including_suffix_and_open_ended(file_server):
+    server, tree = file_server
+    tree.add("a.bin", 1000)
+    data = tree.files["a.bin"]
+    url = f"{server.base_url}/example.org/files/a.bin"
+    for header, expected, content_range in [
+        ("bytes=10-19", data[10:20], "bytes 10-19/1000"),
+        ("bytes=990-", data[990:], "bytes 990-999/1000"),
+        ("bytes=-5", data[-5:], "bytes 995-999/1000"),
+        ("bytes=-5000", data, "bytes 0-999/1000"),
+        ("bytes=900-5000", data[900:], "bytes 900-999/1000"),
+    ]:
+        r = requests.get(url, headers={"Range": header}, timeout=5)
+        assert r.status_code == 206, header
+        assert r.content == expected, header
+        assert r.headers["Content-Range"] == content_range
+
+
+def test_unsatisfiable_range_is_416(file_server):
+    server, tree = file_server
+    tree.add("a.bin", 100)
+    url = f"{server.base_url}/example.org/files/a.bin"
+    for header in ("bytes=100-", "bytes=50-10", "bytes=-0", "bytes=abc"):
+        r = requests.get(url, headers={"Range": header}, timeout=5)
+        assert r.status_code == 416, header
+        assert r.headers["Content-Range"] == "bytes */100"
+
+
+def test_parse_range_edges():
+    assert _parse_range("bytes=0-0", 10) == (0, 0)
+    assert _parse_range("bytes=-1", 10) == (9, 9)
+    assert _parse_range("bytes=-", 10) is None
+    assert _parse_range("bytes=0-1, 5-6", 10) is None  # multi-range is not served (one range only)
+
+
+def test_missing_file_and_path_escape_are_404(file_server):
+    server, tree = file_server
+    assert requests.get(f"{server.base_url}/example.org/nope", timeout=5).status_code == 404
+    assert requests.get(f"{server.base_url}/../../etc/passwd", timeout=5).status_code == 404
+
+
+def test_percent_encoded_space_maps_to_folder_with_space(epfl_replica):
+    url = (f"{epfl_replica.base_url}/documents.epfl.ch/groups/c/cv/cvlab-unit/www/data/"
+           "%20ElectronMicroscopy_Hippocampus/training.tif")
+    r = requests.get(url, headers={"Range": "bytes=0-3"}, timeout=5)
+    assert r.status_code == 206 and r.content[:2] in (b"II", b"MM")
+
+
+def test_status_faults_count_down(file_server):
+    server, tree = file_server
+    tree.add("a.bin", 10)
+    url = f"{server.base_url}/example.org/files/a.bin"
+    server.faults.status, server.faults.status_count, server.faults.retry_after_s = 429, 2, 3
+    first = requests.get(url, timeout=5)
+    assert first.status_code == 429 and first.headers["Retry-After"] == "3"
+    assert requests.get(url, timeout=5).status_code == 429
+    assert requests.get(url, timeout=5).status_code == 200
+
+
+def test_corrupt_and_truncate_faults(file_server):
+    server, tree = file_server
+    tree.add("a.bin", 1000)
+    url = f"{server.base_url}/example.org/files/a.bin"
+    server.faults.corrupt_count = 1
+    bad = requests.get(url, timeout=5).content
+    assert len(bad) == 1000 and bad != tree.files["a.bin"]
+    server.faults.truncate_to_bytes, server.faults.truncate_count = 100, 1
+    r = requests.get(url, timeout=5)
+    assert r.status_code == 200 and len(r.content) == 100
+    assert requests.get(url, timeout=5).content == tree.files["a.bin"]
