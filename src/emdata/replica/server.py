@@ -68,6 +68,14 @@ class ReplicaServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        # Clients hanging up mid-response are normal (and provoked by the fault tests): no traceback.
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
+
     def reset_faults(self) -> None:
         with self.lock:
             self.faults = Faults()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,13 @@ class EpflParams:
                 raise InvalidParameterError(f"epfl.{name} must be three positive integers (z, y, x), got {value!r}")
         if any(s % c for s, c in zip(self.shards, self.chunks, strict=True)):
             raise InvalidParameterError(f"epfl.shards {list(self.shards)} must be multiples of chunks {list(self.chunks)}")
+
+        known = {n for s in SPLITS for n in (f"{s}.tif", f"{s}_groundtruth.tif")} | {"volumedata.tif"}
+        for name, digest in dict(self.sha256).items():
+            if name not in known:
+                raise InvalidParameterError(f"epfl.sha256 names unknown file {name!r}; valid: {sorted(known)}")
+            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise InvalidParameterError(f"epfl.sha256[{name!r}] must be 64 lowercase hex digits, got {digest!r}")
 
     @property
     def files(self) -> list[str]:

@@ -1,0 +1,45 @@
+"""The offline demo end to end (small replica): dvc repro, push to a loopback S3, pull back, metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_repro_push_pull_restores_epfl(tmp_path):
+    ws = tmp_path / "demo"
+    before = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "emdata.demo", "--profile", "small", "--stage", "epfl", "--workspace", str(ws)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "EMDATA_REPLICA_CACHE": str(tmp_path / "replica-cache")},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((ws / "demo_summary.json").read_text())
+    images = summary["outputs"]["data/epfl.zarr"]
+    assert set(images) == {"training", "testing"}
+    for image in images.values():
+        assert image["shape"] == [20, 96, 128]  # the small replica's shape
+        assert image["voxel_size_nm"] == [5.0, 5.0, 5.0] and image["labels"] == ["mito"]
+    assert set(summary["step_seconds"]) == {"dvc repro", "dvc push", "dvc pull", "dvc metrics show"}
+    assert "metrics/epfl.json" in proc.stdout  # dvc metrics show printed it
+    lock = (ws / "dvc.lock").read_text()
+    assert "data/epfl.zarr" in lock and "md5" in lock
+    # The demo never touches the user's working tree, and every server it started is gone.
+    after = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
+    assert after == before
+    assert "emdata-local" not in proc.stdout + proc.stderr  # no credentials in the output
+    urls = re.search(r"replica at (http://\S+); S3 endpoint at (http://\S+) ", proc.stdout)
+    assert urls is not None
+    for url in urls.groups():
+        with pytest.raises(requests.ConnectionError):
+            requests.get(url, timeout=2)

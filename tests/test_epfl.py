@@ -1,0 +1,140 @@
+"""The EPFL stage end to end against the replica: download, convert, verify, and fail early on bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Multiscales, Reader
+
+from emdata.errors import DownloadError, IntegrityError, InvalidParameterError
+from emdata.replica.epfl import HOST_PATH
+from emdata.stage import run_stage
+
+PARAMS = """
+mirror: "{mirror}"
+download: {{workers: 2, retries: 1, backoff_s: 0}}
+epfl:
+  splits: [training, testing]
+  include_volumedata: {volumedata}
+  keep_downloads: {keep}
+"""
+
+
+def workspace(tmp_path: Path, mirror: str, volumedata: bool = False, keep: bool = False, extra: str = "") -> Path:
+    (tmp_path / "params.yaml").write_text(PARAMS.format(mirror=mirror, volumedata=str(volumedata).lower(),
+                                                        keep=str(keep).lower()) + extra)
+    return tmp_path
+
+
+def test_epfl_stage_writes_ome_zarr_with_labels(epfl_replica, epfl_tree, tmp_path):
+    ws = workspace(tmp_path, epfl_replica.base_url)
+    metrics = run_stage("epfl", repo_root=ws)
+    out = ws / "data" / "epfl.zarr"
+    for split in ("training", "testing"):
+        source = tifffile.imread(epfl_tree / HOST_PATH / f"{split}.tif")
+        truth = tifffile.imread(epfl_tree / HOST_PATH / f"{split}_groundtruth.tif")
+        nodes = list(Reader(parse_url(str(out / split)))())
+        image = next(n for n in nodes if any(isinstance(s, Multiscales) for s in n.specs))
+        assert image.data[0].shape == source.shape
+        np.testing.assert_array_equal(np.asarray(image.data[0]), source)
+        ms = zarr.open_group(str(out / split), mode="r").attrs["ome"]["multiscales"][0]
+        assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
+        assert {a["unit"] for a in ms["axes"]} == {"nanometer"}
+        assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [5.0, 5.0, 5.0]
+        assert ms["datasets"][1]["coordinateTransformations"][0]["scale"] == [10.0, 10.0, 10.0]
+        labels = zarr.open_group(str(out / split / "labels"), mode="r")
+        assert labels.attrs["ome"]["labels"] == ["mito"]
+        mito = np.asarray(labels["mito"]["0"][...])
+        np.testing.assert_array_equal(mito, (truth > 127).astype(np.uint8))
+        assert metrics["arrays"][split]["shape"] == list(source.shape)
+        assert zarr.open_array(str(out / split / "0"), mode="r").shards is not None
+    prov = zarr.open_group(str(out), mode="r").attrs["emdata"]
+    assert {f["name"] for f in prov["files"]} == {"training.tif", "training_groundtruth.tif", "testing.tif",
+                                                  "testing_groundtruth.tif"}
+    assert all(f["url"].startswith("https://documents.epfl.ch/") for f in prov["files"])  # the live URL
+    # Raw TIFFs are deleted after the verified conversion; their hashes are kept for the next run.
+    assert not (ws / "data" / ".downloads" / "epfl").exists()
+    recorded = json.loads((ws / "checksums.json").read_text())["mirror"]
+    assert {f["url"]: f["sha256"] for f in prov["files"]} == {u: v["sha256"] for u, v in recorded.items()}
+    assert json.loads((ws / "metrics" / "epfl.json").read_text())["files"] == 4
+
+
+def test_volumedata_goes_through_parallel_ranges(epfl_replica, epfl_tree, tmp_path):
+    ws = workspace(tmp_path, epfl_replica.base_url, volumedata=True, keep=True,
+                   extra="  splits: []\n".replace("  splits: []\n", ""))
+    text = (ws / "params.yaml").read_text().replace("splits: [training, testing]", "splits: []")
+    text = text.replace("download: {workers: 2, retries: 1, backoff_s: 0}",
+                        "download: {workers: 2, retries: 1, backoff_s: 0, range_threshold_mb: 0.5, "
+                        "range_part_mb: 0.25}")
+    (ws / "params.yaml").write_text(text)
+    run_stage("epfl", repo_root=ws)
+    source = tifffile.imread(epfl_tree / HOST_PATH / "volumedata.tif")
+    np.testing.assert_array_equal(zarr.open_array(str(ws / "data/epfl.zarr/volumedata/0"), mode="r")[...], source)
+    assert (ws / "data/.downloads/epfl/volumedata.tif").exists()  # keep_downloads: true
+    ranges = [r for r in epfl_replica.faults.requests_seen if "volumedata" in r]
+    assert len(ranges) > 4  # probe + several parts
+
+
+def test_failed_download_keeps_the_old_output_and_partial_bytes(epfl_replica, tmp_path):
+    ws = workspace(tmp_path, epfl_replica.base_url)
+    run_stage("epfl", repo_root=ws)
+    before = sorted(p.relative_to(ws) for p in (ws / "data/epfl.zarr").rglob("*"))
+    epfl_replica.faults.path_contains = "testing.tif"
+    epfl_replica.faults.drop_after_bytes, epfl_replica.faults.drop_count = 100_000, 10
+    with pytest.raises(DownloadError, match="testing.tif"):
+        run_stage("epfl", repo_root=ws)
+    assert sorted(p.relative_to(ws) for p in (ws / "data/epfl.zarr").rglob("*")) == before
+    partial = ws / "data/.downloads/epfl/testing.tif.partial"
+    assert partial.exists() and partial.stat().st_size > 0  # what was downloaded is not lost
+
+
+def test_pinned_checksum_mismatch_fails_without_output(epfl_replica, tmp_path):
+    ws = workspace(tmp_path, epfl_replica.base_url, extra="  sha256: {training.tif: " + "ab" * 32 + "}\n")
+    with pytest.raises(IntegrityError, match="training.tif.*sha256"):
+        run_stage("epfl", repo_root=ws)
+    assert not (ws / "data" / "epfl.zarr").exists()
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ("epfl:\n  splits: [trainig]\n", r"epfl.splits.*\['trainig'\]"),
+    ("epfl:\n  voxel_size_nm: [5, 5, -5]\n", r"voxel_size_nm.*-5"),
+    ("epfl:\n  chunks: [64, 64]\n", r"epfl.chunks.*\[64, 64\]"),
+    ("epfl:\n  shards: [100, 256, 256]\n", r"shards \[100, 256, 256\].*multiples"),
+    ("epfl:\n  include_volumedata: maybe\n", r"include_volumedata.*'maybe'"),
+    ("epfl:\n  colour: red\n", r"unknown key.*colour"),
+    ("epfl:\n  sha256: {training.tif: 0}\n", r"sha256\['training.tif'\].*got 0"),
+    ("download:\n  retries: -2\nepfl: {}\n", r"download.retries.*-2"),
+    ("mirror: ftp://nowhere\nepfl: {}\n", r"mirror.*ftp://nowhere"),
+])
+def test_bad_params_fail_before_any_network_call(epfl_replica, tmp_path, section, message):
+    (tmp_path / "params.yaml").write_text(f'mirror: "{epfl_replica.base_url}"\n' + section
+                                          if not section.startswith("mirror") else section)
+    with pytest.raises(InvalidParameterError, match=message):
+        run_stage("epfl", repo_root=tmp_path)
+    assert epfl_replica.faults.requests_seen == []
+    assert not (tmp_path / "data").exists()
+
+
+def test_unknown_dataset_names_the_value_and_lists_valid_ones(epfl_replica, tmp_path):
+    workspace(tmp_path, epfl_replica.base_url)
+    with pytest.raises(InvalidParameterError, match=r"unknown dataset 'epfll'.*'epfl'"):
+        run_stage("epfll", repo_root=tmp_path)
+    assert epfl_replica.faults.requests_seen == []
+
+
+def test_stage_script_is_thin_and_runs(epfl_replica, tmp_path):
+    import subprocess
+    import sys
+
+    ws = workspace(tmp_path, epfl_replica.base_url)
+    shutil.copytree(Path(__file__).parents[1] / "stages", ws / "stages")
+    proc = subprocess.run([sys.executable, "stages/epfl.py"], cwd=ws, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (ws / "data/epfl.zarr/training/0/zarr.json").exists()
