@@ -87,7 +87,7 @@ def grid_cases(draw):
                             constant_value=constant)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=grid_cases(), backend=st.sampled_from(["tensorstore", "zarr"]))
 def test_grid_exact_coverage_and_halo_contents(vol_dir, case, backend):
     shape, spec = case

@@ -74,9 +74,9 @@ def test_open_errors_name_what_is_available(data_root):
         Box((0, 0), (1, 1))  # type: ignore[arg-type]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
-    start=st.tuples(st.integers(-40, 30), st.integers(-50, 45), st.integers(-40, 40)),
+    start=st.tuples(st.integers(-70, 70), st.integers(-90, 90), st.integers(-80, 80)),
     size=st.tuples(st.integers(0, 50), st.integers(0, 60), st.integers(0, 50)),
     mode=st.sampled_from(["constant", "reflect", "edge"]),
     backend=st.sampled_from(["tensorstore", "zarr"]),

@@ -129,10 +129,27 @@ class EmArray:
             if inner is not None:
                 out[inner.relative_to(box)] = self.read(inner)
             return out
-        indices = [_pad_indices(a, b, n, mode) for a, b, n in zip(box.start, box.stop, self.shape, strict=True)]
-        source = Box(tuple(int(i.min()) for i in indices), tuple(int(i.max()) + 1 for i in indices))  # type: ignore[arg-type]
-        data = self.read(source)
-        return data[np.ix_(*(i - s for i, s in zip(indices, source.start, strict=True)))]
+        # Read the source voxels the padding needs, then let numpy.pad (block copies, no fancy indexing)
+        # mirror them. On each padded side the source runs from the array border at least as far in as
+        # numpy.pad's first reflection reaches (the whole axis if it reflects more than once), so the
+        # result equals padding the whole array.
+        starts, stops, widths = [], [], []
+        for a, b, n in zip(box.start, box.stop, self.shape, strict=True):
+            idx = _pad_indices(a, b, n, mode)
+            lo, hi = max(-a, 0), max(b - n, 0)
+            start, stop = int(idx.min()), int(idx.max()) + 1
+            if lo:
+                start, stop = 0, max(stop, min(lo, n - 1) + 1)
+            if hi:
+                start, stop = min(start, n - 1 - min(hi, n - 1)), n
+            starts.append(start)
+            stops.append(stop)
+            widths.append((lo, hi))
+        source = Box(tuple(starts), tuple(stops))  # type: ignore[arg-type]
+        padded = np.pad(self.read(source), widths, mode=mode)
+        crop = tuple(slice(a - (s - w[0]), b - (s - w[0]))
+                     for a, b, s, w in zip(box.start, box.stop, source.start, widths, strict=True))
+        return padded[crop]
 
     def _read_zarr(self, box: Box) -> np.ndarray:
         if self.cache.total_bytes == 0:
