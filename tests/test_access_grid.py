@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from access_fixtures import em_like, make_volume
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from access_fixtures import em_like, make_volume
 from emdata.access import BlockGrid, BlockSpec, Box, RoiNm, axis_blocks, open_array
 from emdata.errors import InvalidParameterError
 

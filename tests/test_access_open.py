@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import tensorstore as ts
 import zarr
+from access_fixtures import em_like, make_volume
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from access_fixtures import em_like, make_volume
 from emdata.access import BlockGrid, BlockSpec, Box, ChunkCache, open_array
 from emdata.errors import InvalidParameterError
 

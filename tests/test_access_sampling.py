@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-
 from access_fixtures import em_like, make_volume
+
 from emdata.access import RandomBlockSampler, RoiNm, SamplingError, open_array
 from emdata.ngff import _downsample
 
@@ -61,7 +61,7 @@ def test_ranks_draw_disjoint_indices(volume):
 
 
 def test_image_and_labels_are_aligned(volume):
-    path, image, mito = volume
+    path, _, mito = volume
     sampler = RandomBlockSampler({"raw": open_array(path), "mito": open_array(path, label="mito")},
                                  {"raw": (12, 12, 12), "mito": (4, 4, 4)}, seed=0, num_samples=10)
     for s in sampler:
@@ -84,7 +84,7 @@ def test_two_levels_sampled_at_the_same_physical_place(volume):
 
 
 def test_min_foreground_fraction_and_mask_weighting(volume):
-    path, _, mito = volume
+    path, _, _ = volume
     arrays = {"raw": open_array(path), "mito": open_array(path, label="mito")}
     rejecting = RandomBlockSampler(arrays, 8, seed=2, foreground_key="mito", min_foreground_fraction=0.25,
                                    max_tries=2000, num_samples=8)

@@ -7,8 +7,8 @@ import threading
 
 import numpy as np
 import pytest
-
 from access_fixtures import em_like, make_volume, write_blocks_in_process
+
 from emdata.access import BlockGrid, BlockSpec, Box, open_array
 from emdata.access.writer import BlockWriter, blend_window
 from emdata.ngff import open_multiscale
@@ -37,7 +37,7 @@ def test_identity_prediction_round_trips_with_the_source_geometry(tmp_path, sour
 
 
 def test_level_one_output_keeps_level_one_geometry(tmp_path, source):
-    path, data = source
+    path, _ = source
     grid = BlockGrid(open_array(path), BlockSpec(8, level=1))
     writer = BlockWriter(tmp_path / "p1.zarr", grid, dtype="uint8", blend="none", n_levels=2)
     for block in grid:
