@@ -93,7 +93,10 @@ class Demo:
         outs = []
         for name, stage in dvc_yaml["stages"].items():
             if self.stages is None or name in self.stages:
-                outs += [o if isinstance(o, str) else next(iter(o)) for o in stage.get("outs", [])]
+                for out in stage.get("outs", []):
+                    path, opts = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+                    if opts.get("cache", True):  # cache: false outputs live in git, not on the remote
+                        outs.append(path)
         return outs
 
     def run(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 BASE_URL = "https://documents.epfl.ch/groups/c/cv/cvlab-unit/www/data/%20ElectronMicroscopy_Hippocampus/"
 PAGE_URL = "https://www.epfl.ch/labs/cvlab/data/data-em/"
 SPLITS = ("training", "testing")
-LICENCE = "not stated on the source page (EPFL CVLab, free for research; cite Lucchi et al. 2012)"
+LICENCE = "not stated (research use; cite Lucchi et al. 2012)"
 MITO_LABEL = 1
 
 
