@@ -147,3 +147,18 @@ def test_zarr_fallback_decodes_each_chunk_once(tmp_path):
     arr_small = open_array(path, backend="zarr", cache=small)
     list(BlockGrid(arr_small, grid.spec, prefetch=0))
     assert small.nbytes <= 3 * 8**3 and small.misses > 4**3
+
+
+def test_auto_backend_falls_back_to_zarr(data_root, monkeypatch):
+    root, image, _ = data_root
+    assert open_array("toy", data_root=root).backend == "tensorstore"
+
+    def broken(*args, **kwargs):
+        raise ImportError("no tensorstore here")
+
+    monkeypatch.setattr("emdata.access.open._open_tensorstore", broken)
+    arr = open_array("toy", data_root=root)
+    assert arr.backend == "zarr"
+    np.testing.assert_array_equal(arr.read(Box((1, 2, 3), (9, 30, 33))), image[1:9, 2:30, 3:33])
+    with pytest.raises(ValueError, match="tensorstore cannot open"):
+        open_array("toy", data_root=root, backend="tensorstore")

@@ -17,8 +17,8 @@ from emdata.access.spec import AXES, PAD_MODES, Box, RoiNm, box_to_nm
 from emdata.errors import InvalidParameterError
 from emdata.ngff import Geometry
 
-Backend = Literal["tensorstore", "zarr"]
-BACKENDS: tuple[str, ...] = ("tensorstore", "zarr")
+Backend = Literal["auto", "tensorstore", "zarr"]
+BACKENDS: tuple[str, ...] = ("auto", "tensorstore", "zarr")
 _UNIT_TO_NM = {"nanometer": 1.0, "micrometer": 1000.0, "angstrom": 0.1, None: 1.0}
 
 
@@ -59,7 +59,7 @@ class EmArray:
 
     ``voxel_size_nm`` and ``translation_nm`` are this level's ``scale`` and ``translation`` (the centre of
     voxel (0, 0, 0)). Reads go through tensorstore (``backend="tensorstore"``) or zarr-python, both backed by
-    the same bounded ``cache`` of decoded chunks.
+    the same bounded ``cache`` of decoded chunks; ``backend`` is the one actually in use.
     """
 
     ref: ArrayRef
@@ -249,6 +249,17 @@ def _transforms(dataset: dict[str, Any], axis_units: Sequence[float]) -> tuple[t
     return scale, translation
 
 
+def _open_tensorstore(adir: Path, cache: ChunkCache) -> Any:
+    import tensorstore as ts
+
+    return ts.open(
+        {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(adir.resolve())},
+         # Pulled data is immutable: trust cached chunks instead of re-validating them on every read.
+         "recheck_cached_data": "open", "recheck_cached_metadata": "open"},
+        read=True, context=cache.ts_context,
+    ).result()
+
+
 def open_array(
     name_or_path: str | os.PathLike[str],
     *,
@@ -256,13 +267,15 @@ def open_array(
     label: str | None = None,
     group: str | None = None,
     data_root: str | os.PathLike[str] | None = None,
-    backend: Backend = "tensorstore",
+    backend: Backend = "auto",
     cache: ChunkCache | None = None,
 ) -> EmArray:
     """Open scale ``level`` of a dataset (``"epfl"`` -> ``<data_root>/epfl.zarr``) or of an OME-Zarr path.
 
     ``group`` selects a sub-group holding the image (e.g. ``"training"``), ``label`` one of its
     ``labels/<name>``. The result carries the level's voxel size, translation (nm) and axes (z, y, x).
+    ``backend="auto"`` reads through tensorstore and falls back to zarr-python if tensorstore is missing
+    or cannot open the array.
     """
     if backend not in BACKENDS:
         raise InvalidParameterError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -301,18 +314,16 @@ def open_array(
         raise InvalidParameterError(f"{adir} has {zarray.ndim} axes; expected 3 (z, y, x)")
     shards = tuple(zarray.shards) if zarray.shards is not None else None
     cache = cache if cache is not None else default_cache()
-    store: Any
-    if backend == "tensorstore":
-        import tensorstore as ts
-
-        store = ts.open(
-            {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(adir.resolve())},
-             # The data is immutable once pulled: trust cached chunks instead of re-validating each read.
-             "recheck_cached_data": "open", "recheck_cached_metadata": "open"},
-            read=True, context=cache.ts_context,
-        ).result()
-    else:
-        store = zarray
+    store: Any = None
+    if backend in ("auto", "tensorstore"):
+        try:
+            store = _open_tensorstore(adir, cache)
+            backend = "tensorstore"
+        except (ImportError, ValueError) as exc:
+            if backend == "tensorstore":
+                raise InvalidParameterError(f"tensorstore cannot open {adir}: {exc}") from exc
+    if store is None:
+        store, backend = zarray, "zarr"
     return EmArray(
         ref=ref, shape=tuple(int(s) for s in zarray.shape), dtype=np.dtype(zarray.dtype),  # type: ignore[arg-type]
         chunks=tuple(int(c) for c in zarray.chunks), shards=shards,  # type: ignore[arg-type]
