@@ -219,3 +219,15 @@ def test_bad_download_config_names_the_value(bad):
     key, value = next(iter(bad.items()))
     with pytest.raises(InvalidParameterError, match=f"download.{key}.*{value!r}"):
         DownloadConfig(**bad)
+
+
+def test_progress_bar_only_on_a_terminal_unless_asked(file_server, tmp_path, capsys):
+    server, tree = file_server
+    urls = [tree.add(f"p{i}.bin", 200_000, seed=i) for i in range(3)]
+    items = [Download(u, tmp_path / "quiet" / u.rsplit("/", 1)[1]) for u in urls]
+    Downloader(DownloadConfig(), mirror=server.base_url).download_all(items)  # stderr is not a terminal here
+    assert "download" not in capsys.readouterr().err
+    items = [Download(u, tmp_path / "loud" / u.rsplit("/", 1)[1]) for u in urls]
+    Downloader(DownloadConfig(), mirror=server.base_url, progress=True).download_all(items)
+    err = capsys.readouterr().err
+    assert "download" in err and "B/s" in err  # bytes, rate (and ETA while running)

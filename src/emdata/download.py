@@ -157,7 +157,9 @@ class Downloader:
 
     def download_all(self, items: Sequence[Download]) -> list[DownloadResult]:
         """Download every item (``config.workers`` at a time) with one progress bar; results keep the order."""
-        total = sum(i.size or 0 for i in items) or None
+        # Sizes known from the items or the registry give the bar a total, hence an ETA.
+        sizes = [self._expected(i)["size"] for i in items]
+        total = sum(sizes) if all(s is not None for s in sizes) else None
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="download",
                   disable=None if self.progress is None else not self.progress, mininterval=1.0) as bar:
             self._bar = bar
