@@ -15,7 +15,7 @@ from typing import Any
 
 import tensorstore as ts
 
-from emdata.errors import SourceMismatchError
+from emdata.errors import DownloadError, SourceMismatchError
 from emdata.params import DownloadConfig
 
 Zyx = tuple[int, int, int]
@@ -115,12 +115,16 @@ def open_scale(http_url: str, scale: int, context: ts.Context) -> ts.TensorStore
     ``http_url`` is the URL actually fetched (already rewritten onto a mirror when there is one). Indices of
     the view are global voxel coordinates, like the ``info``: the first voxel is at ``voxel_offset``.
     """
-    store = ts.open({
+    spec = {
         "driver": "neuroglancer_precomputed",
         "kvstore": {"driver": "http", "base_url": http_url.rstrip("/") + "/"},
         "scale_index": int(scale),
         "open": True,
         "recheck_cached_data": "open",
         "recheck_cached_metadata": "open",
-    }, context=context, read=True).result()
+    }
+    try:
+        store = ts.open(spec, context=context, read=True).result()
+    except ValueError as exc:  # tensorstore reports every failure (HTTP status, bad info) as ValueError
+        raise DownloadError(f"opening scale {scale} of {http_url} failed: {exc}") from exc
     return store[ts.d["channel"][0]].T  # x, y, z, channel -> z, y, x

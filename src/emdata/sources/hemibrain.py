@@ -38,11 +38,11 @@ import zarr
 
 from emdata import ngff
 from emdata.download import Downloader
-from emdata.errors import InvalidParameterError, SourceMismatchError
+from emdata.errors import DownloadError, InvalidParameterError, SourceMismatchError
 from emdata.fsutil import atomic_dir
 from emdata.hemibrain_precomputed import ScaleInfo, VolumeInfo, open_scale, parse_info, tensorstore_context
 from emdata.params import RunContext, dataclass_from_section
-from emdata.urls import rewrite
+from emdata.urls import redact, rewrite
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def choose_origin(params: HemibrainParams, plan: CropPlan, integral: np.ndarray)
 
 
 def stream_crop(source: ts.TensorStore, dest: zarr.Array, origin: Sequence[int], *, max_inflight_bytes: float,
-                what: str) -> dict[str, float]:
+                what: str, url: str = "") -> dict[str, float]:
     """Copy ``source[origin : origin + dest.shape]`` (z, y, x) into ``dest`` one output shard at a time.
 
     Reads of the next shards are in flight (up to ``max_inflight_bytes`` of decoded voxels) while one is being
@@ -284,21 +284,33 @@ def stream_crop(source: ts.TensorStore, dest: zarr.Array, origin: Sequence[int],
     for _ in range(depth):
         submit()
     done = 0
-    while pending:
-        sl, future = pending.popleft()
-        data = future.result()
-        submit()
-        dest[sl] = data
-        done += 1
-        done_bytes += data.nbytes
-        now = time.monotonic()
-        if now - last_log >= PROGRESS_EVERY_S or done == len(slices):
-            rate = done_bytes / max(now - began, 1e-9)
-            log.info("hemibrain %s: %d/%d blocks, %.0f MB, %.1f MB/s, ETA %.0f s", what, done, len(slices),
-                     done_bytes / 1e6, rate / 1e6, (total_bytes - done_bytes) / max(rate, 1e-9))
-            last_log = now
+    try:
+        while pending:
+            sl, future = pending.popleft()
+            data = _result(future, f"{what} at {redact(url)}" if url else what)
+            submit()
+            dest[sl] = data
+            done += 1
+            done_bytes += data.nbytes
+            now = time.monotonic()
+            if now - last_log >= PROGRESS_EVERY_S or done == len(slices):
+                rate = done_bytes / max(now - began, 1e-9)
+                log.info("hemibrain %s: %d/%d blocks, %.0f MB, %.1f MB/s, ETA %.0f s", what, done, len(slices),
+                         done_bytes / 1e6, rate / 1e6, (total_bytes - done_bytes) / max(rate, 1e-9))
+                last_log = now
+    finally:
+        for _, future in pending:  # on an error: stop the reads still in flight
+            future.cancel()
     seconds = time.monotonic() - began
     return {"bytes": done_bytes, "seconds": round(seconds, 3), "MBps": round(done_bytes / 1e6 / max(seconds, 1e-9), 1)}
+
+
+def _result(future: Any, what: str) -> Any:
+    """A tensorstore future's value; its errors (ValueError for any status) become DownloadError."""
+    try:
+        return future.result()
+    except ValueError as exc:
+        raise DownloadError(f"hemibrain: reading the {what} failed (after the configured retries): {exc}") from exc
 
 
 def provenance(params: HemibrainParams, plan: CropPlan, sel: Selection) -> dict[str, Any]:
@@ -369,7 +381,8 @@ def fetch_hemibrain_crop(params: HemibrainParams, ctx: RunContext, out: Path) ->
     context = tensorstore_context(ctx.download, concurrency=params.concurrency, cache_bytes=CACHE_BYTES)
     em_http = rewrite(EM_URL, ctx.mirror)
     t0 = time.monotonic()
-    coarse = open_scale(em_http, plan.selection_scale.index, context).read().result()
+    coarse = _result(open_scale(em_http, plan.selection_scale.index, context).read(),
+                     f"EM selection scale {plan.selection_scale.index} at {redact(em_http)}")
     integral = tissue_integral(coarse, params.background_max_value)
     del coarse
     sel = choose_origin(params, plan, integral)
@@ -387,16 +400,18 @@ def fetch_hemibrain_crop(params: HemibrainParams, ctx: RunContext, out: Path) ->
             chunks=OUTPUT_CHUNKS, shards=OUTPUT_SHARDS, downsampling="mean",
             extra_attrs={"emdata": provenance(params, plan, sel)})
         em_view = open_scale(em_http, scale.index, context)
-        figures["em"] = stream_crop(em_view, arrays[0], sel.origin, max_inflight_bytes=budget, what="em")
+        figures["em"] = stream_crop(em_view, arrays[0], sel.origin, max_inflight_bytes=budget, what="em",
+                                    url=em_http)
         t1 = time.monotonic()
         ngff.write_pyramid(arrays, "mean")
         figures["em"]["pyramid_seconds"] = round(time.monotonic() - t1, 3)
         if plan.segmentation_scale is not None:
             larrays = ngff.create_label(root, "segmentation", shape=params.crop_size, dtype=np.uint64,
                                         geometry=geometry, chunks=OUTPUT_CHUNKS, shards=OUTPUT_SHARDS)
-            seg_view = open_scale(rewrite(SEGMENTATION_URL, ctx.mirror), plan.segmentation_scale.index, context)
+            seg_http = rewrite(SEGMENTATION_URL, ctx.mirror)
+            seg_view = open_scale(seg_http, plan.segmentation_scale.index, context)
             figures["segmentation"] = stream_crop(seg_view, larrays[0], sel.origin, max_inflight_bytes=budget,
-                                                  what="segmentation")
+                                                  what="segmentation", url=seg_http)
             t1 = time.monotonic()
             ngff.write_pyramid(larrays, "nearest")
             figures["segmentation"]["pyramid_seconds"] = round(time.monotonic() - t1, 3)

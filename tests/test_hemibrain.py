@@ -1,0 +1,248 @@
+"""The hemibrain crop end to end against the replica: selection, content, geometry, determinism, early failures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tensorstore as ts
+import zarr
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Multiscales, Reader
+
+from emdata import ngff
+from emdata.errors import DownloadError, InvalidParameterError
+from emdata.params import DownloadConfig, RunContext
+from emdata.replica import ReplicaServer, build_replica, serve_in_thread
+from emdata.replica.hemibrain import BUCKET_DIR, EM_PATH, SEG_PATH
+from emdata.sources.hemibrain import EM_URL, SOURCE
+
+CROP = [96, 112, 128]  # z, y, x: not a cube, so an axis mix-up cannot pass
+FAST_DOWNLOAD = DownloadConfig(retries=1, backoff_s=0.0)
+
+
+@pytest.fixture(scope="module")
+def hb_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_replica("small", ["hemibrain"], root=tmp_path_factory.mktemp("hemibrain-replica"))
+
+
+@pytest.fixture(scope="module")
+def hb_module_server(hb_tree: Path) -> Iterator[ReplicaServer]:
+    with serve_in_thread(hb_tree) as server:
+        yield server
+
+
+@pytest.fixture()
+def hb_server(hb_module_server: ReplicaServer) -> ReplicaServer:
+    hb_module_server.reset_faults()
+    return hb_module_server
+
+
+def run_crop(server: ReplicaServer, repo: Path, download: DownloadConfig = FAST_DOWNLOAD,
+             **params: Any) -> tuple[dict[str, Any], Path]:
+    section = {"seed": 7, "crop_size": CROP, "min_tissue_fraction": 0.9, **params}
+    ctx = RunContext(mirror=server.base_url, download=download, repo_root=repo)
+    metrics = SOURCE.run(SOURCE.parse_params(section), ctx)
+    return metrics, repo / SOURCE.output
+
+
+def replica_view(tree: Path, path: str, scale: int) -> ts.TensorStore:
+    """The replica's stored volume read straight from its files (decoded like any reader), as z, y, x."""
+    store = ts.open({"driver": "neuroglancer_precomputed", "scale_index": scale,
+                     "kvstore": {"driver": "file", "path": str(tree / BUCKET_DIR / path)}}).result()
+    return store[ts.d["channel"][0]].T
+
+
+def crop_of(view: ts.TensorStore, origin: list[int], shape: list[int]) -> np.ndarray:
+    return view[tuple(slice(o, o + s) for o, s in zip(origin, shape, strict=True))].read().result()
+
+
+def all_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def voxel_requests(server: ReplicaServer) -> list[str]:
+    return [r for r in server.faults.requests_seen if not r.split()[1].endswith("/info")]
+
+
+# ------------------------------------------------------------------------------------------- the crop itself
+def test_crop_is_ome_zarr_at_its_true_position(hb_server, tmp_path):
+    metrics, out = run_crop(hb_server, tmp_path)
+    origin = metrics["crop_origin_voxels"]
+    ms, arrays = ngff.open_multiscale(out)
+    assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
+    assert {a["unit"] for a in ms["axes"]} == {"nanometer"}
+    assert arrays[0].shape == tuple(CROP) and arrays[0].dtype == np.uint8
+    assert arrays[0].shards == (128, 128, 128) and arrays[0].chunks == (64, 64, 64)
+    scale, translation = ms["datasets"][0]["coordinateTransformations"]
+    assert scale["scale"] == [8.0, 8.0, 8.0]
+    assert translation["translation"] == [o * 8.0 for o in origin] == metrics["crop_origin_nm"]
+    root = zarr.open_group(str(out), mode="r")
+    attrs = root.attrs["emdata"]
+    assert attrs["seed"] == 7 and attrs["crop_origin_voxels"] == origin
+    assert attrs["crop_origin_xyz_voxels"] == origin[::-1]
+    assert attrs["source_url"] == EM_URL
+    assert attrs["info"]["scales"][0]["encoding"] == "jpeg"  # the info as read, recorded
+    assert attrs["labels"]["segmentation"]["info"]["data_type"] == "uint64"
+    # The mirror (host and port) is never recorded: outputs are the same whichever port served them.
+    for meta in out.rglob("zarr.json"):
+        assert "127.0.0.1" not in meta.read_text()
+    # ome-zarr reads it: an image with a multiscale pyramid and a label image beside it.
+    nodes = list(Reader(parse_url(str(out)))())
+    assert any(isinstance(spec, Multiscales) for spec in nodes[0].specs)
+    assert nodes[0].data[0].shape == tuple(CROP)
+    assert "segmentation" in zarr.open_group(str(out / "labels"), mode="r").attrs["ome"]["labels"]
+
+
+def test_crop_equals_replica_voxels_and_segmentation_at_the_origin(hb_server, hb_tree, tmp_path):
+    metrics, out = run_crop(hb_server, tmp_path)
+    origin = metrics["crop_origin_voxels"]
+    _, arrays = ngff.open_multiscale(out)
+    expected_em = crop_of(replica_view(hb_tree, EM_PATH, 0), origin, CROP)
+    np.testing.assert_array_equal(arrays[0][:], expected_em)
+    _, labels = ngff.open_multiscale(out, label="segmentation")
+    expected_seg = crop_of(replica_view(hb_tree, SEG_PATH, 0), origin, CROP)
+    assert labels[0].dtype == np.uint64
+    np.testing.assert_array_equal(labels[0][:], expected_seg)
+    # Voxel-aligned: tissue has body ids, background has none (up to JPEG ringing at the tissue's edge).
+    em, seg = arrays[0][:], labels[0][:]
+    assert ((seg > 0) == (em > 10)).mean() > 0.99
+
+
+def test_unaligned_origin_reads_chunks_that_straddle_blocks(hb_server, hb_tree, tmp_path):
+    metrics, out = run_crop(hb_server, tmp_path, origin_step=1, seed=3)
+    origin = metrics["crop_origin_voxels"]
+    assert any(o % 64 for o in origin)  # not on the chunk grid
+    _, arrays = ngff.open_multiscale(out)
+    np.testing.assert_array_equal(arrays[0][:], crop_of(replica_view(hb_tree, EM_PATH, 0), origin, CROP))
+    _, labels = ngff.open_multiscale(out, label="segmentation")
+    np.testing.assert_array_equal(labels[0][:], crop_of(replica_view(hb_tree, SEG_PATH, 0), origin, CROP))
+
+
+def test_coarser_unsharded_scale(hb_server, hb_tree, tmp_path):
+    # The replica's EM scale 2 is unsharded; its segmentation scale 2 is sharded: both layouts in one run.
+    info = json.loads((hb_tree / BUCKET_DIR / EM_PATH / "info").read_text())
+    assert "sharding" not in info["scales"][2] and "sharding" in info["scales"][0]
+    crop = [48, 56, 64]
+    metrics, out = run_crop(hb_server, tmp_path, scale=2, crop_size=crop, origin_step=1)
+    ms, arrays = ngff.open_multiscale(out)
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [32.0, 32.0, 32.0]
+    origin = metrics["crop_origin_voxels"]
+    np.testing.assert_array_equal(arrays[0][:], crop_of(replica_view(hb_tree, EM_PATH, 2), origin, crop))
+    _, labels = ngff.open_multiscale(out, label="segmentation")
+    np.testing.assert_array_equal(labels[0][:], crop_of(replica_view(hb_tree, SEG_PATH, 2), origin, crop))
+
+
+def test_crop_lands_in_tissue(hb_server, tmp_path):
+    metrics, out = run_crop(hb_server, tmp_path, min_tissue_fraction=0.95, origin_step=8, seed=11)
+    assert metrics["tissue_fraction"] >= 0.95
+    _, arrays = ngff.open_multiscale(out)
+    assert (arrays[0][:] > 10).mean() > 0.9  # at full resolution too, not only in the coarse check
+
+
+def test_without_segmentation_fetches_none(hb_server, tmp_path):
+    _, out = run_crop(hb_server, tmp_path, with_segmentation=False)
+    assert not (out / "labels").exists()
+    assert not [r for r in hb_server.faults.requests_seen if "segmentation" in r]
+
+
+# --------------------------------------------------------------------------------------------- determinism
+def test_same_seed_gives_byte_identical_output(hb_server, tmp_path):
+    m1, out1 = run_crop(hb_server, tmp_path / "a", seed=5, origin_step=8)
+    m2, out2 = run_crop(hb_server, tmp_path / "b", seed=5, origin_step=8)
+    assert m1["crop_origin_voxels"] == m2["crop_origin_voxels"]
+    files1, files2 = all_files(out1), all_files(out2)
+    assert files1.keys() == files2.keys() and len(files1) > 10
+    assert all(files1[k] == files2[k] for k in files1)
+
+
+def test_different_seed_gives_different_origin(hb_server, tmp_path):
+    origins = {seed: run_crop(hb_server, tmp_path / str(seed), seed=seed, origin_step=8,
+                              with_segmentation=False)[0]["crop_origin_voxels"] for seed in (1, 2)}
+    assert origins[1] != origins[2]
+
+
+def test_rerun_replaces_output_whole(hb_server, tmp_path):
+    _, out = run_crop(hb_server, tmp_path, seed=1, origin_step=8, with_segmentation=False)
+    _, out = run_crop(hb_server, tmp_path, seed=2, origin_step=8, with_segmentation=False)
+    assert zarr.open_group(str(out), mode="r").attrs["emdata"]["seed"] == 2
+    assert [p.name for p in tmp_path.joinpath("data").iterdir()] == ["hemibrain_crop.zarr"]
+
+
+# ---------------------------------------------------------------------------------- failures, and when
+@pytest.mark.parametrize(("section", "named"), [
+    ({"crop_size": [0, 64, 64]}, "[0, 64, 64]"),
+    ({"crop_size": [64, -1, 64]}, "[64, -1, 64]"),
+    ({"crop_size": [64, 64]}, "[64, 64]"),
+    ({"crop_size": [64, 64, 64.5]}, "64.5"),
+    ({"seed": True}, "True"),
+    ({"seed": -3}, "-3"),
+    ({"scale": -1}, "-1"),
+    ({"min_tissue_fraction": 1.5}, "1.5"),
+    ({"selection_scale": "coarsest"}, "coarsest"),
+    ({"origin_step": 0}, "0"),
+    ({"concurrency": 0}, "0"),
+    ({"with_segmentation": "yes"}, "yes"),
+    ({"crop_sizes": [1, 1, 1]}, "crop_sizes"),
+])
+def test_static_param_errors_name_the_value(section, named):
+    with pytest.raises(InvalidParameterError, match="hemibrain") as err:
+        SOURCE.parse_params({"seed": 1, **section})
+    assert named in str(err.value)
+
+
+@pytest.mark.parametrize(("params", "named"), [
+    ({"crop_size": [10000, 64, 64]}, "[10000, 64, 64]"),
+    ({"crop_size": [64, 64, 385]}, "[64, 64, 385]"),  # x is one voxel larger than the replica's 384
+    ({"scale": 9}, "scale 9"),
+    ({"scale": 3, "crop_size": [64, 64, 64]}, "[64, 64, 64]"),  # fits scale 0, not scale 3
+    ({"selection_scale": 7}, "selection_scale 7"),
+])
+def test_info_dependent_errors_come_before_any_voxel_request(hb_server, tmp_path, params, named):
+    with pytest.raises(InvalidParameterError) as err:
+        run_crop(hb_server, tmp_path, **params)
+    assert named in str(err.value)
+    assert [r for r in hb_server.faults.requests_seen if r.split()[1].endswith("/info")]
+    assert voxel_requests(hb_server) == []
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+def test_unreachable_tissue_fraction_fails_clearly_without_output(hb_server, tmp_path):
+    with pytest.raises(InvalidParameterError, match="min_tissue_fraction 1.0") as err:
+        run_crop(hb_server, tmp_path, crop_size=[320, 352, 384], min_tissue_fraction=1.0, max_attempts=5)
+    assert "best" in str(err.value)
+    assert not (tmp_path / "data" / "hemibrain_crop.zarr").exists()
+    # Only the coarse selection scale was read, never a chunk of scale 0.
+    assert not [r for r in voxel_requests(hb_server) if "/8.0x8.0x8.0/" in r]
+
+
+def test_failure_mid_crop_keeps_previous_output_and_leaves_no_partial(hb_server, tmp_path):
+    _, out = run_crop(hb_server, tmp_path, seed=1, origin_step=8, with_segmentation=False)
+    before = all_files(out)
+    hb_server.faults.path_contains = "/8.0x8.0x8.0/"
+    hb_server.faults.status, hb_server.faults.status_count = 500, 10**6
+    with pytest.raises(DownloadError, match="HTTP code 500"):
+        run_crop(hb_server, tmp_path, DownloadConfig(retries=0, backoff_s=0.0), seed=2, origin_step=8,
+                 with_segmentation=False)
+    assert all_files(out) == before
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["hemibrain_crop.zarr"]
+
+
+# ------------------------------------------------------------------------------------------ live (opt-in)
+@pytest.mark.network
+def test_live_info_matches_what_the_code_expects():
+    from emdata.download import Downloader
+    from emdata.hemibrain_precomputed import parse_info
+    from emdata.sources.hemibrain import SEGMENTATION_URL
+
+    downloader = Downloader(DownloadConfig(retries=2), progress=False)
+    em = parse_info(downloader.fetch_json(f"{EM_URL}/info"), EM_URL)
+    assert em.data_type == "uint8" and em.num_channels == 1
+    assert em.scales[0].resolution_nm == (8.0, 8.0, 8.0)
+    assert all(s > 30000 for s in em.scales[0].size)
+    seg = parse_info(downloader.fetch_json(f"{SEGMENTATION_URL}/info"), SEGMENTATION_URL)
+    assert seg.data_type == "uint64" and seg.scale_with_resolution((8.0, 8.0, 8.0)) is not None
