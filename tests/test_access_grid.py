@@ -151,6 +151,7 @@ def test_roi_in_nm_and_level_selection(tmp_path):
     assert level1.array.level == 1 and level1.array.shape == (16, 16, 16)
     assert level1.array.voxel_size_nm == (16.0, 16.0, 16.0) and level1.array.translation_nm == (4.0, 4.0, 4.0)
     assert len(level1) == 64
+    assert BlockGrid(array, BlockSpec(16)).is_chunk_aligned and not grid.is_chunk_aligned
 
 
 def test_rank_sharding_is_disjoint_and_complete(tmp_path):

@@ -38,11 +38,12 @@ class ChunkCache:
     @property
     def ts_context(self) -> Any:
         """The tensorstore Context holding the shared ``cache_pool`` (created on first use)."""
-        if self._ts_context is None:
-            import tensorstore as ts
+        with self._lock:
+            if self._ts_context is None:
+                import tensorstore as ts
 
-            self._ts_context = ts.Context({"cache_pool": {"total_bytes_limit": self.total_bytes}})
-        return self._ts_context
+                self._ts_context = ts.Context({"cache_pool": {"total_bytes_limit": self.total_bytes}})
+            return self._ts_context
 
     def get(self, key: Hashable) -> np.ndarray | None:
         with self._lock:

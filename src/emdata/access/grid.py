@@ -162,6 +162,16 @@ class BlockGrid:
                                tuple(ax[-1].core[1] for ax in self._axes))
 
     @property
+    def is_chunk_aligned(self) -> bool:
+        """Whether block boundaries (without halo) fall on storage chunk boundaries on every axis.
+
+        True when the ROI start and the stride are chunk multiples (drop mode's shifted last block and
+        the array end aside). Misaligned blocks decode nothing extra (chunks are cached) but copy more.
+        """
+        return all(a % c == 0 and s % c == 0 for a, s, c in zip(
+            self.roi.start, self.spec.stride_voxels, self.array.chunks, strict=True))
+
+    @property
     def grid_shape(self) -> tuple[int, int, int]:
         return tuple(len(ax) for ax in self._axes)  # type: ignore[return-value]
 
