@@ -159,7 +159,7 @@ class BlockGrid:
                                              spec.overlap_voxels, spec.halo_voxels, AXES, strict=True)
         ]
         self.covered_box = Box(tuple(ax[0].core[0] for ax in self._axes),  # type: ignore[arg-type]
-                               tuple(ax[-1].core[1] for ax in self._axes))
+                               tuple(ax[-1].core[1] for ax in self._axes))  # type: ignore[arg-type]
 
     @property
     def is_chunk_aligned(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 from collections.abc import Sequence
@@ -72,6 +73,7 @@ class EmArray:
     n_levels: int
     backend: Backend
     cache: ChunkCache
+    array_dir: Path
     axes: tuple[str, str, str] = AXES
     _store: Any = field(default=None, repr=False)
 
@@ -82,7 +84,7 @@ class EmArray:
     @property
     def path(self) -> Path:
         """The zarr array directory of this level."""
-        return level_dir(self.ref)
+        return self.array_dir
 
     @property
     def bounds(self) -> Box:
@@ -164,10 +166,13 @@ class EmArray:
             for axis, (lo, hi) in enumerate(widths):
                 _fill_margins(out, axis, lo, hi, mode)
             return out
-        padded = np.pad(self.read(source), widths, mode=mode)
+        padded = np.pad(self.read(source), widths, mode=mode)  # type: ignore[call-overload]
         crop = tuple(slice(a - (s - w[0]), b - (s - w[0]))
                      for a, b, s, w in zip(box.start, box.stop, source.start, widths, strict=True))
         return padded[crop]
+
+    def _load_chunk(self, cbox: Box) -> np.ndarray:
+        return np.asarray(self._store[cbox.slices])
 
     def _read_zarr(self, box: Box, out: np.ndarray) -> None:
         if self.cache.total_bytes == 0:
@@ -177,9 +182,9 @@ class EmArray:
         ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(box.start, box.stop, self.chunks, strict=True)]
         for cidx in itertools.product(*ranges):
             cbox = Box(tuple(i * c for i, c in zip(cidx, self.chunks, strict=True)),  # type: ignore[arg-type]
-                       tuple(min((i + 1) * c, n) for i, c, n in zip(cidx, self.chunks, self.shape, strict=True)))
+                       tuple(min((i + 1) * c, n) for i, c, n in zip(cidx, self.chunks, self.shape, strict=True)))  # type: ignore[arg-type]
             key = (str(self.path), cidx)
-            chunk = self.cache.get_or_load(key, lambda cbox=cbox: np.asarray(self._store[cbox.slices]))
+            chunk = self.cache.get_or_load(key, functools.partial(self._load_chunk, cbox))
             part = cbox.intersect(box)
             assert part is not None
             out[part.relative_to(box)] = chunk[part.relative_to(cbox)]
@@ -214,22 +219,12 @@ def _pad_indices(start: int, stop: int, n: int, mode: str) -> np.ndarray:
     return np.where(r < n, r, period - r)
 
 
-def level_dir(ref: ArrayRef) -> Path:
-    base = ref.root
-    if ref.group:
-        base = base / ref.group
-    if ref.label is not None:
-        base = base / "labels" / ref.label
-    ms = _multiscales(base)
-    return base / ms["datasets"][ref.level]["path"]
-
-
 def _multiscales(group_path: Path) -> dict[str, Any]:
     try:
         group = zarr.open_group(str(group_path), mode="r", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:  # type: ignore[attr-defined]
         raise InvalidParameterError(f"no zarr v3 group at {group_path}") from exc
-    ome = group.attrs.get("ome", {})
+    ome: dict[str, Any] = dict(group.attrs.get("ome", {}))  # type: ignore[arg-type]
     if not ome.get("multiscales"):
         subgroups = sorted(name for name, _ in group.groups())
         raise InvalidParameterError(
@@ -297,9 +292,9 @@ def open_array(
         raise InvalidParameterError(
             f"scale level {level} does not exist in {base}: levels 0..{len(datasets) - 1} are available")
     axes = ms.get("axes", [{"name": a} for a in AXES])
-    names = tuple(a["name"] if isinstance(a, dict) else a for a in axes)
-    if names != AXES:
-        raise InvalidParameterError(f"{base} has axes {names}; emdata.access reads 3-D (z, y, x) images only")
+    axis_names = tuple(a["name"] if isinstance(a, dict) else a for a in axes)
+    if axis_names != AXES:
+        raise InvalidParameterError(f"{base} has axes {axis_names}; emdata.access reads 3-D (z, y, x) images only")
     units = []
     for a in axes:
         unit = a.get("unit") if isinstance(a, dict) else None
@@ -328,5 +323,5 @@ def open_array(
         ref=ref, shape=tuple(int(s) for s in zarray.shape), dtype=np.dtype(zarray.dtype),  # type: ignore[arg-type]
         chunks=tuple(int(c) for c in zarray.chunks), shards=shards,  # type: ignore[arg-type]
         voxel_size_nm=scale, translation_nm=translation, n_levels=len(datasets),  # type: ignore[arg-type]
-        backend=backend, cache=cache, _store=store,
+        backend=backend, cache=cache, array_dir=adir, _store=store,
     )

@@ -192,7 +192,8 @@ class RandomBlockSampler:
                 key = self.foreground_key
                 assert key is not None
                 labels = self._read(key, boxes[key], index)
-                fraction = float(self._is_foreground(labels.data).mean())  # type: ignore[union-attr]
+                assert labels.data is not None
+                fraction = float(self._is_foreground(labels.data).mean())
                 if fraction < self.min_foreground_fraction:
                     continue
                 out = {k: labels if k == key else self._read(k, b, index) for k, b in boxes.items()}
@@ -221,14 +222,14 @@ class RandomBlockSampler:
         pos = (centre_nm - np.array(array.translation_nm)) / np.array(array.voxel_size_nm)
         return np.floor(pos - np.array(shape) / 2 + 0.5 + _EPS).astype(np.int64)
 
-    def centre_nm(self, anchor_origin: Sequence[int]) -> np.ndarray:
+    def centre_nm(self, anchor_origin: Sequence[int] | np.ndarray) -> np.ndarray:
         """Physical centre (nm, z, y, x) of the anchor block starting at ``anchor_origin``."""
         anchor = self.arrays[self.anchor]
         shape = np.array(self.block_shapes[self.anchor])
         return np.array(anchor.translation_nm) + (np.array(anchor_origin) + shape / 2 - 0.5) * np.array(
             anchor.voxel_size_nm)
 
-    def boxes_at(self, anchor_origin: Sequence[int]) -> dict[str, Box]:
+    def boxes_at(self, anchor_origin: Sequence[int] | np.ndarray) -> dict[str, Box]:
         """Each array's voxel box for the anchor block starting at ``anchor_origin``."""
         centre = self.centre_nm(anchor_origin)
         out = {}

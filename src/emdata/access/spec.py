@@ -75,7 +75,7 @@ class Box:
     def grow(self, amount: Sequence[int]) -> Box:
         """The box widened by ``amount`` voxels on both sides of each axis."""
         return Box(tuple(a - h for a, h in zip(self.start, amount, strict=True)),  # type: ignore[arg-type]
-                   tuple(b + h for b, h in zip(self.stop, amount, strict=True)))
+                   tuple(b + h for b, h in zip(self.stop, amount, strict=True)))  # type: ignore[arg-type]
 
     def intersect(self, other: Box) -> Box | None:
         start = tuple(max(a, b) for a, b in zip(self.start, other.start, strict=True))
@@ -127,7 +127,7 @@ def box_to_nm(box: Box, voxel_size_nm: Sequence[float], translation_nm: Sequence
     if box.size == 0:
         return None
     return RoiNm(tuple(t + (a - 0.5) * v for a, t, v in zip(box.start, translation_nm, voxel_size_nm, strict=True)),  # type: ignore[arg-type]
-                 tuple(t + (b - 0.5) * v for b, t, v in zip(box.stop, translation_nm, voxel_size_nm, strict=True)))
+                 tuple(t + (b - 0.5) * v for b, t, v in zip(box.stop, translation_nm, voxel_size_nm, strict=True)))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

@@ -142,8 +142,9 @@ class BlockWriter:
             values = prediction[block.core_box.relative_to(block.block_box)]
             weights = None
         else:
-            region = block.block_box.intersect(self.array.bounds)
-            assert region is not None
+            inside_array = block.block_box.intersect(self.array.bounds)
+            assert inside_array is not None
+            region = inside_array
             window = blend_window(block.block_box.shape, self.blend)
             inside = region.relative_to(block.block_box)
             weights = window[inside]
@@ -160,7 +161,7 @@ class BlockWriter:
         ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(region.start, region.stop, self.chunks, strict=True)]
         for cidx in itertools.product(*ranges):
             yield Box(tuple(i * c for i, c in zip(cidx, self.chunks, strict=True)),  # type: ignore[arg-type]
-                      tuple(min((i + 1) * c, n) for i, c, n in zip(cidx, self.chunks, self.array.shape, strict=True)))
+                      tuple(min((i + 1) * c, n) for i, c, n in zip(cidx, self.chunks, self.array.shape, strict=True)))  # type: ignore[arg-type]
 
     def _chunk_file(self, cbox: Box) -> Path:
         return self.partial / "chunks" / (cbox.key() + ".npz")
