@@ -17,9 +17,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m emdata.demo $(DEMO_ARGS)
 
-## The test suite (network tests deselected; run `$(PY) -m pytest -m network` for those).
-test: $(STAMP)
+## Lint, then the test suite (network tests deselected; run `$(PY) -m pytest -m network` for those).
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests bench stages
 
 ## Benchmarks (see bench/README.md).
 bench: $(STAMP)
