@@ -1,0 +1,121 @@
+"""Hemibrain crop throughput against the replica with added latency, vs. fetching the same chunks one at a time.
+
+Three ways over the same EM region (chunk-aligned, ``--crop`` voxels per axis, scale 0), in rounds so that
+every way sees the same machine state; the median of ``--repeats`` rounds is reported:
+
+* ``crop``: the real code path (``fetch_hemibrain_crop``: concurrent tensorstore reads, blocks in flight,
+  OME-Zarr level 0 and pyramid written), no segmentation. MB/s counts decoded EM voxels over the streaming
+  phase (read + write of level 0) and, separately, end to end (with info, selection, pyramid).
+* ``concurrent read``: the same region read by tensorstore in one call, nothing written (the link's ceiling).
+* ``one at a time``: the same 64^3 chunks read one after another with one HTTP request in flight.
+
+The replica server runs in a subprocess (``python -m emdata.replica serve``) so it does not share the
+benchmark's interpreter; ``--latency`` is added before every response.
+
+    .venv/bin/python bench/bench_hemibrain.py --profile full --crop 512 --latency 0.02 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+from emdata.hemibrain_precomputed import open_scale, tensorstore_context
+from emdata.params import DownloadConfig, RunContext
+from emdata.replica import build_replica
+from emdata.sources.hemibrain import EM_URL, SOURCE, fetch_hemibrain_crop
+from emdata.urls import rewrite
+
+
+def start_server(profile: str, root: Path | None, latency: float) -> tuple[subprocess.Popen[str], str]:
+    cmd = [sys.executable, "-m", "emdata.replica", "serve", "--profile", profile, "--sources", "hemibrain",
+           "--latency", str(latency)]
+    if root is not None:
+        cmd += ["--root", str(root)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, proc.stdout.readline().strip()
+
+
+def run_crop(mirror: str, crop: int, seed: int, concurrency: int) -> dict[str, float]:
+    params = SOURCE.parse_params({"seed": seed, "crop_size": [crop] * 3, "with_segmentation": False,
+                                  "min_tissue_fraction": 0.9, "concurrency": concurrency})
+    with tempfile.TemporaryDirectory(prefix="bench-hemibrain-") as tmp:
+        began = time.monotonic()
+        metrics = fetch_hemibrain_crop(params, RunContext(mirror, DownloadConfig(), Path(tmp)),
+                                       Path(tmp) / "crop.zarr")
+        total = time.monotonic() - began
+    em = metrics["arrays"]["em"]
+    return {"origin": metrics["crop_origin_voxels"], "stream_MBps": em["MBps"],
+            "end_to_end_MBps": crop**3 / 1e6 / total, "seconds": total, "stream_seconds": em["seconds"]}
+
+
+def read_concurrent(mirror: str, origin: list[int], crop: int, concurrency: int) -> float:
+    context = tensorstore_context(DownloadConfig(), concurrency=concurrency, cache_bytes=64 * 2**20)
+    view = open_scale(rewrite(EM_URL, mirror), 0, context)
+    began = time.monotonic()
+    view[tuple(slice(o, o + crop) for o in origin)].read().result()
+    return crop**3 / 1e6 / (time.monotonic() - began)
+
+
+def read_one_at_a_time(mirror: str, origin: list[int], crop: int, chunk: int = 64) -> float:
+    context = tensorstore_context(DownloadConfig(), concurrency=1, cache_bytes=64 * 2**20, copy_threads=1)
+    view = open_scale(rewrite(EM_URL, mirror), 0, context)
+    began = time.monotonic()
+    for start in itertools.product(*(range(o, o + crop, chunk) for o in origin)):
+        view[tuple(slice(s, min(s + chunk, o + crop)) for s, o in zip(start, origin, strict=True))].read().result()
+    return crop**3 / 1e6 / (time.monotonic() - began)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=["small", "full"], default="full")
+    parser.add_argument("--root", type=Path, default=None, help="replica cache folder (default: the user cache)")
+    parser.add_argument("--crop", type=int, default=512, help="voxels per axis (a multiple of 64)")
+    parser.add_argument("--latency", type=float, default=0.02, help="seconds added to every response")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=20240611)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    began = time.monotonic()
+    build_replica(args.profile, ["hemibrain"], args.root)
+    print(f"replica ({args.profile}) ready in {time.monotonic() - began:.1f} s", flush=True)
+    proc, mirror = start_server(args.profile, args.root, args.latency)
+    try:
+        rows: dict[str, list[float]] = {"crop stream": [], "crop end to end": [], "concurrent read": [],
+                                        "one at a time": []}
+        origin = None
+        for r in range(args.repeats):
+            crop = run_crop(mirror, args.crop, args.seed, args.concurrency)
+            origin = crop["origin"]
+            rows["crop stream"].append(crop["stream_MBps"])
+            rows["crop end to end"].append(crop["end_to_end_MBps"])
+            rows["concurrent read"].append(read_concurrent(mirror, origin, args.crop, args.concurrency))
+            rows["one at a time"].append(read_one_at_a_time(mirror, origin, args.crop))
+            print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} MB/s" for k, v in rows.items()), flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    base = med["one at a time"]
+    print(f"\nEM region {args.crop}^3 uint8 at origin {origin} (z, y, x), latency {args.latency * 1e3:.0f} ms/request, "
+          f"concurrency {args.concurrency}, median of {args.repeats}")
+    print("| way | MB/s (median) | runs | vs one at a time |")
+    print("|---|---|---|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} | {med[k] / base:.1f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
