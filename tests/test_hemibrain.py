@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import tensorstore as ts
 import zarr
 from ome_zarr.io import parse_url
@@ -246,3 +248,40 @@ def test_live_info_matches_what_the_code_expects():
     assert all(s > 30000 for s in em.scales[0].size)
     seg = parse_info(downloader.fetch_json(f"{SEGMENTATION_URL}/info"), SEGMENTATION_URL)
     assert seg.data_type == "uint64" and seg.scale_with_resolution((8.0, 8.0, 8.0)) is not None
+
+
+# ------------------------------------------------------------------------------- selection arithmetic
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32), shape=st.tuples(*[st.integers(1, 12)] * 3), data=st.data())
+def test_window_fraction_equals_brute_force(seed, shape, data):
+    from emdata.hemibrain_precomputed import ScaleInfo
+    from emdata.sources.hemibrain import tissue_integral, tissue_window_fraction
+
+    coarse_em = np.random.default_rng(seed).integers(0, 30, shape, dtype=np.uint8)
+    offset = (3, 5, 7)
+    coarse = ScaleInfo(5, "c", (32.0, 32.0, 32.0), offset, shape, (64, 64, 64), "jpeg", False)
+    fine = ScaleInfo(0, "f", (8.0, 8.0, 8.0), (0, 0, 0), (1000, 1000, 1000), (64, 64, 64), "jpeg", True)
+    origin = [data.draw(st.integers(4 * o - 8, 4 * (o + n) + 4)) for o, n in zip(offset, shape, strict=True)]
+    crop = [data.draw(st.integers(1, 40)) for _ in range(3)]
+    got = tissue_window_fraction(tissue_integral(coarse_em, 10), coarse, fine, origin, crop)
+    lo = [a // 4 for a in origin]
+    hi = [-(-(a + c) // 4) for a, c in zip(origin, crop, strict=True)]
+    count = 0
+    for idx in np.ndindex(*[b - a for a, b in zip(lo, hi, strict=True)]):
+        local = [a + i - o for a, i, o in zip(lo, idx, offset, strict=True)]
+        if all(0 <= v < n for v, n in zip(local, shape, strict=True)):
+            count += int(coarse_em[tuple(local)] > 10)
+    assert got == pytest.approx(count / np.prod([b - a for a, b in zip(lo, hi, strict=True)]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(lo=st.tuples(*[st.integers(-50, 50)] * 3), span=st.tuples(*[st.integers(0, 300)] * 3),
+       offset=st.tuples(*[st.integers(-60, 60)] * 3), step=st.integers(1, 70))
+def test_step_range_stays_inside_the_allowed_origins(lo, span, offset, step):
+    from emdata.sources.hemibrain import _step_range
+
+    hi = [a + s for a, s in zip(lo, span, strict=True)]
+    m_lo, m_hi = _step_range(lo, hi, offset, step)
+    for a, b, o, ml, mh in zip(lo, hi, offset, m_lo, m_hi, strict=True):
+        inside = [m for m in range(-200, 500) if a <= o + m * step <= b]
+        assert (inside[0], inside[-1]) == (ml, mh) if inside else ml > mh
