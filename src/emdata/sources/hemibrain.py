@@ -90,9 +90,8 @@ class HemibrainParams:
             raise InvalidParameterError(
                 f"hemibrain.crop_size must be three positive integers (z, y, x voxels), got {crop!r}")
         object.__setattr__(self, "crop_size", tuple(crop))
-        for name in ("scale",):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise InvalidParameterError(f"hemibrain.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        if not _is_int(self.scale) or self.scale < 0:
+            raise InvalidParameterError(f"hemibrain.scale must be an integer >= 0, got {self.scale!r}")
         sel = self.selection_scale
         if sel != "auto" and not (_is_int(sel) and sel >= 0):  # type: ignore[operator]
             raise InvalidParameterError(
