@@ -60,6 +60,8 @@ MIN_SELECTION_VOXELS = 4  # auto selection scale: the coarsest where the crop sp
 MAX_SELECTION_VOXELS = 2**26  # the coarse volume read whole for tissue selection (64 Mi voxels)
 CACHE_BYTES = 64 * 2**20  # tensorstore cache: shard indices and chunks shared by neighbouring blocks
 PROGRESS_EVERY_S = 10.0
+# Janelia releases the hemibrain under CC BY 4.0 (FlyEM release page; not restated in the bucket itself).
+LICENCE = "CC BY 4.0 (cite Scheffer et al. 2020, eLife)"
 
 
 def _is_int(v: Any) -> bool:
@@ -321,6 +323,8 @@ def provenance(params: HemibrainParams, plan: CropPlan, sel: Selection) -> dict[
         "title": "Janelia FlyEM hemibrain v1.0/v1.2 grayscale (CLAHE, JPEG)",
         "layer": EM_LAYER,
         "source_url": EM_URL,
+        "page": "https://www.janelia.org/project-team/flyem/hemibrain",
+        "licence": LICENCE,
         "axes": list(ngff.AXES),
         "seed": params.seed,
         "scale": scale.index,
