@@ -23,6 +23,7 @@ test: lint
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench stages
+	$(PY) -m mypy src
 
 ## Benchmarks (see bench/README.md).
 bench: $(STAMP)

@@ -37,7 +37,7 @@ def test_table_summary_metrics_and_plots(epfl_workspace):
     summary = (ws / "METADATA_SUMMARY.md").read_text()
     assert "offline replica" in summary and "| epfl | `training/0` | image | 20, 96, 128 | uint8 |" in summary
     assert json.loads((ws / "metrics" / "metadata.json").read_text()) == metrics
-    assert metrics["datasets"] == 1 and metrics["arrays"] == 4
+    assert metrics["n_datasets"] == 1 and metrics["n_arrays"] == 4
     hist = pd.read_csv(ws / "plots" / "intensity_histograms.csv")
     assert set(hist["image"]) == {"epfl/training", "epfl/testing"}
     assert hist.groupby("image")["fraction"].sum().round(3).eq(1.0).all()

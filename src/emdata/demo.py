@@ -23,7 +23,7 @@ import yaml
 
 from emdata import services
 from emdata.errors import EmDataError, InvalidParameterError
-from emdata.ngff import open_multiscale
+from emdata.ngff import find_images, label_names, open_multiscale
 
 log = logging.getLogger("emdata.demo")
 
@@ -143,19 +143,14 @@ def describe_output(path: Path) -> dict[str, Any]:
 
     if not path.exists():
         raise EmDataError(f"{path} is missing after dvc pull")
-    root = zarr.open_group(str(path), mode="r")
-    groups = [("", root)] if "multiscales" in root.attrs.get("ome", {}) else \
-        [(name, g) for name, g in root.groups() if "multiscales" in g.attrs.get("ome", {})]
     images: dict[str, Any] = {}
-    for name, _ in groups:
+    for name, group in find_images(zarr.open_group(str(path), mode="r")):
         ms, arrays = open_multiscale(path / name if name else path)
         scale, translation = (t for t in ms["datasets"][0]["coordinateTransformations"])
-        labels = list(zarr.open_group(str(path / name / "labels"), mode="r").attrs["ome"]["labels"]) \
-            if (path / name / "labels").exists() else []
         images[name or "."] = {"shape": list(arrays[0].shape), "dtype": str(arrays[0].dtype),
                                "levels": len(arrays), "voxel_size_nm": scale["scale"],
                                "translation_nm": translation["translation"],
-                               "axes": [a["name"] for a in ms["axes"]], "labels": labels}
+                               "axes": [a["name"] for a in ms["axes"]], "labels": label_names(group)}
     return images
 
 

@@ -22,6 +22,7 @@ import zarr
 
 from emdata.errors import InvalidParameterError, SourceMismatchError
 from emdata.fsutil import write_json_atomic
+from emdata.ngff import find_images, label_names, multiscales
 from emdata.params import dataclass_from_section, load_params
 from emdata.sources import SOURCE_MODULES, get_source
 
@@ -31,6 +32,8 @@ TABLE = "metadata/datasets.csv"
 SUMMARY = "METADATA_SUMMARY.md"
 METRICS = "metrics/metadata.json"
 HISTOGRAMS = "plots/intensity_histograms.csv"
+# Provenance keys worth a line in the summary when a stage recorded them (e.g. where a random crop came from).
+PROVENANCE_NOTES = ("seed", "crop_origin_voxels", "crop_origin_nm", "crop_size_voxels", "voxel_size_note")
 
 
 @dataclass(frozen=True)
@@ -65,15 +68,8 @@ def tree_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _images(root: zarr.Group) -> list[tuple[str, zarr.Group]]:
-    """The OME-Zarr images in an output: the root itself, or its child groups (e.g. EPFL's splits)."""
-    if "multiscales" in root.attrs.get("ome", {}):
-        return [("", root)]
-    return sorted((name, g) for name, g in root.groups() if "multiscales" in g.attrs.get("ome", {}))
-
-
 def _array_rows(dataset: str, image: str, kind: str, group: zarr.Group, base: Path) -> dict[str, Any]:
-    ms = group.attrs["ome"]["multiscales"][0]
+    ms = multiscales(group)
     level0 = group[ms["datasets"][0]["path"]]
     assert isinstance(level0, zarr.Array)
     transforms = {t["type"]: t for t in ms["datasets"][0]["coordinateTransformations"]}
@@ -106,7 +102,7 @@ def collect(outputs: Mapping[str, Path], params: MetadataParams) -> tuple[pd.Dat
         if not path.exists():
             raise SourceMismatchError(f"{path} is missing: run its stage first (dvc repro {dataset})")
         root = zarr.open_group(str(path), mode="r")
-        prov = dict(root.attrs.get("emdata", {}))
+        prov: dict[str, Any] = dict(root.attrs.asdict().get("emdata", {}))  # type: ignore[arg-type]
         raw = "; ".join(f"{f.get('name', f.get('url'))}:{f['sha256']}" for f in prov.get("files", []) if "sha256" in f)
         common = {
             "source": prov.get("title") or prov.get("source_url") or dataset,
@@ -117,21 +113,23 @@ def collect(outputs: Mapping[str, Path], params: MetadataParams) -> tuple[pd.Dat
             "provenance": json.dumps({k: v for k, v in prov.items() if k not in ("files", "info")}, sort_keys=True,
                                      default=str),
         }
-        for image, group in _images(root):
+        for image, group in find_images(root):
             rows.append({**_array_rows(dataset, image, "image", group, path), **common})
-            ms = group.attrs["ome"]["multiscales"][0]
+            ms = multiscales(group)
             level = min(params.histogram_level, len(ms["datasets"]) - 1)
-            data = np.asarray(group[ms["datasets"][level]["path"]][...])
+            array = group[ms["datasets"][level]["path"]]
+            assert isinstance(array, zarr.Array)
+            data = np.asarray(array[...])
             if np.issubdtype(data.dtype, np.integer) and data.dtype.itemsize == 1:
                 counts, edges = np.histogram(data, bins=params.histogram_bins, range=(0, 256))
                 name = f"{dataset}/{image}" if image else dataset
                 total = counts.sum()
                 hist_rows += [{"image": name, "intensity": int(edges[i]), "fraction": round(c / total, 6)}
                               for i, c in enumerate(counts)]
-            if "labels" in group:
-                for label in group["labels"].attrs.get("ome", {}).get("labels", []):
-                    lgroup = group["labels"][label]
-                    rows.append({**_array_rows(dataset, image, f"label:{label}", lgroup, path), **common})
+            for label in label_names(group):
+                lgroup = group[f"labels/{label}"]
+                assert isinstance(lgroup, zarr.Group)
+                rows.append({**_array_rows(dataset, image, f"label:{label}", lgroup, path), **common})
     table = pd.DataFrame(rows)
     return table, pd.DataFrame(hist_rows, columns=["image", "intensity", "fraction"])
 
@@ -145,7 +143,7 @@ def _human(n: float) -> str:
 
 
 def summary_markdown(table: pd.DataFrame, mirror: str) -> str:
-    origin = ("**offline replica** (synthetic stand-ins at the real paths; regenerate with a live `dvc repro`)"
+    origin = ("the **offline replica** (synthetic stand-ins at the real paths; regenerate with a live `dvc repro`)"
               if mirror else "the live sources")
     lines = [
         "# Metadata summary",
@@ -166,6 +164,10 @@ def summary_markdown(table: pd.DataFrame, mirror: str) -> str:
     for dataset, group in table.groupby("dataset", sort=False):
         first = group.iloc[0]
         lines.append(f"- **{dataset}**: {first.source} ({first.source_url}); Zarr tree sha256 `{first.zarr_sha256}`")
+        prov = json.loads(first.provenance)
+        notes = [f"{k} `{prov[k]}`" for k in PROVENANCE_NOTES if prov.get(k) is not None]
+        if notes:
+            lines.append(f"  - {', '.join(notes)}")
         for item in filter(None, str(first.raw_sha256 or "").split("; ")):
             name, _, digest = item.rpartition(":")
             lines.append(f"  - raw `{name}` sha256 `{digest}`")
@@ -181,8 +183,8 @@ def build_metadata(repo_root: Path, params: MetadataParams, mirror: str) -> dict
     histograms.to_csv(repo_root / HISTOGRAMS, index=False)
     (repo_root / SUMMARY).write_text(summary_markdown(table, mirror))
     metrics = {
-        "datasets": int(table["dataset"].nunique()),
-        "arrays": len(table),
+        "n_datasets": int(table["dataset"].nunique()),
+        "n_arrays": len(table),
         "uncompressed_GB": round(float(table["uncompressed_bytes"].sum()) / 1e9, 3),
         "stored_GB": round(float(table["stored_bytes"].sum()) / 1e9, 3),
         "compression_ratio": {f"{r.dataset}/{r.array}": r.compression_ratio for r in table.itertuples()},
@@ -198,5 +200,5 @@ def main() -> None:
     params = load_params(root / "params.yaml")
     section = dataclass_from_section(MetadataParams, params.get("metadata"), "metadata")
     metrics = build_metadata(root, section, params.get("mirror") or "")
-    log.info("metadata: %d arrays of %d datasets, %s GB stored", metrics["arrays"], metrics["datasets"],
+    log.info("metadata: %d arrays of %d datasets, %s GB stored", metrics["n_arrays"], metrics["n_datasets"],
              metrics["stored_GB"])

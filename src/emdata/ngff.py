@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import zarr
@@ -141,12 +141,41 @@ def create_image_group(path: Path, **kwargs: Any) -> tuple[zarr.Group, list[zarr
     return root, create_multiscale(root, **kwargs)
 
 
+def ome_attrs(node: zarr.Group | zarr.Array) -> dict[str, Any]:
+    """The node's ``ome`` attributes ({} when it has none); zarr types attributes as JSON, we read them as dicts."""
+    return cast(dict[str, Any], node.attrs.asdict().get("ome", {}))
+
+
+def multiscales(group: zarr.Group) -> dict[str, Any]:
+    """The group's first (and, as we write them, only) ``multiscales`` entry."""
+    ms = ome_attrs(group).get("multiscales")
+    if not ms:
+        raise InvalidParameterError(f"zarr group {group.path or '/'!r} is not an OME-Zarr multiscale image")
+    return cast(dict[str, Any], ms[0])
+
+
+def label_names(image_group: zarr.Group) -> list[str]:
+    """Names of the NGFF labels of an image ([] when it has none)."""
+    if "labels" not in image_group:
+        return []
+    labels = image_group["labels"]
+    assert isinstance(labels, zarr.Group)
+    return list(ome_attrs(labels).get("labels", []))
+
+
+def find_images(root: zarr.Group) -> list[tuple[str, zarr.Group]]:
+    """The OME-Zarr images in an output: the root itself (name ''), or its child groups (e.g. EPFL's splits)."""
+    if "multiscales" in ome_attrs(root):
+        return [("", root)]
+    return sorted((name, g) for name, g in root.groups() if "multiscales" in ome_attrs(g))
+
+
 def create_label(
     image_group: zarr.Group, label_name: str, *, colors: dict[int, list[int]] | None = None, **kwargs: Any
 ) -> list[zarr.Array]:
     """Create ``labels/<label_name>`` beside an image (NGFF labels), registered in ``labels``' attributes."""
     labels = image_group.require_group("labels")
-    names = list(labels.attrs.get("ome", {}).get("labels", []))
+    names = label_names(image_group)
     if label_name not in names:
         names.append(label_name)
     labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": names}
@@ -155,7 +184,7 @@ def create_label(
     if colors:
         image_label["colors"] = [{"label-value": k, "rgba": v} for k, v in colors.items()]
     arrays = create_multiscale(group, name=label_name, downsampling="nearest", **kwargs)
-    ome = dict(group.attrs["ome"])
+    ome = ome_attrs(group)
     ome["image-label"] = image_label
     group.attrs["ome"] = ome
     return arrays
@@ -201,8 +230,8 @@ def write_block_aligned(array: zarr.Array, source: Any, *, slab: Sequence[int] |
 def open_multiscale(path: Path | str, *, label: str | None = None) -> tuple[dict[str, Any], list[zarr.Array]]:
     """Open an OME-Zarr image (or one of its labels) and return its ``multiscales[0]`` and level arrays."""
     root = zarr.open_group(str(path), mode="r", zarr_format=3)
-    group = root["labels"][label] if label is not None else root
+    group = root[f"labels/{label}"] if label is not None else root
     assert isinstance(group, zarr.Group)
-    ms = group.attrs["ome"]["multiscales"][0]
+    ms = multiscales(group)
     arrays = [group[d["path"]] for d in ms["datasets"]]
     return ms, arrays  # type: ignore[return-value]

@@ -66,7 +66,7 @@ class ReplicaServer(ThreadingHTTPServer):
     @property
     def base_url(self) -> str:
         host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     def handle_error(self, request: object, client_address: object) -> None:
         # Clients hanging up mid-response are normal (and provoked by the fault tests): no traceback.

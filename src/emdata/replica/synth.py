@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -27,10 +28,10 @@ class SynthVolume:
     mito: np.ndarray  # bool mitochondria mask
 
 
-def _hash_uniform(seed: int, *keys: np.ndarray, salt: int = 0) -> np.ndarray:
-    """Uniform [0, 1) values hashed from integer arrays (a splitmix64-style mix; deterministic everywhere)."""
+def _hash_uniform(seed: int, *keys: Any, salt: int = 0) -> Any:
+    """Uniform [0, 1) values hashed from integer arrays or scalars (a splitmix64-style mix; same everywhere)."""
     with np.errstate(over="ignore"):
-        h = np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64) ^ np.uint64(salt)
+        h: Any = np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64) ^ np.uint64(salt)
         for k in keys:
             h = h ^ (np.asarray(k).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15))
             h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)

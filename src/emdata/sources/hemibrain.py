@@ -153,7 +153,8 @@ def plan_crop(params: HemibrainParams, em_doc: Mapping[str, Any], seg_doc: Mappi
     if any(c > s for c, s in zip(crop, scale.size, strict=True)):
         raise InvalidParameterError(
             f"hemibrain.crop_size {list(crop)} (z, y, x) is larger than the volume at {scale.describe()}")
-    lo, hi = scale.voxel_offset, tuple(e - c for e, c in zip(scale.end, crop, strict=True))
+    lo: tuple[int, ...] = scale.voxel_offset
+    hi = tuple(e - c for e, c in zip(scale.end, crop, strict=True))
     seg = seg_scale = None
     if seg_doc is not None:
         seg = parse_info(seg_doc, SEGMENTATION_URL)
