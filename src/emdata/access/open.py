@@ -16,7 +16,7 @@ import zarr
 from emdata.access.cache import ChunkCache, default_cache
 from emdata.access.spec import AXES, PAD_MODES, Box, RoiNm, box_to_nm
 from emdata.errors import InvalidParameterError
-from emdata.ngff import Geometry
+from emdata.ngff import Geometry, ome_attrs
 
 Backend = Literal["auto", "tensorstore", "zarr"]
 BACKENDS: tuple[str, ...] = ("auto", "tensorstore", "zarr")
@@ -224,7 +224,7 @@ def _multiscales(group_path: Path) -> dict[str, Any]:
         group = zarr.open_group(str(group_path), mode="r", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:  # type: ignore[attr-defined]
         raise InvalidParameterError(f"no zarr v3 group at {group_path}") from exc
-    ome: dict[str, Any] = dict(group.attrs.get("ome", {}))  # type: ignore[arg-type]
+    ome = ome_attrs(group)
     if not ome.get("multiscales"):
         subgroups = sorted(name for name, _ in group.groups())
         raise InvalidParameterError(
