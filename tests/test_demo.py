@@ -15,11 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_demo_repro_push_pull_restores_epfl(tmp_path):
+def test_demo_repro_push_pull_restores_every_output(tmp_path):
     ws = tmp_path / "demo"
     before = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
     proc = subprocess.run(
-        [sys.executable, "-m", "emdata.demo", "--profile", "small", "--stage", "epfl", "--workspace", str(ws)],
+        [sys.executable, "-m", "emdata.demo", "--profile", "small", "--stage", "metadata", "--workspace", str(ws),
+         "--set", "hemibrain.crop_size=[96, 128, 112]"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
         env={**__import__("os").environ, "EMDATA_REPLICA_CACHE": str(tmp_path / "replica-cache")},
     )
@@ -30,10 +31,16 @@ def test_demo_repro_push_pull_restores_epfl(tmp_path):
     for image in images.values():
         assert image["shape"] == [20, 96, 128]  # the small replica's shape
         assert image["voxel_size_nm"] == [5.0, 5.0, 5.0] and image["labels"] == ["mito"]
+    crop = summary["outputs"]["data/hemibrain_crop.zarr"]["."]
+    assert crop["shape"] == [96, 128, 112] and crop["voxel_size_nm"] == [8.0, 8.0, 8.0]
+    assert crop["labels"] == ["segmentation"] and crop["translation_nm"] != [0.0, 0.0, 0.0]
+    metrics = json.loads((ws / "metrics" / "hemibrain.json").read_text())
+    assert [o * 8.0 for o in metrics["crop_origin_voxels"]] == crop["translation_nm"]
+    assert "| hemibrain | `0` | image | 96, 128, 112 | uint8 |" in (ws / "METADATA_SUMMARY.md").read_text()
     assert set(summary["step_seconds"]) == {"dvc repro", "dvc push", "dvc pull", "dvc metrics show"}
-    assert "metrics/epfl.json" in proc.stdout  # dvc metrics show printed it
+    assert all(f"metrics/{m}.json" in proc.stdout for m in ("epfl", "hemibrain", "metadata"))  # metrics show
     lock = (ws / "dvc.lock").read_text()
-    assert "data/epfl.zarr" in lock and "md5" in lock
+    assert all(f"{stage}:" in lock for stage in ("epfl", "hemibrain", "metadata")) and "md5" in lock
     # The demo never touches the user's working tree, and every server it started is gone.
     after = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
     assert after == before

@@ -89,14 +89,15 @@ class Demo:
         path.write_text(yaml.safe_dump(params, sort_keys=False))
 
     def outputs(self) -> list[str]:
+        """The cached outputs that ``dvc repro`` produced (the stages asked for and those upstream of them)."""
         dvc_yaml = yaml.safe_load((self.ws / "dvc.yaml").read_text())
         outs = []
-        for name, stage in dvc_yaml["stages"].items():
-            if self.stages is None or name in self.stages:
-                for out in stage.get("outs", []):
-                    path, opts = (out, {}) if isinstance(out, str) else next(iter(out.items()))
-                    if opts.get("cache", True):  # cache: false outputs live in git, not on the remote
-                        outs.append(path)
+        for stage in dvc_yaml["stages"].values():
+            for out in stage.get("outs", []):
+                path, opts = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+                # cache: false outputs live in git, not on the remote
+                if opts.get("cache", True) and (self.ws / path).exists():
+                    outs.append(path)
         return outs
 
     def run(self) -> dict[str, Any]:
@@ -108,7 +109,7 @@ class Demo:
         logs = self.ws / ".emdata-logs"
         print(f"demo workspace: {self.ws}\nstarting the replica ({self.profile} profile; the first run "
               "generates its synthetic volumes) and the S3 endpoint ...", flush=True)
-        with services.replica(self.profile, self.stages, log_file=logs / "replica.log") as mirror, \
+        with services.replica(self.profile, log_file=logs / "replica.log") as mirror, \
                 services.s3([bucket], log_file=logs / "s3.log") as endpoint:
             print(f"replica at {mirror}; S3 endpoint at {endpoint} (bucket {bucket})", flush=True)
             self.write_params(mirror)
