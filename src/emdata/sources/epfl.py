@@ -143,7 +143,8 @@ def convert_split(root: zarr.Group, split: str, image_path: Path, mask_path: Pat
     ngff.write_block_aligned(arrays[0], image)
     ngff.write_pyramid(arrays, "mean")
     _check_equal(arrays[0], image, image_path.name)
-    figures: dict[str, Any] = {"shape": list(image.shape), "dtype": str(image.dtype),
+    # Metrics are numbers (DVC tabulates them); dtype and source live in the output's attributes.
+    figures: dict[str, Any] = {"shape": list(image.shape),
                                "levels": len(arrays), "mean_intensity": round(float(image.mean()), 2)}
     if mask_path is not None:
         mask = read_tiff(mask_path)

@@ -422,7 +422,6 @@ def fetch_hemibrain_crop(params: HemibrainParams, ctx: RunContext, out: Path) ->
     seconds = time.monotonic() - began
     em_bytes = math.prod(params.crop_size)
     return {
-        "source_url": EM_URL,
         "seed": params.seed,
         "scale": scale.index,
         "crop_size_voxels": list(params.crop_size),
