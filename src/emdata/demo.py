@@ -44,7 +44,6 @@ class Demo:
         bin_dir = str(Path(sys.executable).parent)
         self.env = {**os.environ, **_LOCAL_S3_ENV, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
                     "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
-        self.env.pop("EMDATA_MIRROR", None)  # the demo's mirror is the one written into params.yaml
 
     # ------------------------------------------------------------------ steps
     def step(self, title: str, *cmd: str) -> subprocess.CompletedProcess[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -92,10 +91,13 @@ class RunContext:
 
 
 def run_context(params: Mapping[str, Any], repo_root: Path | None = None) -> RunContext:
-    """The context from the top-level ``mirror`` and ``download`` params (EMDATA_MIRROR overrides mirror)."""
-    mirror = os.environ.get("EMDATA_MIRROR", params.get("mirror") or "")
+    """The context from the top-level ``mirror`` and ``download`` params.
+
+    The mirror comes only from params.yaml, never from the environment, so that ``dvc.lock`` always records
+    where a run's bytes came from.
+    """
     return RunContext(
-        mirror=validate_mirror(mirror),
+        mirror=validate_mirror(params.get("mirror") or ""),
         download=dataclass_from_section(DownloadConfig, params.get("download"), "download"),
         repo_root=(repo_root or Path.cwd()).resolve(),
     )
