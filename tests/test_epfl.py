@@ -67,19 +67,21 @@ def test_epfl_stage_writes_ome_zarr_with_labels(epfl_replica, epfl_tree, tmp_pat
 
 
 def test_volumedata_goes_through_parallel_ranges(epfl_replica, epfl_tree, tmp_path):
-    ws = workspace(tmp_path, epfl_replica.base_url, volumedata=True, keep=True,
-                   extra="  splits: []\n".replace("  splits: []\n", ""))
-    text = (ws / "params.yaml").read_text().replace("splits: [training, testing]", "splits: []")
-    text = text.replace("download: {workers: 2, retries: 1, backoff_s: 0}",
-                        "download: {workers: 2, retries: 1, backoff_s: 0, range_threshold_mb: 0.5, "
-                        "range_part_mb: 0.25}")
-    (ws / "params.yaml").write_text(text)
-    run_stage("epfl", repo_root=ws)
+    (tmp_path / "params.yaml").write_text(
+        f'mirror: "{epfl_replica.base_url}"\n'
+        "download: {workers: 2, backoff_s: 0, range_threshold_mb: 0.5, range_part_mb: 0.25}\n"
+        "epfl: {splits: [], include_volumedata: true, keep_downloads: true}\n")
+    run_stage("epfl", repo_root=tmp_path)
     source = tifffile.imread(epfl_tree / HOST_PATH / "volumedata.tif")
-    np.testing.assert_array_equal(zarr.open_array(str(ws / "data/epfl.zarr/volumedata/0"), mode="r")[...], source)
-    assert (ws / "data/.downloads/epfl/volumedata.tif").exists()  # keep_downloads: true
-    ranges = [r for r in epfl_replica.faults.requests_seen if "volumedata" in r]
-    assert len(ranges) > 4  # probe + several parts
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "data/epfl.zarr/volumedata/0"), mode="r")[...],
+                                  source)
+    assert (tmp_path / "data/.downloads/epfl/volumedata.tif").exists()  # keep_downloads: true
+    size, part = (tmp_path / "data/.downloads/epfl/volumedata.tif").stat().st_size, int(0.25 * 2**20)
+    ranges = [r.split(" ", 2)[2] for r in epfl_replica.faults.requests_seen if "volumedata" in r]
+    # One size probe, then every part exactly once.
+    assert sorted(ranges) == sorted(["bytes=0-0"] + [f"bytes={s}-{min(s + part, size) - 1}"
+                                                     for s in range(0, size, part)])
+    assert len(ranges) > 4
 
 
 def test_failed_download_keeps_the_old_output_and_partial_bytes(epfl_replica, tmp_path):
