@@ -164,45 +164,6 @@ def test_parallel_ranges_of_one_large_file(file_server, tmp_path):
     assert not (tmp_path / "big.bin.partial.parts").exists()
 
 
-def test_parallel_ranges_resume_only_missing_parts(file_server, tmp_path):
-    server, tree = file_server
-    url = tree.add("big.bin", 4 * MB)
-    server.faults.path_contains = "big.bin"
-    server.faults.drop_after_bytes, server.faults.drop_count = 1000, 1
-    with pytest.raises(DownloadError):
-        make(server, retries=0, range_threshold_mb=1, range_part_mb=1, range_workers=1).download(
-            Download(url, tmp_path / "big.bin"))
-    # The probe (bytes=0-0) was the dropped request only if it came first; make sure some parts survive.
-    server.reset_faults()
-    with pytest.raises(DownloadError):
-        server.faults.path_contains = "big.bin"
-        server.faults.drop_after_bytes, server.faults.drop_count = 1000, 0
-        server.faults.status, server.faults.status_count = 503, 0
-        # second interruption: fail the third part only
-        dl = make(server, retries=0, range_threshold_mb=1, range_part_mb=1, range_workers=1)
-        server.faults.drop_count = 0
-        orig = dl._get
-        calls = {"n": 0}
-
-        def flaky(target, headers):
-            calls["n"] += 1
-            if headers.get("Range", "").startswith(f"bytes={2 * MB}-"):
-                raise DownloadError("simulated failure of part 3")
-            return orig(target, headers)
-
-        dl._get = flaky  # type: ignore[method-assign]
-        dl.download(Download(url, tmp_path / "big.bin"))
-    parts = json.loads((tmp_path / "big.bin.partial.parts").read_text())
-    assert set(parts["done"]) >= {0, MB}
-    server.reset_faults()
-    result = make(server, range_threshold_mb=1, range_part_mb=1, range_workers=2).download(
-        Download(url, tmp_path / "big.bin"))
-    assert result.sha256 == tree.sha256("big.bin")
-    fetched_spans = ranges_seen(server, "big.bin")
-    assert all(not s.startswith(("bytes=0-", f"bytes={MB}-")) for s in fetched_spans), fetched_spans
-    assert result.fetched_bytes <= 2 * MB
-
-
 def test_already_present_file_is_reused(file_server, tmp_path):
     server, tree = file_server
     url = tree.add("a.bin", 1000)
@@ -231,3 +192,52 @@ def test_progress_bar_only_on_a_terminal_unless_asked(file_server, tmp_path, cap
     Downloader(DownloadConfig(), mirror=server.base_url, progress=True).download_all(items)
     err = capsys.readouterr().err
     assert "download" in err and "B/s" in err  # bytes, rate (and ETA while running)
+
+
+def test_complete_partial_left_before_its_rename_is_verified_not_refetched(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("a.bin", 100_000)
+    (tmp_path / "a.bin.partial").write_bytes(tree.files["a.bin"])  # killed between download and rename
+    result = make(server).download(Download(url, tmp_path / "a.bin", sha256=tree.sha256("a.bin")))
+    assert result.fetched_bytes == 0 and (tmp_path / "a.bin").read_bytes() == tree.files["a.bin"]
+
+
+def test_partial_longer_than_the_file_starts_again(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("a.bin", 100_000)
+    (tmp_path / "a.bin.partial").write_bytes(b"x" * 150_000)  # the file shrank upstream since
+    result = make(server).download(Download(url, tmp_path / "a.bin"))
+    assert result.sha256 == tree.sha256("a.bin")
+
+
+def test_interrupted_ranged_download_fetches_only_missing_parts(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("big.bin", 3 * MB)
+    dl = make(server, retries=0, range_threshold_mb=1, range_part_mb=1, range_workers=1)
+    orig = dl._get
+
+    def fail_last_part(target, headers):
+        if headers.get("Range", "").startswith(f"bytes={2 * MB}-"):
+            raise DownloadError("simulated failure of the last part")
+        return orig(target, headers)
+
+    dl._get = fail_last_part  # type: ignore[method-assign]
+    with pytest.raises(DownloadError):
+        dl.download(Download(url, tmp_path / "big.bin"))
+    assert json.loads((tmp_path / "big.bin.partial.parts").read_text())["done"] == [0, MB]
+    server.faults.requests_seen.clear()
+    # Now with a threshold that would pick one stream and another part size: the saved layout wins.
+    result = make(server, range_threshold_mb=100, range_part_mb=0.5).download(Download(url, tmp_path / "big.bin"))
+    assert result.sha256 == tree.sha256("big.bin")
+    assert ranges_seen(server, "big.bin") == [f"bytes={2 * MB}-{3 * MB - 1}"]  # the missing part only
+    assert result.fetched_bytes == MB
+
+
+def test_ranged_download_restarts_when_the_file_changed_upstream(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("big.bin", 2 * MB)
+    parts = tmp_path / "big.bin.partial.parts"
+    (tmp_path / "big.bin.partial").write_bytes(b"\0" * (3 * MB))
+    parts.write_text(json.dumps({"total": 3 * MB, "part": MB, "done": [0, MB]}))
+    result = make(server, range_threshold_mb=1, range_part_mb=1).download(Download(url, tmp_path / "big.bin"))
+    assert result.sha256 == tree.sha256("big.bin") and not parts.exists()

@@ -189,8 +189,10 @@ class Downloader:
             log.warning("%s: present but does not verify; downloading again", dest)
             dest.unlink()
         target = rewrite(item.url, self.mirror)
-        total = self._probe_total(target) if self._wants_ranges(expected) else None
-        if total is not None and total >= self.config.range_threshold_mb * 2**20:
+        # An interrupted ranged download goes on in ranges, whatever the threshold says now.
+        ranged_before = _parts_file(dest).exists()
+        total = self._probe_total(target) if ranged_before or self._wants_ranges(expected) else None
+        if total is not None and (ranged_before or total >= self.config.range_threshold_mb * 2**20):
             fetched = self._download_ranges(target, dest, total)
         else:
             fetched = self._download_stream(target, dest)
@@ -238,6 +240,11 @@ class Downloader:
             retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
             response.close()
             raise _RetryableStatus(response.status_code, retry_after)
+        if response.status_code == 416:
+            response.close()
+            m = re.match(r"bytes \*/(\d+)", response.headers.get("Content-Range", ""))
+            raise _RangeNotSatisfiable(f"GET {redact(url)}: HTTP 416 for {headers.get('Range')}",
+                                       int(m.group(1)) if m else None)
         if response.status_code >= 400:
             response.close()
             raise DownloadError(f"GET {redact(url)} failed: HTTP {response.status_code} {response.reason}")
@@ -283,7 +290,19 @@ class Downloader:
         def attempt(_: int) -> None:
             nonlocal fetched
             have = partial.stat().st_size if partial.exists() else 0
-            with self._get(url, {"Range": f"bytes={have}-"} if have else {"Range": "bytes=0-"}) as response:
+            try:
+                response = self._get(url, {"Range": f"bytes={have}-"})
+            except _RangeNotSatisfiable as exc:
+                if not have:
+                    raise
+                if exc.total == have:
+                    return  # the partial is already complete (stopped before its rename): verify it
+                # The partial is longer than the file: it changed upstream. Start again.
+                log.warning("%s: %d bytes on disk but the server has %s; starting again", dest.name, have, exc.total)
+                partial.unlink()
+                self._advance(-have)
+                raise _ShortBody("resume offset beyond the end of the file") from None
+            with response:
                 start, total = _range_of(response, have)
                 if start == 0 and have:
                     log.warning("%s: server ignored the resume request; starting again", dest.name)
@@ -315,11 +334,18 @@ class Downloader:
         """Parallel byte ranges written in place; finished parts are listed in ``<dest>.partial.parts``."""
         partial, parts_file = _partial(dest), _parts_file(dest)
         part = max(1, int(self.config.range_part_mb * 2**20))
-        spans = [(s, min(s + part, total) - 1) for s in range(0, total, part)]
         done: set[int] = set()
-        if parts_file.exists():
-            done = set(json.loads(parts_file.read_text()).get("done", []))
-        elif partial.exists():
+        saved = json.loads(parts_file.read_text()) if parts_file.exists() else None
+        if saved is not None and saved.get("total") != total:
+            log.warning("%s: the file changed upstream (%s -> %d bytes); starting again", dest.name,
+                        saved.get("total"), total)
+            partial.unlink(missing_ok=True)
+            saved = None
+        if saved is not None:
+            part = int(saved["part"])  # the finished parts were cut with the saved part size
+            done = set(saved.get("done", []))
+        spans = [(s, min(s + part, total) - 1) for s in range(0, total, part)]
+        if saved is None and partial.exists():
             # A single-stream partial: its prefix is good; whole parts inside it count as done.
             have = partial.stat().st_size
             done = {s for s, e in spans if e < have}
@@ -364,6 +390,14 @@ class Downloader:
         finally:
             os.close(fd)
         return fetched
+
+
+class _RangeNotSatisfiable(DownloadError):
+    """HTTP 416: the requested range starts at or beyond the end of the file (``total`` bytes, if said)."""
+
+    def __init__(self, message: str, total: int | None) -> None:
+        super().__init__(message)
+        self.total = total
 
 
 class _ShortBody(Exception):
