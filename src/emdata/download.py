@@ -363,21 +363,24 @@ class Downloader:
                 def attempt(_: int) -> None:
                     nonlocal fetched
                     pos = start
-                    with self._get(url, {"Range": f"bytes={start}-{end}"}) as response:
-                        got_start, _total = _range_of(response, start)
-                        if got_start != start or response.status_code != 206:
-                            raise DownloadError(f"GET {redact(url)}: server did not honour Range bytes={start}-{end}")
-                        try:
+                    try:
+                        with self._get(url, {"Range": f"bytes={start}-{end}"}) as response:
+                            got_start, _total = _range_of(response, start)
+                            if got_start != start or response.status_code != 206:
+                                raise DownloadError(
+                                    f"GET {redact(url)}: server did not honour Range bytes={start}-{end}")
                             for block in response.iter_content(STREAM_BLOCK):
                                 os.pwrite(fd, block, pos)
                                 pos += len(block)
                                 self._advance(len(block))
-                        finally:
-                            with lock:
-                                fetched += pos - start
-                    if pos != end + 1:
-                        self._advance(-(pos - start))
-                        raise _ShortBody(f"range {start}-{end} ended at byte {pos}")
+                        if pos != end + 1:
+                            raise _ShortBody(f"range {start}-{end} ended at byte {pos}")
+                    except BaseException:
+                        self._advance(-(pos - start))  # the part is fetched again from its start
+                        raise
+                    finally:
+                        with lock:
+                            fetched += pos - start
 
                 self._with_retries(url, attempt)
                 with lock:
