@@ -88,3 +88,18 @@ def test_corrupt_and_truncate_faults(file_server):
     r = requests.get(url, timeout=5)
     assert r.status_code == 200 and len(r.content) == 100
     assert requests.get(url, timeout=5).content == tree.files["a.bin"]
+
+
+def test_faults_switch_over_http_for_a_replica_in_another_process(file_server):
+    server, tree = file_server
+    tree.add("a.bin", 10)
+    control = f"{server.base_url}/_replica/faults"
+    r = requests.put(control, json={"status": 503, "status_count": 1}, timeout=5)
+    assert r.status_code == 200 and r.json()["status"] == 503
+    url = f"{server.base_url}/example.org/files/a.bin"
+    assert requests.get(url, timeout=5).status_code == 503
+    assert requests.get(url, timeout=5).status_code == 200
+    assert requests.get(control, timeout=5).json()["requests_seen"] == 2
+    bad = requests.put(control, json={"explode": True}, timeout=5)
+    assert bad.status_code == 400 and "explode" in bad.json()["error"]
+    assert requests.put(control, json={}, timeout=5).json()["status"] is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import os
 import re
@@ -10,7 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 COPY_BLOCK = 256 * 1024
+# Faults of a running replica are read (GET) and replaced (PUT, JSON) here; no source host has this path.
+CONTROL_PATH = "/_replica/faults"
 
 
 @dataclass
@@ -76,6 +79,21 @@ class ReplicaServer(ThreadingHTTPServer):
             return
         super().handle_error(request, client_address)  # type: ignore[arg-type]
 
+    def set_faults(self, settings: dict[str, object]) -> None:
+        """Replace the faults with ``settings`` (names of ``Faults`` fields); unknown names are refused."""
+        known = {f.name for f in fields(Faults)} - {"requests_seen"}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"unknown fault(s) {unknown}; valid: {sorted(known)}")
+        with self.lock:
+            self.faults = Faults(**settings)  # type: ignore[arg-type]
+
+    def faults_state(self) -> dict[str, object]:
+        with self.lock:
+            state = asdict(self.faults)
+        state["requests_seen"] = len(state["requests_seen"])
+        return state
+
     def reset_faults(self) -> None:
         with self.lock:
             self.faults = Faults()
@@ -103,7 +121,31 @@ class ReplicaHandler(BaseHTTPRequestHandler):
         self._serve(head=True)
 
     def do_GET(self) -> None:
+        if urlsplit(self.path).path == CONTROL_PATH:
+            self._send_json(self.server.faults_state())
+            return
         self._serve(head=False)
+
+    def do_PUT(self) -> None:
+        """``PUT /_replica/faults`` with a JSON object of ``Faults`` fields replaces the faults ({} clears them)."""
+        if urlsplit(self.path).path != CONTROL_PATH:
+            self._send_status(405)
+            return
+        try:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            self.server.set_faults(body)
+        except (ValueError, TypeError) as exc:
+            self._send_json({"error": str(exc)}, status=400)
+            return
+        self._send_json(self.server.faults_state())
+
+    def _send_json(self, data: object, status: int = 200) -> None:
+        body = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def _send_status(self, status: int, extra: dict[str, str] | None = None) -> None:
         body = f"{status} {HTTPStatus(status).phrase}\n".encode()
