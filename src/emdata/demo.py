@@ -108,7 +108,8 @@ class Demo:
         logs = self.ws / ".emdata-logs"
         print(f"demo workspace: {self.ws}\nstarting the replica ({self.profile} profile; the first run "
               "generates its synthetic volumes) and the S3 endpoint ...", flush=True)
-        with services.replica(self.profile, log_file=logs / "replica.log") as mirror, \
+        # The replica's log (what it generates, and how long it takes) goes to the console; moto's to a file.
+        with services.replica(self.profile) as mirror, \
                 services.s3([bucket], log_file=logs / "s3.log") as endpoint:
             print(f"replica at {mirror}; S3 endpoint at {endpoint} (bucket {bucket})", flush=True)
             self.write_params(mirror)
