@@ -155,13 +155,27 @@ def test_404_fails_at_once(file_server, tmp_path):
 def test_parallel_ranges_of_one_large_file(file_server, tmp_path):
     server, tree = file_server
     url = tree.add("big.bin", 5 * MB + 123)
+    parts = [f"bytes={s}-{min(s + MB, 5 * MB + 123) - 1}" for s in range(0, 5 * MB + 123, MB)]
     result = make(server, range_threshold_mb=1, range_part_mb=1, range_workers=3).download(
         Download(url, tmp_path / "big.bin"))
     assert result.sha256 == tree.sha256("big.bin")
-    assert "bytes=0-0" in ranges_seen(server, "big.bin", probes=True)  # the size probe
-    assert sorted(ranges_seen(server, "big.bin")) == sorted(
-        f"bytes={s}-{min(s + MB, 5 * MB + 123) - 1}" for s in range(0, 5 * MB + 123, MB))
+    # Size unknown: a stream starts, sees a large file in its first response, and turns into ranges.
+    spans = ranges_seen(server, "big.bin", probes=True)
+    assert spans[0] == "bytes=0-" and sorted(spans[1:]) == sorted(parts)
     assert not (tmp_path / "big.bin.partial.parts").exists()
+    # Size known (pinned): a one-byte probe checks Range support first.
+    server.faults.requests_seen.clear()
+    make(server, range_threshold_mb=1, range_part_mb=1, range_workers=3).download(
+        Download(url, tmp_path / "big2.bin", size=5 * MB + 123))
+    spans = ranges_seen(server, "big.bin", probes=True)
+    assert spans[0] == "bytes=0-0" and sorted(spans[1:]) == sorted(parts)
+
+
+def test_small_files_cost_one_request_each(file_server, tmp_path):
+    server, tree = file_server
+    urls = [tree.add(f"s{i}.bin", 10_000, seed=i) for i in range(3)]
+    make(server).download_all([Download(u, tmp_path / u.rsplit("/", 1)[1]) for u in urls])
+    assert len(server.faults.requests_seen) == 3
 
 
 def test_already_present_file_is_reused(file_server, tmp_path):

@@ -189,13 +189,20 @@ class Downloader:
             log.warning("%s: present but does not verify; downloading again", dest)
             dest.unlink()
         target = rewrite(item.url, self.mirror)
-        # An interrupted ranged download goes on in ranges, whatever the threshold says now.
-        ranged_before = _parts_file(dest).exists()
-        total = self._probe_total(target) if ranged_before or self._wants_ranges(expected) else None
-        if total is not None and (ranged_before or total >= self.config.range_threshold_mb * 2**20):
-            fetched = self._download_ranges(target, dest, total)
-        else:
-            fetched = self._download_stream(target, dest)
+        threshold = int(self.config.range_threshold_mb * 2**20)
+        # An interrupted ranged download goes on in ranges, whatever the threshold says now; a file known to be
+        # large is probed for Range support first; one of unknown size starts as a stream, which switches to
+        # ranges as soon as its first response shows a large file (no extra round trip for small files).
+        total = None
+        if _parts_file(dest).exists() or (expected["size"] is not None and expected["size"] >= threshold):
+            total = self._probe_total(target)
+        try:
+            if total is not None:
+                fetched = self._download_ranges(target, dest, total)
+            else:
+                fetched = self._download_stream(target, dest, ranges_from=threshold)
+        except _UseRanges as switch:
+            fetched = self._download_ranges(target, dest, switch.total)
         partial = _partial(dest)
         size = partial.stat().st_size
         digest = sha256_file(partial)
@@ -213,10 +220,6 @@ class Downloader:
         pinned = self.registry.get(item.url) or {}
         return {"size": item.size if item.size is not None else pinned.get("size"),
                 "sha256": item.sha256 or pinned.get("sha256")}
-
-    def _wants_ranges(self, expected: dict[str, Any]) -> bool:
-        size = expected.get("size")
-        return size is None or size >= self.config.range_threshold_mb * 2**20
 
     def _advance(self, n: int) -> None:
         if self._bar is not None and n:
@@ -282,8 +285,12 @@ class Downloader:
 
         return self._with_retries(url, attempt)  # type: ignore[no-any-return]
 
-    def _download_stream(self, url: str, dest: Path) -> int:
-        """One stream into ``.partial``, resumed from its current length after any interruption."""
+    def _download_stream(self, url: str, dest: Path, ranges_from: int | None = None) -> int:
+        """One stream into ``.partial``, resumed from its current length after any interruption.
+
+        With ``ranges_from``, a fresh download whose first response announces at least that many bytes (and
+        honours Range) raises :class:`_UseRanges` instead, before reading the body.
+        """
         partial = _partial(dest)
         fetched = 0
 
@@ -304,6 +311,9 @@ class Downloader:
                 raise _ShortBody("resume offset beyond the end of the file") from None
             with response:
                 start, total = _range_of(response, have)
+                if ranges_from is not None and not have and response.status_code == 206 \
+                        and total is not None and total >= ranges_from:
+                    raise _UseRanges(total)
                 if start == 0 and have:
                     log.warning("%s: server ignored the resume request; starting again", dest.name)
                     self._advance(-have)
@@ -400,6 +410,14 @@ class _RangeNotSatisfiable(DownloadError):
 
     def __init__(self, message: str, total: int | None) -> None:
         super().__init__(message)
+        self.total = total
+
+
+class _UseRanges(Exception):
+    """A stream found a large file with Range support: fetch it as parallel ranges instead."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__(total)
         self.total = total
 
 
