@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 from emdata.errors import InvalidParameterError
+
+T = TypeVar("T")
 
 AXES: tuple[str, str, str] = ("z", "y", "x")
 
@@ -130,6 +132,17 @@ def box_to_nm(box: Box, voxel_size_nm: Sequence[float], translation_nm: Sequence
                  tuple(t + (b - 0.5) * v for b, t, v in zip(box.stop, translation_nm, voxel_size_nm, strict=True)))  # type: ignore[arg-type]
 
 
+def _coerce_roi(value: Any, cls: type[T], name: str, expected: str) -> T | None:
+    """``value`` as a ``cls`` (a Box or RoiNm), accepting a (start, stop) pair; None stays None."""
+    if value is None or isinstance(value, cls):
+        return value
+    try:
+        start, stop = value
+    except (TypeError, ValueError):
+        raise InvalidParameterError(f"{name} must be a {expected} with 3 values each (z, y, x), got {value!r}") from None
+    return cls(tuple(start), tuple(stop))  # type: ignore[call-arg]
+
+
 @dataclass(frozen=True)
 class BlockSpec:
     """How to cut an array into blocks, for training and inference alike (all sizes in voxels, axes z, y, x).
@@ -162,26 +175,10 @@ class BlockSpec:
             raise InvalidParameterError(f"border must be one of {BORDER_MODES}, got {self.border!r}")
         if self.level is not None and (isinstance(self.level, bool) or int(self.level) != self.level or self.level < 0):
             raise InvalidParameterError(f"level must be a non-negative int or None, got {self.level!r}")
-        roi_voxels = self.roi_voxels
-        if roi_voxels is not None and not isinstance(roi_voxels, Box):
-            try:
-                start, stop = roi_voxels  # type: ignore[misc]
-            except (TypeError, ValueError):
-                raise InvalidParameterError(
-                    f"roi_voxels must be a Box or (start, stop) with 3 values each (z, y, x), got {roi_voxels!r}"
-                ) from None
-            roi_voxels = Box(tuple(start), tuple(stop))  # type: ignore[arg-type]
+        roi_voxels = _coerce_roi(self.roi_voxels, Box, "roi_voxels", "Box or (start, stop)")
         if roi_voxels is not None and roi_voxels.size == 0:
             raise InvalidParameterError(f"roi_voxels {roi_voxels!r} is empty")
-        roi_nm = self.roi_nm
-        if roi_nm is not None and not isinstance(roi_nm, RoiNm):
-            try:
-                start_nm, stop_nm = roi_nm  # type: ignore[misc]
-            except (TypeError, ValueError):
-                raise InvalidParameterError(
-                    f"roi_nm must be a RoiNm or (start_nm, stop_nm) with 3 values each (z, y, x), got {roi_nm!r}"
-                ) from None
-            roi_nm = RoiNm(tuple(start_nm), tuple(stop_nm))  # type: ignore[arg-type]
+        roi_nm = _coerce_roi(self.roi_nm, RoiNm, "roi_nm", "RoiNm or (start_nm, stop_nm)")
         if roi_voxels is not None and roi_nm is not None:
             raise InvalidParameterError("give roi_voxels or roi_nm, not both")
         object.__setattr__(self, "block_shape_voxels", block)
