@@ -32,6 +32,8 @@ TABLE = "metadata/datasets.csv"
 SUMMARY = "METADATA_SUMMARY.md"
 METRICS = "metrics/metadata.json"
 HISTOGRAMS = "plots/intensity_histograms.csv"
+# Whole source documents (precomputed ``info``) and per-file lists have their own columns or stay in the Zarr.
+BULKY_KEYS = frozenset({"files", "info"})
 # Provenance keys worth a line in the summary when a stage recorded them (e.g. where a random crop came from).
 PROVENANCE_NOTES = ("seed", "crop_origin_voxels", "crop_origin_nm", "crop_size_voxels", "voxel_size_note")
 
@@ -55,6 +57,15 @@ class MetadataParams:
                 or not 2 <= self.histogram_bins <= 256:
             raise InvalidParameterError(f"metadata.histogram_bins must be an integer in 2..256, got "
                                         f"{self.histogram_bins!r}")
+
+
+def _without(value: Any, keys: frozenset[str]) -> Any:
+    """``value`` with every mapping's ``keys`` dropped, at any depth."""
+    if isinstance(value, Mapping):
+        return {k: _without(v, keys) for k, v in value.items() if k not in keys}
+    if isinstance(value, list):
+        return [_without(v, keys) for v in value]
+    return value
 
 
 def tree_sha256(path: Path) -> str:
@@ -110,8 +121,7 @@ def collect(outputs: Mapping[str, Path], params: MetadataParams) -> tuple[pd.Dat
             "licence": prov.get("licence", ""),
             "raw_sha256": raw,
             "zarr_sha256": tree_sha256(path),
-            "provenance": json.dumps({k: v for k, v in prov.items() if k not in ("files", "info")}, sort_keys=True,
-                                     default=str),
+            "provenance": json.dumps(_without(prov, BULKY_KEYS), sort_keys=True, default=str),
         }
         for image, group in find_images(root):
             rows.append({**_array_rows(dataset, image, "image", group, path), **common})
