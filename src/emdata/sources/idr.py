@@ -1,0 +1,359 @@
+"""IDR image 9846137 (idr0086 experimentD, U2OS FIB-SEM): the ImageJ TIFF -> data/idr_9846137.zarr (OME-Zarr 0.5).
+
+The data is the original TIFF on the EBI FTP host (over HTTPS); IDR's OMERO server gives two metadata
+documents, the JSON API image and the webclient ``imgData``. Shape, dtype and voxel size are read from the TIFF
+(ImageJ description and resolution tags, in µm) and cross-checked against both documents before and after the
+download. The output is one OME-Zarr 0.5 image (z, y, x, nm) without labels; provenance (URLs, sha256, the
+documents' key facts, any known discrepancy) is in the root's ``emdata`` attributes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+import zarr
+
+from emdata import ngff
+from emdata.download import ChecksumRegistry, Download, DownloadResult, Downloader
+from emdata.errors import InvalidParameterError, SourceMismatchError
+from emdata.fsutil import atomic_dir
+from emdata.params import RunContext, dataclass_from_section
+
+log = logging.getLogger(__name__)
+
+IMAGE_ID = 9846137
+STUDY = "idr0086-miron-micrographs"
+EXPERIMENT = "experimentD"
+DATASET = "U2OS_chromatin"
+FILE_NAME = "Figure_S3B_FIB-SEM_U2OS_20x20x20nm_xy.tif"
+TIFF_URL = ("https://ftp.ebi.ac.uk/pub/databases/IDR/idr0086-miron-micrographs/20200610-ftp/experimentD/"
+            f"Miron_FIB-SEM/Miron_FIB-SEM_processed/{FILE_NAME}")
+API_URL = f"https://idr.openmicroscopy.org/api/v0/m/images/{IMAGE_ID}/"
+IMGDATA_URL = f"https://idr.openmicroscopy.org/webclient/imgData/{IMAGE_ID}/"
+PAGE_URL = f"https://idr.openmicroscopy.org/webclient/img_detail/{IMAGE_ID}/"
+LICENCE = "CC BY 4.0"
+TITLE = "IDR idr0086 experimentD: FIB-SEM of chromatin in a U2OS cell (Miron et al. 2020, Figure S3B)"
+
+# Length units -> nanometres. ImageJ writes µm as the escape "\u00B5m" (six characters) in its description;
+# OMERO names units by enum ("MICROMETER") and symbol ("µm").
+NM_PER_UNIT = {
+    "nm": 1.0, "nanometer": 1.0, "nanometre": 1.0, "NANOMETER": 1.0,
+    "µm": 1e3, "μm": 1e3, "\\u00B5m": 1e3, "\\u00b5m": 1e3, "um": 1e3, "micron": 1e3, "microns": 1e3,
+    "micrometer": 1e3, "micrometre": 1e3, "MICROMETER": 1e3,
+    "mm": 1e6, "MILLIMETER": 1e6,
+}
+# Voxel sizes agree when they differ by less than this fraction (µm -> nm conversions leave float noise).
+RELATIVE_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class IdrParams:
+    chunks: Sequence[int] = ngff.DEFAULT_CHUNKS
+    shards: Sequence[int] = ngff.DEFAULT_SHARDS
+    keep_downloads: bool = False
+    sha256: Mapping[str, str] = field(default_factory=dict)  # file name -> pinned sha256 of the live file
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.keep_downloads, bool):
+            raise InvalidParameterError(f"idr.keep_downloads must be true or false, got {self.keep_downloads!r}")
+        for name in ("chunks", "shards"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or len(value) != 3 or any(
+                    isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value):
+                raise InvalidParameterError(f"idr.{name} must be three positive integers (z, y, x), got {value!r}")
+        if any(s % c for s, c in zip(self.shards, self.chunks, strict=True)):
+            raise InvalidParameterError(f"idr.shards {list(self.shards)} must be multiples of chunks {list(self.chunks)}")
+        if not isinstance(self.sha256, Mapping):
+            raise InvalidParameterError(f"idr.sha256 must map a file name to a digest, got {self.sha256!r}")
+        for name, digest in self.sha256.items():
+            if name != FILE_NAME:
+                raise InvalidParameterError(f"idr.sha256 names unknown file {name!r}; valid: {[FILE_NAME]}")
+            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise InvalidParameterError(f"idr.sha256[{name!r}] must be 64 lowercase hex digits, got {digest!r}")
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What one description of the image states; ``None`` where it states nothing. Axes z, y, x; sizes in nm."""
+
+    where: str
+    shape: tuple[int | None, int | None, int | None]
+    dtype: str | None
+    voxel_size_nm: tuple[float | None, float | None, float | None]
+    channels: int | None = None
+    timepoints: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "dtype": self.dtype, "voxel_size_nm": list(self.voxel_size_nm),
+                "channels": self.channels, "timepoints": self.timepoints}
+
+
+class IdrSource:
+    name = "idr"
+    output = "data/idr_9846137.zarr"
+
+    def parse_params(self, section: Mapping[str, Any] | None) -> IdrParams:
+        return dataclass_from_section(IdrParams, section, "idr")
+
+    def run(self, params: IdrParams, ctx: RunContext) -> dict[str, Any]:
+        registry = ChecksumRegistry(ctx.checksums_path, "mirror" if ctx.mirror else "live")
+        downloader = Downloader(ctx.download, mirror=ctx.mirror, registry=registry)
+        notes: list[str] = []
+        # The documents first: a source that changed is caught before 152 MB are fetched.
+        api_doc, imgdata_doc = downloader.fetch_json(API_URL), downloader.fetch_json(IMGDATA_URL)
+        api, api_info = parse_api_image(api_doc, notes)
+        imgdata, imgdata_info = parse_imgdata(imgdata_doc, notes)
+        check_identity(api_info, imgdata_info)
+        cross_check(api, imgdata, notes)
+
+        downloads = ctx.downloads_dir / self.name
+        began = time.monotonic()
+        result = downloader.download_all([Download(TIFF_URL, downloads / FILE_NAME,
+                                                   sha256=params.sha256.get(FILE_NAME))])[0]
+        download_s = time.monotonic() - began
+
+        began = time.monotonic()
+        image, tiff = read_imagej_tiff(result.dest)
+        for doc in (api, imgdata):
+            cross_check(tiff, doc, notes)
+        voxel_size = tuple(v for v in tiff.voxel_size_nm if v is not None)
+        if len(voxel_size) != 3:  # the TIFF always states all three (read_imagej_tiff raises otherwise)
+            raise SourceMismatchError(f"{FILE_NAME}: voxel size {tiff.voxel_size_nm} is incomplete")
+        out = ctx.repo_root / self.output
+        with atomic_dir(out) as tmp:
+            root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            figures = convert(root, image, ngff.Geometry(voxel_size), params)  # type: ignore[arg-type]
+            root.attrs["emdata"] = provenance(result, tiff, api, imgdata, api_info, imgdata_info, notes)
+        convert_s = time.monotonic() - began
+        del image  # release the memory map before the file goes
+        # The raw TIFF goes only after the converted output is verified and in place.
+        if not params.keep_downloads:
+            Path(result.dest).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                downloads.rmdir()  # only when empty
+        return {
+            "files": 1,
+            "downloaded_bytes": result.fetched_bytes,
+            "download_seconds": round(download_s, 2),
+            "download_MBps": round(result.fetched_bytes / 1e6 / max(download_s, 1e-9), 1),
+            "convert_seconds": round(convert_s, 2),
+            "known_discrepancies": len(notes),
+            **figures,
+        }
+
+
+# ----------------------------------------------------------------------------- metadata documents
+def _number(value: Any, where: str, *, integer: bool = False) -> Any:
+    """A number from a document, or None when absent; anything else is a mismatch naming the value."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
+        raise SourceMismatchError(f"{where}: expected a {'whole ' if integer else ''}number, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def to_nm(value: Any, unit: Any, where: str) -> float | None:
+    """``value`` in ``unit`` as nanometres (explicit conversion); None when the document states no value."""
+    number = _number(value, where)
+    if number is None:
+        return None
+    if unit not in NM_PER_UNIT:
+        raise SourceMismatchError(f"{where}: unknown length unit {unit!r} (known: {sorted(set(NM_PER_UNIT))})")
+    return round(number * NM_PER_UNIT[unit], 6)  # drops float noise such as 1 / 50 * 1e3 = 20.000000000000004
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise SourceMismatchError(f"{where}: expected a JSON object, got {type(value).__name__} {value!r:.80}")
+    return value
+
+
+def parse_api_image(doc: Any, notes: list[str]) -> tuple[ImageFacts, dict[str, Any]]:
+    """Facts of ``GET /api/v0/m/images/<id>/``: ``{"data": {"@id", "Name", "Pixels": {...}}}``.
+
+    The OMERO docs sample of a single image shows ``"data": [ {...} ]``; real servers answer ``"data": {...}``.
+    The list form is accepted (a known discrepancy, logged and recorded) when it holds exactly one image.
+    """
+    where = API_URL
+    data = _mapping(doc, where).get("data")
+    if isinstance(data, list):
+        if len(data) != 1:
+            raise SourceMismatchError(f"{where}: 'data' is a list of {len(data)} images, expected one image object")
+        _note(notes, f"{where}: 'data' is a one-element list (as in the OMERO docs sample), not an object")
+        data = data[0]
+    image = _mapping(data, f"{where} data")
+    if not image:
+        raise SourceMismatchError(f"{where}: no image object under 'data' (keys: {sorted(_mapping(doc, where))})")
+    pixels = _mapping(image.get("Pixels"), f"{where} data.Pixels")
+    sizes = {a: _number(pixels.get(f"Size{a}"), f"{where} Pixels.Size{a}", integer=True) for a in "ZYXCT"}
+    voxel = []
+    for axis in "ZYX":
+        length = _mapping(pixels.get(f"PhysicalSize{axis}"), f"{where} Pixels.PhysicalSize{axis}")
+        nm = to_nm(length.get("Value"), length.get("Unit", length.get("Symbol")),
+                   f"{where} Pixels.PhysicalSize{axis}") if length else None
+        if nm is None:
+            _note(notes, f"{where}: Pixels.PhysicalSize{axis} not stated; the TIFF's value is used")
+        voxel.append(nm)
+    dtype = _mapping(pixels.get("Type"), f"{where} Pixels.Type").get("value")
+    facts = ImageFacts("the JSON API image", (sizes["Z"], sizes["Y"], sizes["X"]), dtype,
+                       tuple(voxel), sizes["C"], sizes["T"])  # type: ignore[arg-type]
+    info = {"url": API_URL, "image_id": image.get("@id"), "image_name": image.get("Name"), **facts.to_dict()}
+    return facts, info
+
+
+def parse_imgdata(doc: Any, notes: list[str]) -> tuple[ImageFacts, dict[str, Any]]:
+    """Facts of ``GET /webclient/imgData/<id>/``: ``{"id", "meta": {...}, "size": {...}, "pixel_size": {...}}``.
+
+    ``pixel_size`` is in µm (OMERO's default length unit; ``imageMarshal`` reports ``getPhysicalSize*`` values
+    in microns) and may be null per axis when the file states no size.
+    """
+    where = IMGDATA_URL
+    doc = _mapping(doc, where)
+    meta = _mapping(doc.get("meta"), f"{where} meta")
+    size = _mapping(doc.get("size"), f"{where} size")
+    pixel_size = _mapping(doc.get("pixel_size"), f"{where} pixel_size")
+    shape = tuple(_number(size.get(k), f"{where} size.{k}", integer=True) for k in ("z", "height", "width"))
+    voxel = []
+    for axis in "zyx":
+        nm = to_nm(pixel_size.get(axis), "MICROMETER", f"{where} pixel_size.{axis}")
+        if nm is None:
+            _note(notes, f"{where}: pixel_size.{axis} not stated; the TIFF's value is used")
+        voxel.append(nm)
+    facts = ImageFacts("the webclient imgData", shape, meta.get("pixelsType"), tuple(voxel),  # type: ignore[arg-type]
+                       _number(size.get("c"), f"{where} size.c", integer=True),
+                       _number(size.get("t"), f"{where} size.t", integer=True))
+    info = {"url": IMGDATA_URL, "image_id": doc.get("id"), "image_name": meta.get("imageName"),
+            "project_name": meta.get("projectName"), "dataset_name": meta.get("datasetName"),
+            "dataset_id": meta.get("datasetId"), **facts.to_dict()}
+    return facts, info
+
+
+def check_identity(api_info: Mapping[str, Any], imgdata_info: Mapping[str, Any]) -> None:
+    """Both documents must describe image 9846137, the file we download, in the study's dataset."""
+    for info in (api_info, imgdata_info):
+        if info["image_id"] != IMAGE_ID:
+            raise SourceMismatchError(f"{info['url']}: describes image {info['image_id']!r}, expected {IMAGE_ID}")
+        if info["image_name"] not in (None, FILE_NAME):
+            raise SourceMismatchError(f"{info['url']}: image name {info['image_name']!r}, expected {FILE_NAME!r}")
+    dataset = imgdata_info.get("dataset_name")
+    if dataset not in (None, DATASET):
+        raise SourceMismatchError(f"{IMGDATA_URL}: dataset {dataset!r}, expected {DATASET!r}")
+    project = imgdata_info.get("project_name")
+    if project is not None and not str(project).startswith(STUDY):
+        raise SourceMismatchError(f"{IMGDATA_URL}: project {project!r}, expected one of study {STUDY!r}")
+
+
+def cross_check(reference: ImageFacts, other: ImageFacts, notes: list[str]) -> None:
+    """Every value both state must agree (voxel sizes within RELATIVE_TOLERANCE); a disagreement raises."""
+    pairs = [("shape (z, y, x)", reference.shape, other.shape), ("dtype", reference.dtype, other.dtype),
+             ("channels", reference.channels, other.channels), ("timepoints", reference.timepoints, other.timepoints)]
+    for what, a, b in pairs:
+        if isinstance(a, tuple):
+            agree = all(x is None or y is None or x == y for x, y in zip(a, b, strict=True))  # type: ignore[arg-type]
+        else:
+            agree = a is None or b is None or a == b
+        if not agree:
+            raise SourceMismatchError(f"{what}: {reference.where} says {_show(a)}, {other.where} says {_show(b)}")
+    for axis, ra, ob in zip("zyx", reference.voxel_size_nm, other.voxel_size_nm, strict=True):
+        if ra is not None and ob is not None and not math.isclose(ra, ob, rel_tol=RELATIVE_TOLERANCE):
+            raise SourceMismatchError(
+                f"voxel size ({axis}): {reference.where} says {ra:g} nm, {other.where} says {ob:g} nm "
+                f"(z, y, x: {_show(reference.voxel_size_nm)} vs {_show(other.voxel_size_nm)} nm)")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "(" + ", ".join("?" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+                               for v in value) + ")"
+    return repr(value)
+
+
+def _note(notes: list[str], text: str) -> None:
+    log.warning("known discrepancy: %s", text)
+    notes.append(text)
+
+
+# ----------------------------------------------------------------------------- the TIFF
+def read_imagej_tiff(path: Path) -> tuple[np.ndarray, ImageFacts]:
+    """The stack as (z, y, x) (memory-mapped when uncompressed and contiguous) and the facts its tags state.
+
+    x and y sizes come from X/YResolution (pixels per unit), z from the ImageJ ``spacing``; the unit is the
+    ImageJ ``unit`` (µm here), converted to nm explicitly.
+    """
+    with tifffile.TiffFile(path) as tif:
+        if not tif.is_imagej or tif.imagej_metadata is None:
+            raise SourceMismatchError(f"{path.name}: expected an ImageJ TIFF, found no ImageJ description")
+        meta = tif.imagej_metadata
+        page = tif.pages.first
+        pages = len(tif.pages)
+        tags = page.tags
+        resolution = [tags[k].value if k in tags else None for k in ("YResolution", "XResolution")]
+    unit = meta.get("unit")
+    spacing = meta.get("spacing")
+    if spacing is None or any(r is None for r in resolution) or unit is None:
+        raise SourceMismatchError(f"{path.name}: ImageJ spacing {spacing!r}, unit {unit!r} or resolution "
+                                  f"{resolution!r} missing; cannot tell the voxel size")
+    per_unit = [num / den for num, den in resolution]  # type: ignore[misc]
+    voxel = (to_nm(spacing, unit, f"{path.name} ImageJ spacing"),
+             *(to_nm(1.0 / p, unit, f"{path.name} resolution") for p in per_unit))
+    image: np.ndarray
+    try:
+        image = tifffile.memmap(path, mode="r")
+    except ValueError:  # compressed or not contiguous: read it whole
+        image = tifffile.imread(path)
+    if image.ndim != 3 or pages != image.shape[0] or meta.get("images", pages) != pages:
+        raise SourceMismatchError(f"{path.name}: expected a z-stack of {pages} pages (ImageJ images="
+                                  f"{meta.get('images')!r}), read shape {image.shape}")
+    facts = ImageFacts("the TIFF", image.shape, str(image.dtype), voxel, 1, 1)  # type: ignore[arg-type]
+    return image, facts
+
+
+# ----------------------------------------------------------------------------- conversion
+def convert(root: zarr.Group, image: np.ndarray, geometry: ngff.Geometry, params: IdrParams) -> dict[str, Any]:
+    """Write the image as the root multiscale (mean pyramid), then check every voxel against the TIFF."""
+    arrays = ngff.create_multiscale(root, name=f"idr_{IMAGE_ID}", shape=image.shape, dtype=image.dtype,
+                                    geometry=geometry, chunks=params.chunks, shards=params.shards)
+    ngff.write_block_aligned(arrays[0], image)
+    ngff.write_pyramid(arrays, "mean")
+    for sl in ngff.block_slices(arrays[0].shape, arrays[0].shards or arrays[0].chunks):
+        if not np.array_equal(arrays[0][sl], image[sl]):
+            raise SourceMismatchError(f"conversion of {FILE_NAME} does not read back equal at {sl}")
+    return {"shape": list(image.shape), "levels": len(arrays), "mean_intensity": round(float(image.mean()), 2)}
+
+
+def provenance(result: DownloadResult, tiff: ImageFacts, api: ImageFacts, imgdata: ImageFacts,
+               api_info: Mapping[str, Any], imgdata_info: Mapping[str, Any], notes: Sequence[str]) -> dict[str, Any]:
+    return {
+        "source": "idr",
+        "title": TITLE,
+        "page": PAGE_URL,
+        "licence": LICENCE,
+        "axes": list(ngff.AXES),
+        "voxel_size_nm": list(tiff.voxel_size_nm),
+        "voxel_size_note": "from the TIFF (ImageJ spacing and X/YResolution, µm -> nm), agreeing with IDR's "
+                           "JSON API and imgData",
+        "study": STUDY,
+        "experiment": EXPERIMENT,
+        "dataset": DATASET,
+        "image_id": IMAGE_ID,
+        "image_name": FILE_NAME,
+        "files": [{"url": result.url, "name": Path(result.dest).name, "size": result.size, "sha256": result.sha256}],
+        "metadata_documents": [dict(api_info), dict(imgdata_info)],
+        "tiff": tiff.to_dict(),
+        "known_discrepancies": list(notes),
+    }
+
+
+SOURCE = IdrSource()
