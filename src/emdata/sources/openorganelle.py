@@ -1,0 +1,438 @@
+"""Janelia OpenOrganelle jrc_mus-nacc-2 FIB-SEM (int16 zarr v2 pyramid on S3) -> data/jrc_mus-nacc-2.zarr.
+
+The source is the OME-NGFF 0.4 group ``recon-2/em/fibsem-int16`` of
+``s3://janelia-cosem-datasets/jrc_mus-nacc-2/jrc_mus-nacc-2.zarr`` (anonymous), read over its HTTPS form.
+Steps:
+
+1. GET the group's ``.zattrs`` and the chosen level's ``.zarray`` and check them against what we know (int16,
+   3-D, chunks 64^3, zstd, fill 0, C order, axes z, y, x in nanometer, the level's scale and translation, the
+   published shape); an ROI is checked against the level's shape. All of this before any chunk is read.
+2. Stream one level (``scale_level``), or an ROI of it, with tensorstore's ``zarr`` (v2) driver over an
+   ``http`` kvstore, one output shard at a time (several in flight, bounded memory), each shard read back and
+   compared voxel for voxel before the next one is written; progress is logged with MB/s and ETA.
+3. Write an OME-Zarr 0.5 image (int16, z, y, x, nm): voxel size and translation from the source's transforms
+   for that level plus the ROI offset, and our own mean pyramid. No labels: the nucleus segmentation
+   (probably ``recon-2/labels/inference/segmentations/nuc``) is at an unverified path and is not fetched.
+
+Nothing is downloaded to disk (chunks go straight from HTTP into the output), so there are no raw downloads to
+delete; the metadata documents' sizes and sha256 are recorded in the provenance and in ``checksums.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+import zarr
+
+from emdata import ngff
+from emdata.download import ChecksumRegistry, Downloader
+from emdata.errors import DownloadError, InvalidParameterError, SourceMismatchError
+from emdata.fsutil import atomic_dir
+from emdata.hemibrain_precomputed import tensorstore_context
+from emdata.params import RunContext, dataclass_from_section
+from emdata.urls import redact, rewrite
+
+log = logging.getLogger(__name__)
+
+DATASET = "jrc_mus-nacc-2"
+STORE_URL = f"https://janelia-cosem-datasets.s3.amazonaws.com/{DATASET}/{DATASET}.zarr"
+STORE_S3 = f"s3://janelia-cosem-datasets/{DATASET}/{DATASET}.zarr"
+GROUP_PATH = "recon-2/em/fibsem-int16"
+GROUP_URL = f"{STORE_URL}/{GROUP_PATH}"
+LAYER = f"zarr://{STORE_S3}/{GROUP_PATH}"  # the layer link of the dataset's web page
+PAGE_URL = f"https://openorganelle.janelia.org/datasets/{DATASET}"
+LICENCE = "CC BY 4.0 (Janelia COSEM open data; cite doi:10.25378/janelia.24222898)"
+DOIS = {
+    "reconstructed_FIB-SEM_data": "https://doi.org/10.25378/janelia.24222898",
+    "nuclei_segmentations": "https://doi.org/10.25378/janelia.26513209",
+}
+
+# What we know of the store (reference/sources/openorganelle_*: the zarr metadata dump and the web page).
+N_LEVELS = 9
+S0_VOXEL_NM = (2.96, 4.0, 4.0)  # z, y, x; each level doubles it, with half-voxel translations
+PUBLISHED_SHAPES: tuple[tuple[int, int, int], ...] = (
+    (564, 2520, 2596), (282, 1260, 1298), (141, 630, 649), (70, 315, 324), (35, 157, 162),
+    (17, 78, 81), (8, 39, 40), (4, 19, 20), (2, 9, 10),
+)
+CHUNKS = (64, 64, 64)
+COMPRESSOR = {"id": "zstd", "level": 1}
+CACHE_BYTES = 32 * 2**20  # decoded source chunks shared by neighbouring output shards
+PROGRESS_EVERY_S = 10.0
+
+
+def level_transform(level: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The known scale and translation (nm, z, y, x) of ``s<level>``: voxel centres of a 2x mean pyramid."""
+    factor = 2**level
+    return (tuple(v * factor for v in S0_VOXEL_NM), tuple(v * (factor - 1) / 2 for v in S0_VOXEL_NM))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class OpenOrganelleParams:
+    """params.yaml section ``openorganelle``; every vector is z, y, x."""
+
+    scale_level: int = 0  # source level s<scale_level> (0 = 2.96 x 4 x 4 nm)
+    roi_voxels: Sequence[Sequence[int]] | None = None  # [[z0, y0, x0], [z1, y1, x1]] half-open, at that level
+    chunks: Sequence[int] = ngff.DEFAULT_CHUNKS
+    shards: Sequence[int] = ngff.DEFAULT_SHARDS
+    concurrency: int = 64  # HTTP requests in flight
+    max_inflight_mb: float = 256.0  # decoded voxels requested ahead of the writer
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.scale_level) or not 0 <= self.scale_level < N_LEVELS:
+            raise InvalidParameterError(
+                f"openorganelle.scale_level must be an integer in [0, {N_LEVELS - 1}] (s0..s{N_LEVELS - 1}), "
+                f"got {self.scale_level!r}")
+        roi = self.roi_voxels
+        if roi is not None:
+            ok = (isinstance(roi, (list, tuple)) and len(roi) == 2
+                  and all(isinstance(c, (list, tuple)) and len(c) == 3 and all(_is_int(v) for v in c) for c in roi))
+            if not ok or any(v < 0 for c in roi for v in c) or any(
+                    a >= b for a, b in zip(roi[0], roi[1], strict=True)):
+                raise InvalidParameterError(
+                    "openorganelle.roi_voxels must be null or [[z0, y0, x0], [z1, y1, x1]] with integers "
+                    f"0 <= start < stop, got {roi!r}")
+            object.__setattr__(self, "roi_voxels", (tuple(roi[0]), tuple(roi[1])))
+        for name in ("chunks", "shards"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or len(value) != 3 or any(
+                    not _is_int(v) or v <= 0 for v in value):
+                raise InvalidParameterError(
+                    f"openorganelle.{name} must be three positive integers (z, y, x), got {value!r}")
+        if any(s % c for s, c in zip(self.shards, self.chunks, strict=True)):
+            raise InvalidParameterError(
+                f"openorganelle.shards {list(self.shards)} must be multiples of chunks {list(self.chunks)}")
+        if not _is_int(self.concurrency) or not 1 <= self.concurrency <= 1024:
+            raise InvalidParameterError(
+                f"openorganelle.concurrency must be an integer in [1, 1024], got {self.concurrency!r}")
+        m = self.max_inflight_mb
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
+            raise InvalidParameterError(f"openorganelle.max_inflight_mb must be a positive number, got {m!r}")
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    """Everything decided from the metadata documents before the first chunk is read (vectors z, y, x)."""
+
+    level: int
+    path: str  # e.g. "s0"
+    shape: tuple[int, int, int]  # of the whole source level
+    scale_nm: tuple[float, float, float]
+    translation_nm: tuple[float, float, float]
+    dimension_separator: str
+    roi_start: tuple[int, int, int]
+    roi_stop: tuple[int, int, int]
+    notes: tuple[str, ...]  # known, accepted disagreements (logged and recorded)
+
+    @property
+    def roi_shape(self) -> tuple[int, int, int]:
+        return tuple(b - a for a, b in zip(self.roi_start, self.roi_stop, strict=True))  # type: ignore[return-value]
+
+    @property
+    def output_translation_nm(self) -> tuple[float, float, float]:
+        """The level's translation moved to the ROI's first voxel."""
+        return tuple(t + a * s for t, a, s in zip(self.translation_nm, self.roi_start, self.scale_nm,
+                                                   strict=True))  # type: ignore[return-value]
+
+
+def _close(a: Sequence[Any], b: Sequence[float]) -> bool:
+    return (isinstance(a, (list, tuple)) and len(a) == len(b)
+            and all(isinstance(x, (int, float)) and math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-9)
+                    for x, y in zip(a, b, strict=True)))
+
+
+def _transforms(items: Any, where: str) -> tuple[Any, Any]:
+    """(scale, translation) of a coordinateTransformations list (translation None when absent)."""
+    if not isinstance(items, list):
+        raise SourceMismatchError(f"{where}: coordinateTransformations must be a list, got {items!r}")
+    by_type = {t.get("type"): t for t in items if isinstance(t, Mapping)}
+    scale = by_type.get("scale", {}).get("scale")
+    translation = by_type.get("translation", {}).get("translation")
+    return scale, translation
+
+
+def check_group_attrs(doc: Any, level: int) -> tuple[str, tuple[float, ...], tuple[float, ...]]:
+    """Check the group's ``.zattrs`` (OME-NGFF 0.4) and return level ``level``'s path, scale and translation."""
+    where = f"{GROUP_URL}/.zattrs"
+    ms = doc.get("multiscales") if isinstance(doc, Mapping) else None
+    if not isinstance(ms, list) or not ms or not isinstance(ms[0], Mapping):
+        raise SourceMismatchError(f"{where}: expected an OME-NGFF 'multiscales' list, got {str(doc)[:200]!r}")
+    m = ms[0]
+    if m.get("version") != "0.4":
+        raise SourceMismatchError(f"{where}: expected multiscales version '0.4', got {m.get('version')!r}")
+    axes = m.get("axes")
+    expected_axes = [{"name": a, "type": "space", "unit": "nanometer"} for a in ngff.AXES]
+    got_axes = [{k: a.get(k) for k in ("name", "type", "unit")} for a in axes] if isinstance(axes, list) and all(
+        isinstance(a, Mapping) for a in axes) else axes
+    if got_axes != expected_axes:
+        raise SourceMismatchError(f"{where}: expected axes {expected_axes}, got {axes!r}")
+    global_scale, global_translation = _transforms(m.get("coordinateTransformations", []), where)
+    if (global_scale is not None and not _close(global_scale, (1.0, 1.0, 1.0))) or global_translation is not None:
+        raise SourceMismatchError(
+            f"{where}: expected the multiscale-wide transform to be scale [1.0, 1.0, 1.0] only, got "
+            f"{m.get('coordinateTransformations')!r}")
+    datasets = m.get("datasets")
+    paths = [d.get("path") for d in datasets] if isinstance(datasets, list) and all(
+        isinstance(d, Mapping) for d in datasets) else None
+    expected_paths = [f"s{i}" for i in range(N_LEVELS)]
+    if paths != expected_paths:
+        raise SourceMismatchError(f"{where}: expected datasets {expected_paths}, got {paths!r}")
+    assert isinstance(datasets, list)
+    scale, translation = _transforms(datasets[level].get("coordinateTransformations"), f"{where} s{level}")
+    known_scale, known_translation = level_transform(level)
+    if not _close(scale, known_scale):
+        raise SourceMismatchError(f"{where}: s{level} scale is {scale!r}, expected {list(known_scale)} nm (z, y, x)")
+    if not _close(translation if translation is not None else [0.0] * 3, known_translation):
+        raise SourceMismatchError(
+            f"{where}: s{level} translation is {translation!r}, expected {list(known_translation)} nm (z, y, x)")
+    # The document's own values (they carry float noise such as 11.840000000000002) go into the output.
+    return f"s{level}", tuple(float(v) for v in scale), tuple(float(v) for v in (translation or [0.0] * 3))
+
+
+def check_zarray(doc: Any, level: int, *, live: bool) -> tuple[tuple[int, int, int], str, list[str]]:
+    """Check a level's ``.zarray``; return its shape, chunk key separator and notes of accepted differences.
+
+    The published shape is enforced against the live store; a mirror (the offline replica) serves smaller
+    stand-in shapes, which are logged and recorded instead.
+    """
+    where = f"{GROUP_URL}/s{level}/.zarray"
+    if not isinstance(doc, Mapping) or doc.get("zarr_format") != 2:
+        raise SourceMismatchError(f"{where}: expected a zarr v2 array (zarr_format 2), got {str(doc)[:200]!r}")
+    try:
+        dtype = np.dtype(doc.get("dtype"))
+    except TypeError as exc:
+        raise SourceMismatchError(f"{where}: dtype {doc.get('dtype')!r} is not a numpy dtype") from exc
+    if dtype.kind != "i" or dtype.itemsize != 2:
+        raise SourceMismatchError(f"{where}: expected dtype int16 ('<i2'), got {doc.get('dtype')!r}")
+    shape = doc.get("shape")
+    if not isinstance(shape, list) or len(shape) != 3 or not all(_is_int(s) and s > 0 for s in shape):
+        raise SourceMismatchError(f"{where}: expected a 3-D shape (z, y, x), got {shape!r}")
+    for key, expected in (("chunks", list(CHUNKS)), ("fill_value", 0), ("order", "C")):
+        if doc.get(key) != expected:
+            raise SourceMismatchError(f"{where}: expected {key} {expected!r}, got {doc.get(key)!r}")
+    compressor = doc.get("compressor")
+    if not isinstance(compressor, Mapping) or compressor.get("id") != COMPRESSOR["id"]:
+        raise SourceMismatchError(f"{where}: expected compressor {COMPRESSOR}, got {compressor!r}")
+    if doc.get("filters"):
+        raise SourceMismatchError(f"{where}: expected no filters, got {doc.get('filters')!r}")
+    separator = doc.get("dimension_separator", ".")  # zarr v2: absent means "."
+    if separator not in (".", "/"):
+        raise SourceMismatchError(f"{where}: dimension_separator must be '.' or '/', got {separator!r}")
+    notes = []
+    if compressor.get("level") != COMPRESSOR["level"]:
+        notes.append(f"s{level} compressor {dict(compressor)} differs from the known {COMPRESSOR} (decodes the same)")
+    published = list(PUBLISHED_SHAPES[level])
+    if shape != published:
+        if live:
+            raise SourceMismatchError(f"{where}: shape {shape} (z, y, x) differs from the published {published}")
+        notes.append(f"s{level} shape {shape} is the replica's stand-in for the published {published}")
+    return tuple(shape), separator, notes  # type: ignore[return-value]
+
+
+def plan_level(params: OpenOrganelleParams, zattrs: Any, zarray_doc: Any, *, live: bool) -> LevelPlan:
+    """Check the documents and the ROI; InvalidParameterError names an ROI that does not fit the level."""
+    path, scale, translation = check_group_attrs(zattrs, params.scale_level)
+    shape, separator, notes = check_zarray(zarray_doc, params.scale_level, live=live)
+    if params.roi_voxels is None:
+        start, stop = (0, 0, 0), shape
+    else:
+        start, stop = (tuple(c) for c in params.roi_voxels)  # type: ignore[assignment]
+        if any(b > n for b, n in zip(stop, shape, strict=True)):
+            raise InvalidParameterError(
+                f"openorganelle.roi_voxels {[list(start), list(stop)]} does not fit s{params.scale_level} of shape "
+                f"{list(shape)} (z, y, x)")
+    for note in notes:
+        log.warning("openorganelle: %s", note)
+    return LevelPlan(level=params.scale_level, path=path, shape=shape, scale_nm=scale,  # type: ignore[arg-type]
+                     translation_nm=translation, dimension_separator=separator,  # type: ignore[arg-type]
+                     roi_start=start, roi_stop=stop, notes=tuple(notes))  # type: ignore[arg-type]
+
+
+def open_level(http_url: str, context: ts.Context) -> ts.TensorStore:
+    """Open a zarr v2 array at ``http_url`` (already rewritten onto a mirror) read-only, z, y, x.
+
+    tensorstore reads the array's ``.zarray`` itself, so either chunk key separator works; missing chunks
+    (404) read as the fill value.
+    """
+    spec = {"driver": "zarr", "kvstore": {"driver": "http", "base_url": http_url.rstrip("/") + "/"},
+            "open": True, "recheck_cached_data": "open", "recheck_cached_metadata": "open"}
+    try:
+        return ts.open(spec, context=context, read=True).result()
+    except ValueError as exc:  # tensorstore reports every failure (HTTP status, bad metadata) as ValueError
+        raise DownloadError(f"opening the zarr array {redact(http_url)} failed: {exc}") from exc
+
+
+def _result(future: Any, what: str) -> Any:
+    try:
+        return future.result()
+    except ValueError as exc:
+        raise DownloadError(f"openorganelle: reading {what} failed (after the configured retries): {exc}") from exc
+
+
+def stream_verified(source: ts.TensorStore, dest: zarr.Array, origin: Sequence[int], *, max_inflight_bytes: float,
+                    url: str) -> dict[str, float]:
+    """Copy ``source[origin : origin + dest.shape]`` into ``dest`` one output shard at a time, verifying each.
+
+    The next shards' reads are in flight (up to ``max_inflight_bytes`` of decoded voxels) while one is being
+    compressed, written and read back; a shard that does not read back equal raises SourceMismatchError.
+    """
+    block = dest.shards or dest.chunks
+    slices = list(ngff.block_slices(dest.shape, block))
+    depth = max(1, int(max_inflight_bytes // (math.prod(block) * dest.dtype.itemsize)))
+    pending: deque[tuple[tuple[slice, ...], Any]] = deque()
+    total_bytes = math.prod(dest.shape) * dest.dtype.itemsize
+    began = last_log = time.monotonic()
+    done_bytes = 0
+    it = iter(slices)
+
+    def submit() -> None:
+        sl = next(it, None)
+        if sl is not None:
+            src = tuple(slice(o + s.start, o + s.stop) for o, s in zip(origin, sl, strict=True))
+            pending.append((sl, source[src].read()))
+
+    for _ in range(depth):
+        submit()
+    done = 0
+    try:
+        while pending:
+            sl, future = pending.popleft()
+            data = _result(future, f"{redact(url)} at {sl}")
+            submit()
+            dest[sl] = data
+            if not np.array_equal(dest[sl], data):
+                raise SourceMismatchError(f"the output does not read back equal to {redact(url)} at {sl}")
+            done += 1
+            done_bytes += data.nbytes
+            now = time.monotonic()
+            if now - last_log >= PROGRESS_EVERY_S or done == len(slices):
+                rate = done_bytes / max(now - began, 1e-9)
+                log.info("openorganelle: %d/%d shards, %.0f of %.0f MB, %.1f MB/s, ETA %.0f s", done, len(slices),
+                         done_bytes / 1e6, total_bytes / 1e6, rate / 1e6, (total_bytes - done_bytes) / max(rate, 1e-9))
+                last_log = now
+    finally:
+        for _, future in pending:  # on an error: stop the reads still in flight
+            future.cancel()
+    seconds = time.monotonic() - began
+    return {"bytes": done_bytes, "seconds": round(seconds, 3), "MBps": round(done_bytes / 1e6 / max(seconds, 1e-9), 1)}
+
+
+def _document(downloader: Downloader, registry: ChecksumRegistry, url: str) -> tuple[Any, dict[str, Any]]:
+    """GET a JSON document; return it and its ``files`` entry (live URL, size, sha256), recorded in the registry."""
+    body = downloader.fetch_bytes(url)
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise SourceMismatchError(f"{url} is not JSON: {body[:80]!r}") from exc
+    digest = hashlib.sha256(body).hexdigest()
+    before = registry.get(url)
+    if before is not None and before.get("sha256") != digest:
+        log.warning("openorganelle: %s changed since it was last recorded (sha256 %s -> %s)", url,
+                    before.get("sha256"), digest)
+    registry.record(url, len(body), digest)
+    return doc, {"url": url, "name": url[len(STORE_URL) + 1:], "size": len(body), "sha256": digest}
+
+
+def provenance(plan: LevelPlan, zattrs: Any, zarray_doc: Any, files: list[dict[str, Any]]) -> dict[str, Any]:
+    """The output's ``emdata`` attributes: live URLs only (never the mirror), nothing time-dependent."""
+    return {
+        "source": "openorganelle",
+        "title": f"Janelia OpenOrganelle {DATASET} (mouse nucleus accumbens) FIB-SEM, {GROUP_PATH}",
+        "page": PAGE_URL,
+        "source_url": f"{GROUP_URL}/{plan.path}",
+        "store": STORE_S3,
+        "layer": LAYER,
+        "licence": LICENCE,
+        "doi": DOIS,
+        "axes": list(ngff.AXES),
+        "voxel_size_nm": list(plan.scale_nm),
+        "translation_nm": list(plan.output_translation_nm),
+        "scale_level": plan.level,
+        "array_path": f"{GROUP_PATH}/{plan.path}",
+        "source_shape": list(plan.shape),
+        "roi_voxels": [list(plan.roi_start), list(plan.roi_stop)],
+        "roi_note": "half-open voxel box (z, y, x) of the source level; the translation includes its start",
+        "dtype": "int16",
+        "dimension_separator": plan.dimension_separator,
+        "notes": list(plan.notes),
+        "files": files,
+        "info": {".zattrs": zattrs, f"{plan.path}/.zarray": zarray_doc},
+        "labels": None,
+        "labels_note": "no labels: the nucleus segmentation (probably recon-2/labels/inference/segmentations/nuc, "
+                       "doi:10.25378/janelia.26513209) is at an unverified path and is not fetched",
+    }
+
+
+class OpenOrganelleSource:
+    name = "openorganelle"
+    output = f"data/{DATASET}.zarr"
+
+    def parse_params(self, section: Mapping[str, Any] | None) -> OpenOrganelleParams:
+        return dataclass_from_section(OpenOrganelleParams, section, "openorganelle")
+
+    def run(self, params: OpenOrganelleParams, ctx: RunContext) -> dict[str, Any]:
+        return fetch_openorganelle(params, ctx, ctx.repo_root / self.output)
+
+
+def fetch_openorganelle(params: OpenOrganelleParams, ctx: RunContext, out: Path) -> dict[str, Any]:
+    """Check the metadata, then stream one level (or an ROI of it) into ``out`` atomically, verified."""
+    began = time.monotonic()
+    registry = ChecksumRegistry(ctx.checksums_path, "mirror" if ctx.mirror else "live")
+    downloader = Downloader(ctx.download, mirror=ctx.mirror, registry=registry, progress=False)
+    zattrs, zattrs_file = _document(downloader, registry, f"{GROUP_URL}/.zattrs")
+    # The level is checked in the group's attributes before its .zarray is asked for.
+    path, _, _ = check_group_attrs(zattrs, params.scale_level)
+    zarray_doc, zarray_file = _document(downloader, registry, f"{GROUP_URL}/{path}/.zarray")
+    plan = plan_level(params, zattrs, zarray_doc, live=not ctx.mirror)
+    log.info("openorganelle: s%d %s (z, y, x) at %s nm, ROI %s..%s", plan.level, list(plan.shape),
+             list(plan.scale_nm), list(plan.roi_start), list(plan.roi_stop))
+
+    context = tensorstore_context(ctx.download, concurrency=params.concurrency, cache_bytes=CACHE_BYTES)
+    level_http = rewrite(f"{GROUP_URL}/{plan.path}", ctx.mirror)
+    source = open_level(level_http, context)
+    if tuple(source.shape) != plan.shape or source.dtype.numpy_dtype != np.int16:
+        raise SourceMismatchError(
+            f"{GROUP_URL}/{plan.path}: tensorstore opened {list(source.shape)} {source.dtype.name}, the .zarray "
+            f"says {list(plan.shape)} int16")
+
+    geometry = ngff.Geometry(plan.scale_nm, plan.output_translation_nm)  # type: ignore[arg-type]
+    with atomic_dir(out) as tmp:
+        _, arrays = ngff.create_image_group(
+            tmp, name=DATASET, shape=plan.roi_shape, dtype=np.int16, geometry=geometry,
+            chunks=params.chunks, shards=params.shards, downsampling="mean",
+            extra_attrs={"emdata": provenance(plan, zattrs, zarray_doc, [zattrs_file, zarray_file])})
+        figures = stream_verified(source, arrays[0], plan.roi_start, max_inflight_bytes=params.max_inflight_mb * 2**20,
+                                  url=level_http)
+        t1 = time.monotonic()
+        ngff.write_pyramid(arrays, "mean")
+        figures["pyramid_seconds"] = round(time.monotonic() - t1, 3)
+        levels = len(arrays)
+    seconds = time.monotonic() - began
+    return {
+        "scale_level": plan.level,
+        "shape": list(plan.roi_shape),
+        "roi_start_voxels": list(plan.roi_start),
+        "voxel_size_nm": list(plan.scale_nm),
+        "levels": levels,
+        "notes": len(plan.notes),
+        "stream": figures,
+        "MBps_end_to_end": round(figures["bytes"] / 1e6 / max(seconds, 1e-9), 1),
+        "seconds": round(seconds, 2),
+    }
+
+
+SOURCE = OpenOrganelleSource()
