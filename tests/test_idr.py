@@ -356,7 +356,7 @@ def test_live_idr_documents_and_tiff_agree_with_what_we_know():
     notes: list[str] = []
     api, _ = idr.parse_api_image(requests.get(idr.API_URL, headers=headers, timeout=30).json(), notes)
     imgdata, info = idr.parse_imgdata(requests.get(idr.IMGDATA_URL, headers=headers, timeout=30).json(), notes)
-    idr.cross_check(api, imgdata, notes)
+    idr.cross_check(api, imgdata)
     assert api.shape == (184, 775, 1121) and api.dtype == "uint8"
     assert info["dataset_name"] == "U2OS_chromatin"
     r = requests.get(idr.TIFF_URL, headers={**headers, "Range": "bytes=0-7"}, timeout=30)

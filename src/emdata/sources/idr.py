@@ -114,7 +114,7 @@ class IdrSource:
         api, api_info = parse_api_image(api_doc, notes)
         imgdata, imgdata_info = parse_imgdata(imgdata_doc, notes)
         check_identity(api_info, imgdata_info)
-        cross_check(api, imgdata, notes)
+        cross_check(api, imgdata)
 
         downloads = ctx.downloads_dir / self.name
         began = time.monotonic()
@@ -125,7 +125,7 @@ class IdrSource:
         began = time.monotonic()
         image, tiff = read_imagej_tiff(result.dest)
         for doc in (api, imgdata):
-            cross_check(tiff, doc, notes)
+            cross_check(tiff, doc)
         voxel_size = tuple(v for v in tiff.voxel_size_nm if v is not None)
         if len(voxel_size) != 3:  # the TIFF always states all three (read_imagej_tiff raises otherwise)
             raise SourceMismatchError(f"{FILE_NAME}: voxel size {tiff.voxel_size_nm} is incomplete")
@@ -255,7 +255,7 @@ def check_identity(api_info: Mapping[str, Any], imgdata_info: Mapping[str, Any])
         raise SourceMismatchError(f"{IMGDATA_URL}: project {project!r}, expected one of study {STUDY!r}")
 
 
-def cross_check(reference: ImageFacts, other: ImageFacts, notes: list[str]) -> None:
+def cross_check(reference: ImageFacts, other: ImageFacts) -> None:
     """Every value both state must agree (voxel sizes within RELATIVE_TOLERANCE); a disagreement raises."""
     pairs = [("shape (z, y, x)", reference.shape, other.shape), ("dtype", reference.dtype, other.dtype),
              ("channels", reference.channels, other.channels), ("timepoints", reference.timepoints, other.timepoints)]
