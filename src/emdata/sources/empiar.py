@@ -183,21 +183,21 @@ class Slice:
 def read_slice(path: Path) -> Slice:
     """One DM3 image (the thumbnail skipped) as a memory map, with its calibration converted to nm."""
     try:
-        with dm.fileDM(path) as f:
+        with dm.fileDM(path, on_memory=False) as f:  # metadata only: the pixels are memory-mapped below
             if f.numObjects not in (1, 2) or not f.dataShape:
                 raise SourceMismatchError(f"{path.name}: expected one image (and its thumbnail), the file holds "
                                           f"{f.numObjects} datasets")
             item = 0 if f.numObjects == 1 else 1  # ncempy's dataset 0 skips the thumbnail (item 0) when there is one
             if f.dataShape[item] != 2 or f.zSize[item] != 1:
                 raise SourceMismatchError(f"{path.name}: expected a 2-D image, got a {f.dataShape[item]}-D dataset")
-            dataset = f.getDataset(0)
+            first = sum(int(n) for n in f.dataShape[:item])  # calibrations are listed per dataset, x first
+            units = [str(u) for u in f.scaleUnit[first:first + 2][::-1]]
+            sizes = [float(s) for s in f.scale[first:first + 2][::-1]]
             data = f.getMemmap(0)
     except (OSError, AssertionError, KeyError, IndexError) as exc:
         raise SourceMismatchError(f"{path.name}: not a readable DM3 image ({exc})") from exc
     if data.dtype != np.uint8 or data.ndim != 2:
         raise SourceMismatchError(f"{path.name}: expected a 2-D uint8 image, got {data.shape} {data.dtype}")
-    units = list(dataset["pixelUnit"])
-    sizes = [float(s) for s in dataset["pixelSize"]]
     if any(u not in UNIT_TO_NM for u in units) or any(s <= 0 for s in sizes):
         raise SourceMismatchError(f"{path.name}: calibration {sizes} {units} is not a length in {sorted(UNIT_TO_NM)}")
     # float32 in the file: 0.00799825 µm reads back as 0.007998250424861908, hence the rounding.
