@@ -130,12 +130,13 @@ def collect(outputs: Mapping[str, Path], params: MetadataParams) -> tuple[pd.Dat
             array = group[ms["datasets"][level]["path"]]
             assert isinstance(array, zarr.Array)
             data = np.asarray(array[...])
-            if np.issubdtype(data.dtype, np.integer) and data.dtype.itemsize == 1:
-                counts, edges = np.histogram(data, bins=params.histogram_bins, range=(0, 256))
-                name = f"{dataset}/{image}" if image else dataset
-                total = counts.sum()
-                hist_rows += [{"image": name, "intensity": int(edges[i]), "fraction": round(c / total, 6)}
-                              for i, c in enumerate(counts)]
+            # uint8 over its full range, so EM images compare on one axis; other types over their data range.
+            value_range = (0, 256) if data.dtype == np.uint8 else (float(data.min()), float(data.max()) + 1)
+            counts, edges = np.histogram(data, bins=params.histogram_bins, range=value_range)
+            name = f"{dataset}/{image}" if image else dataset
+            total = counts.sum()
+            hist_rows += [{"image": name, "intensity": round(float(edges[i]), 3), "fraction": round(c / total, 6)}
+                          for i, c in enumerate(counts)]
             for label in label_names(group):
                 lgroup = group[f"labels/{label}"]
                 assert isinstance(lgroup, zarr.Group)
