@@ -143,7 +143,8 @@ def section_thickness_nm(details: str) -> float:
 # ---------------------------------------------------------------------------------------------- listing
 def parse_autoindex(page: str) -> tuple[list[str], list[str]]:
     """Files and sub-folders of an Apache autoindex page (sort links, the parent and absolute links skipped)."""
-    files, folders = [], []
+    files: list[str] = []
+    folders: list[str] = []
     for href in re.findall(r'<a href="([^"]+)"', page):
         if href.startswith(("?", "/", "..")) or "://" in href:
             continue
