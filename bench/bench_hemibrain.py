@@ -28,10 +28,11 @@ import time
 from pathlib import Path
 
 
-from emdata.hemibrain_precomputed import open_scale, tensorstore_context
+from emdata.hemibrain_precomputed import open_scale
 from emdata.params import DownloadConfig, RunContext
 from emdata.replica import build_replica
 from emdata.sources.hemibrain import EM_URL, SOURCE, fetch_hemibrain_crop
+from emdata.tsio import tensorstore_context
 from emdata.urls import rewrite
 
 

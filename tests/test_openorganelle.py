@@ -212,7 +212,7 @@ def test_injected_server_errors_beyond_retries_keep_the_old_output(server, tmp_p
     before = sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file())
     server.faults.requests_seen.clear()
     server.faults.path_contains, server.faults.status, server.faults.status_count = "/s0/0/1/", 503, 100
-    with pytest.raises(DownloadError, match=r"openorganelle: reading .*s0"):
+    with pytest.raises(DownloadError, match=r"reading openorganelle .*s0"):
         run(server, tmp_path, retries=1)
     assert sorted((p.relative_to(out), p.read_bytes()) for p in out.rglob("*") if p.is_file()) == before
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["jrc_mus-nacc-2.zarr"]  # no temporary left

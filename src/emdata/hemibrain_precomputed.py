@@ -16,7 +16,6 @@ from typing import Any
 import tensorstore as ts
 
 from emdata.errors import DownloadError, SourceMismatchError
-from emdata.params import DownloadConfig
 
 Zyx = tuple[int, int, int]
 
@@ -88,25 +87,6 @@ def parse_info(doc: Mapping[str, Any], url: str) -> VolumeInfo:
     return VolumeInfo(url=url.rstrip("/"), data_type=str(doc.get("data_type")),
                       num_channels=int(doc.get("num_channels", 1)), volume_type=str(doc.get("type")),
                       scales=tuple(scales))
-
-
-def tensorstore_context(download: DownloadConfig, *, concurrency: int, cache_bytes: int,
-                        copy_threads: int | None = None) -> ts.Context:
-    """Shared tensorstore resources: ``concurrency`` HTTP requests in flight, the run's retry policy.
-
-    The cache pool holds shard and minishard indices (without it every chunk would fetch its index again)
-    and decoded chunks that straddle two blocks of a read.
-    """
-    spec: dict[str, Any] = {
-        "http_request_concurrency": {"limit": int(concurrency)},
-        "http_request_retries": {"max_retries": int(download.retries),
-                                 "initial_delay": f"{max(download.backoff_s, 0.001)}s",
-                                 "max_delay": f"{download.backoff_max_s}s"},
-        "cache_pool": {"total_bytes_limit": int(cache_bytes)},
-    }
-    if copy_threads is not None:
-        spec["data_copy_concurrency"] = {"limit": int(copy_threads)}
-    return ts.Context(spec)
 
 
 def open_scale(http_url: str, scale: int, context: ts.Context) -> ts.TensorStore:

@@ -26,22 +26,20 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorstore as ts
-import zarr
 
 from emdata import ngff
 from emdata.download import Downloader
-from emdata.errors import DownloadError, InvalidParameterError, SourceMismatchError
+from emdata.errors import InvalidParameterError, SourceMismatchError
 from emdata.fsutil import atomic_dir
-from emdata.hemibrain_precomputed import ScaleInfo, VolumeInfo, open_scale, parse_info, tensorstore_context
+from emdata.hemibrain_precomputed import ScaleInfo, VolumeInfo, open_scale, parse_info
 from emdata.params import RunContext, dataclass_from_section
+from emdata.tsio import stream_to_zarr, tensorstore_context, ts_result
 from emdata.urls import redact, rewrite
 
 log = logging.getLogger(__name__)
@@ -59,7 +57,6 @@ OUTPUT_SHARDS = (128, 128, 128)
 MIN_SELECTION_VOXELS = 4  # auto selection scale: the coarsest where the crop spans at least this per axis
 MAX_SELECTION_VOXELS = 2**26  # the coarse volume read whole for tissue selection (64 Mi voxels)
 CACHE_BYTES = 64 * 2**20  # tensorstore cache: shard indices and chunks shared by neighbouring blocks
-PROGRESS_EVERY_S = 10.0
 # Janelia releases the hemibrain under CC BY 4.0 (FlyEM release page; not restated in the bucket itself).
 LICENCE = "CC BY 4.0 (cite Scheffer et al. 2020, eLife)"
 
@@ -260,61 +257,6 @@ def choose_origin(params: HemibrainParams, plan: CropPlan, integral: np.ndarray)
         f"or raise max_attempts")
 
 
-def stream_crop(source: ts.TensorStore, dest: zarr.Array, origin: Sequence[int], *, max_inflight_bytes: float,
-                what: str, url: str = "") -> dict[str, float]:
-    """Copy ``source[origin : origin + dest.shape]`` (z, y, x) into ``dest`` one output shard at a time.
-
-    Reads of the next shards are in flight (up to ``max_inflight_bytes`` of decoded voxels) while one is being
-    compressed and written, so the HTTP link stays busy; memory is bounded by that budget.
-    """
-    block = dest.shards or dest.chunks
-    slices = list(ngff.block_slices(dest.shape, block))
-    block_bytes = math.prod(block) * dest.dtype.itemsize
-    depth = max(1, int(max_inflight_bytes // block_bytes))
-    pending: deque[tuple[tuple[slice, ...], Any]] = deque()
-    began = last_log = time.monotonic()
-    done_bytes = 0
-    total_bytes = math.prod(dest.shape) * dest.dtype.itemsize
-    it = iter(slices)
-
-    def submit() -> None:
-        sl = next(it, None)
-        if sl is not None:
-            src = tuple(slice(o + s.start, o + s.stop) for o, s in zip(origin, sl, strict=True))
-            pending.append((sl, source[src].read()))
-
-    for _ in range(depth):
-        submit()
-    done = 0
-    try:
-        while pending:
-            sl, future = pending.popleft()
-            data = _result(future, f"{what} at {redact(url)}" if url else what)
-            submit()
-            dest[sl] = data
-            done += 1
-            done_bytes += data.nbytes
-            now = time.monotonic()
-            if now - last_log >= PROGRESS_EVERY_S or done == len(slices):
-                rate = done_bytes / max(now - began, 1e-9)
-                log.info("hemibrain %s: %d/%d blocks, %.0f MB, %.1f MB/s, ETA %.0f s", what, done, len(slices),
-                         done_bytes / 1e6, rate / 1e6, (total_bytes - done_bytes) / max(rate, 1e-9))
-                last_log = now
-    finally:
-        for _, future in pending:  # on an error: stop the reads still in flight
-            future.cancel()
-    seconds = time.monotonic() - began
-    return {"bytes": done_bytes, "seconds": round(seconds, 3), "MBps": round(done_bytes / 1e6 / max(seconds, 1e-9), 1)}
-
-
-def _result(future: Any, what: str) -> Any:
-    """A tensorstore future's value; its errors (ValueError for any status) become DownloadError."""
-    try:
-        return future.result()
-    except ValueError as exc:
-        raise DownloadError(f"hemibrain: reading the {what} failed (after the configured retries): {exc}") from exc
-
-
 def provenance(params: HemibrainParams, plan: CropPlan, sel: Selection) -> dict[str, Any]:
     """The output's ``emdata`` attributes: live URLs only (never the mirror), nothing time-dependent."""
     scale = plan.em_scale
@@ -385,8 +327,8 @@ def fetch_hemibrain_crop(params: HemibrainParams, ctx: RunContext, out: Path) ->
     context = tensorstore_context(ctx.download, concurrency=params.concurrency, cache_bytes=CACHE_BYTES)
     em_http = rewrite(EM_URL, ctx.mirror)
     t0 = time.monotonic()
-    coarse = _result(open_scale(em_http, plan.selection_scale.index, context).read(),
-                     f"EM selection scale {plan.selection_scale.index} at {redact(em_http)}")
+    coarse = ts_result(open_scale(em_http, plan.selection_scale.index, context).read(),
+                       f"hemibrain EM selection scale {plan.selection_scale.index} at {redact(em_http)}")
     integral = tissue_integral(coarse, params.background_max_value)
     del coarse
     sel = choose_origin(params, plan, integral)
@@ -404,8 +346,8 @@ def fetch_hemibrain_crop(params: HemibrainParams, ctx: RunContext, out: Path) ->
             chunks=OUTPUT_CHUNKS, shards=OUTPUT_SHARDS, downsampling="mean",
             extra_attrs={"emdata": provenance(params, plan, sel)})
         em_view = open_scale(em_http, scale.index, context)
-        figures["em"] = stream_crop(em_view, arrays[0], sel.origin, max_inflight_bytes=budget, what="em",
-                                    url=em_http)
+        figures["em"] = stream_to_zarr(em_view, arrays[0], sel.origin, max_inflight_bytes=budget,
+                                       what=f"hemibrain EM {redact(em_http)}")
         t1 = time.monotonic()
         ngff.write_pyramid(arrays, "mean")
         figures["em"]["pyramid_seconds"] = round(time.monotonic() - t1, 3)
@@ -414,8 +356,8 @@ def fetch_hemibrain_crop(params: HemibrainParams, ctx: RunContext, out: Path) ->
                                         geometry=geometry, chunks=OUTPUT_CHUNKS, shards=OUTPUT_SHARDS)
             seg_http = rewrite(SEGMENTATION_URL, ctx.mirror)
             seg_view = open_scale(seg_http, plan.segmentation_scale.index, context)
-            figures["segmentation"] = stream_crop(seg_view, larrays[0], sel.origin, max_inflight_bytes=budget,
-                                                  what="segmentation", url=seg_http)
+            figures["segmentation"] = stream_to_zarr(seg_view, larrays[0], sel.origin, max_inflight_bytes=budget,
+                                                     what=f"hemibrain segmentation {redact(seg_http)}")
             t1 = time.monotonic()
             ngff.write_pyramid(larrays, "nearest")
             figures["segmentation"]["pyramid_seconds"] = round(time.monotonic() - t1, 3)

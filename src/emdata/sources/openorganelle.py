@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,14 +32,13 @@ from typing import Any
 
 import numpy as np
 import tensorstore as ts
-import zarr
 
 from emdata import ngff
 from emdata.download import ChecksumRegistry, Downloader
 from emdata.errors import DownloadError, InvalidParameterError, SourceMismatchError
 from emdata.fsutil import atomic_dir
-from emdata.hemibrain_precomputed import tensorstore_context
 from emdata.params import RunContext, dataclass_from_section
+from emdata.tsio import stream_to_zarr, tensorstore_context
 from emdata.urls import redact, rewrite
 
 log = logging.getLogger(__name__)
@@ -68,7 +66,6 @@ PUBLISHED_SHAPES: tuple[tuple[int, int, int], ...] = (
 CHUNKS = (64, 64, 64)
 COMPRESSOR = {"id": "zstd", "level": 1}
 CACHE_BYTES = 32 * 2**20  # decoded source chunks shared by neighbouring output shards
-PROGRESS_EVERY_S = 10.0
 
 
 def level_transform(level: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -276,61 +273,6 @@ def open_level(http_url: str, context: ts.Context) -> ts.TensorStore:
         raise DownloadError(f"opening the zarr array {redact(http_url)} failed: {exc}") from exc
 
 
-def _result(future: Any, what: str) -> Any:
-    try:
-        return future.result()
-    except ValueError as exc:
-        raise DownloadError(f"openorganelle: reading {what} failed (after the configured retries): {exc}") from exc
-
-
-def stream_verified(source: ts.TensorStore, dest: zarr.Array, origin: Sequence[int], *, max_inflight_bytes: float,
-                    url: str) -> dict[str, float]:
-    """Copy ``source[origin : origin + dest.shape]`` into ``dest`` one output shard at a time, verifying each.
-
-    The next shards' reads are in flight (up to ``max_inflight_bytes`` of decoded voxels) while one is being
-    compressed, written and read back; a shard that does not read back equal raises SourceMismatchError.
-    """
-    block = dest.shards or dest.chunks
-    slices = list(ngff.block_slices(dest.shape, block))
-    depth = max(1, int(max_inflight_bytes // (math.prod(block) * dest.dtype.itemsize)))
-    pending: deque[tuple[tuple[slice, ...], Any]] = deque()
-    total_bytes = math.prod(dest.shape) * dest.dtype.itemsize
-    began = last_log = time.monotonic()
-    done_bytes = 0
-    it = iter(slices)
-
-    def submit() -> None:
-        sl = next(it, None)
-        if sl is not None:
-            src = tuple(slice(o + s.start, o + s.stop) for o, s in zip(origin, sl, strict=True))
-            pending.append((sl, source[src].read()))
-
-    for _ in range(depth):
-        submit()
-    done = 0
-    try:
-        while pending:
-            sl, future = pending.popleft()
-            data = _result(future, f"{redact(url)} at {sl}")
-            submit()
-            dest[sl] = data
-            if not np.array_equal(dest[sl], data):
-                raise SourceMismatchError(f"the output does not read back equal to {redact(url)} at {sl}")
-            done += 1
-            done_bytes += data.nbytes
-            now = time.monotonic()
-            if now - last_log >= PROGRESS_EVERY_S or done == len(slices):
-                rate = done_bytes / max(now - began, 1e-9)
-                log.info("openorganelle: %d/%d shards, %.0f of %.0f MB, %.1f MB/s, ETA %.0f s", done, len(slices),
-                         done_bytes / 1e6, total_bytes / 1e6, rate / 1e6, (total_bytes - done_bytes) / max(rate, 1e-9))
-                last_log = now
-    finally:
-        for _, future in pending:  # on an error: stop the reads still in flight
-            future.cancel()
-    seconds = time.monotonic() - began
-    return {"bytes": done_bytes, "seconds": round(seconds, 3), "MBps": round(done_bytes / 1e6 / max(seconds, 1e-9), 1)}
-
-
 def _document(downloader: Downloader, registry: ChecksumRegistry, url: str) -> tuple[Any, dict[str, Any]]:
     """GET a JSON document; return it and its ``files`` entry (live URL, size, sha256), recorded in the registry."""
     body = downloader.fetch_bytes(url)
@@ -415,8 +357,8 @@ def fetch_openorganelle(params: OpenOrganelleParams, ctx: RunContext, out: Path)
             tmp, name=DATASET, shape=plan.roi_shape, dtype=np.int16, geometry=geometry,
             chunks=params.chunks, shards=params.shards, downsampling="mean",
             extra_attrs={"emdata": provenance(plan, zattrs, zarray_doc, [zattrs_file, zarray_file])})
-        figures = stream_verified(source, arrays[0], plan.roi_start, max_inflight_bytes=params.max_inflight_mb * 2**20,
-                                  url=level_http)
+        figures = stream_to_zarr(source, arrays[0], plan.roi_start, max_inflight_bytes=params.max_inflight_mb * 2**20,
+                                 what=f"openorganelle {redact(level_http)}", verify=True)
         t1 = time.monotonic()
         ngff.write_pyramid(arrays, "mean")
         figures["pyramid_seconds"] = round(time.monotonic() - t1, 3)
