@@ -140,6 +140,13 @@ def test_bad_params_fail_before_any_network_call(server, tmp_path, section, mess
     assert not (tmp_path / "data").exists()
 
 
+def test_api_document_of_another_shape_fails_clearly(server, tree, tmp_path):
+    api_file(tree).write_text(json.dumps({"EMPIAR-11760": {}}))
+    with pytest.raises(SourceMismatchError, match=r"api/entry/11759/: the EMPIAR-11759 entry lacks or garbles"):
+        run(server, tmp_path)
+    assert not (tmp_path / "data").exists()
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"image_width": "130"}, r"the API says width x height \(130, 96\), the DM3 slices are \(128, 96\)"),
     ({"pixel_width": 100.0}, r"pixel size in x: the API says 100.0 Å = 10.0 nm, the DM3 calibration 7.99825 nm"),
@@ -194,7 +201,7 @@ def test_slices_that_disagree_with_one_another_fail(server, tree, tmp_path):
 def test_short_listing_is_fetched_again_then_fails_clearly(server, tree, tmp_path):
     index = tree / replica.DATA_PATH / "index.html"
     index.write_text(re.sub(r".*slice_0007\.dm3.*\n", "", index.read_text()))
-    with pytest.raises(SourceMismatchError, match=r"listed \[15, 15\] DM3 slices in 2 attempts; the API says 16"):
+    with pytest.raises(SourceMismatchError, match=r"listed \[15, 15\] DM3 slices in 2 attempts; the API says 16 .*last missing: \[7\]"):
         run(server, tmp_path, {"listing_attempts": 2})
     listing = [r for r in server.faults.requests_seen if r.split(" ")[1].endswith("/11759/data/")]
     assert len(listing) == 2
@@ -212,7 +219,7 @@ def test_listing_recovers_when_a_later_fetch_is_complete(empiar_tree):
 
 def test_listing_with_a_gap_in_the_numbering_is_short():
     page = "".join(f'<a href="{replica.SLICE_NAME.format(i)}">x</a>\n' for i in [*range(15), 16])
-    with pytest.raises(SourceMismatchError, match=r"listed \[16\] DM3 slices in 1 attempts"):
+    with pytest.raises(SourceMismatchError, match=r"listed \[16\] DM3 slices in 1 attempts.*last missing: \[15\]"):
         empiar.fetch_listing(lambda url: page.encode(), 16, attempts=1)
 
 

@@ -123,9 +123,9 @@ def parse_api(document: Any) -> ApiFacts:
             details=str(imageset.get("details") or ""),
         )
         directory = imageset["directory"]
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise SourceMismatchError(f"{API_URL}: the {ENTRY} entry lacks or garbles {exc}") from exc
-    if directory.strip("/") != "data" or facts.data_format != "DM3" or facts.voxel_type != "UNSIGNED BYTE":
+    if str(directory).strip("/") != "data" or facts.data_format != "DM3" or facts.voxel_type != "UNSIGNED BYTE":
         raise SourceMismatchError(f"{API_URL}: expected imagesets[0] of DM3 UNSIGNED BYTE images in 'data', got "
                                   f"{facts.data_format!r} {facts.voxel_type!r} in {directory!r}")
     return facts
@@ -156,6 +156,7 @@ def parse_autoindex(page: str) -> tuple[list[str], list[str]]:
 def fetch_listing(fetch: Callable[[str], bytes], expected_slices: int, attempts: int) -> tuple[list[str], list[str], int]:
     """The listing's (slices, other entries, attempts used); a short listing is fetched again up to ``attempts``."""
     seen: list[int] = []
+    missing: list[int] = []
     for attempt in range(1, attempts + 1):
         files, folders = parse_autoindex(fetch(DATA_URL).decode("utf-8", errors="replace"))
         found = [f for f in files if SLICE_PATTERN.match(f)]
@@ -167,10 +168,11 @@ def fetch_listing(fetch: Callable[[str], bytes], expected_slices: int, attempts:
         if len(found) == expected_slices and numbers == list(range(expected_slices)):
             return found, others, attempt
         seen.append(len(found))
+        missing = sorted(set(range(expected_slices)) - set(numbers))
         log.warning("%s listed %d of %d slices (attempt %d of %d); the load-balanced index can omit files",
                     DATA_URL, len(found), expected_slices, attempt, attempts)
     raise SourceMismatchError(f"{DATA_URL} listed {seen} DM3 slices in {attempts} attempts; the API says "
-                              f"{expected_slices} (slices 0000..{expected_slices - 1:04d})")
+                              f"{expected_slices} (slices 0000..{expected_slices - 1:04d}); last missing: {missing}")
 
 
 # ---------------------------------------------------------------------------------------------- DM3 slices
