@@ -26,6 +26,7 @@ def test_demo_repro_push_pull_restores_every_output(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((ws / "demo_summary.json").read_text())
+    stages = ("epfl", "hemibrain", "idr", "openorganelle", "metadata")
     images = summary["outputs"]["data/epfl.zarr"]
     assert set(images) == {"training", "testing"}
     for image in images.values():
@@ -37,10 +38,12 @@ def test_demo_repro_push_pull_restores_every_output(tmp_path):
     metrics = json.loads((ws / "metrics" / "hemibrain.json").read_text())
     assert [o * 8.0 for o in metrics["crop_origin_voxels"]] == crop["translation_nm"]
     assert "| hemibrain | `0` | image | 96, 128, 112 | uint8 |" in (ws / "METADATA_SUMMARY.md").read_text()
+    assert summary["outputs"]["data/idr_9846137.zarr"]["."]["voxel_size_nm"] == [20.0, 20.0, 20.0]
+    assert summary["outputs"]["data/jrc_mus-nacc-2.zarr"]["."]["dtype"] == "int16"
     assert set(summary["step_seconds"]) == {"dvc repro", "dvc push", "dvc pull", "dvc metrics show"}
-    assert all(f"metrics/{m}.json" in proc.stdout for m in ("epfl", "hemibrain", "metadata"))  # metrics show
+    assert all(f"metrics/{m}.json" in proc.stdout for m in stages)  # dvc metrics show printed them
     lock = (ws / "dvc.lock").read_text()
-    assert all(f"{stage}:" in lock for stage in ("epfl", "hemibrain", "metadata")) and "md5" in lock
+    assert all(f"{stage}:" in lock for stage in stages) and "md5" in lock
     # The demo never touches the user's working tree, and every server it started is gone.
     after = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
     assert after == before

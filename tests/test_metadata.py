@@ -48,7 +48,7 @@ def test_missing_output_names_the_stage_to_run(tmp_path):
         build_metadata(tmp_path, MetadataParams(datasets=["epfl"]), mirror="")
 
 
-@pytest.mark.parametrize("bad", [{"datasets": ["epfl", "idr"]}, {"datasets": []}, {"histogram_level": -1},
+@pytest.mark.parametrize("bad", [{"datasets": ["epfl", "emdb"]}, {"datasets": []}, {"histogram_level": -1},
                                  {"histogram_bins": 1}])
 def test_bad_params_name_the_value(bad):
     with pytest.raises(InvalidParameterError, match=next(iter(bad))):

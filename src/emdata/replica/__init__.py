@@ -22,6 +22,8 @@ PROFILES: tuple[Profile, ...] = ("full", "small")
 SOURCE_MODULES: dict[str, str] = {
     "epfl": "emdata.replica.epfl",
     "hemibrain": "emdata.replica.hemibrain",
+    "idr": "emdata.replica.idr",
+    "openorganelle": "emdata.replica.openorganelle",
 }
 
 __all__ = ["Faults", "ReplicaServer", "SOURCE_MODULES", "build_replica", "serve_in_thread", "cache_root"]

@@ -13,6 +13,8 @@ from emdata.params import RunContext
 SOURCE_MODULES: dict[str, str] = {
     "epfl": "emdata.sources.epfl",
     "hemibrain": "emdata.sources.hemibrain",
+    "idr": "emdata.sources.idr",
+    "openorganelle": "emdata.sources.openorganelle",
 }
 
 
