@@ -279,3 +279,30 @@ def test_live_api_and_listing_agree_with_what_we_know():
     assert (facts.num_images, facts.z_nm, facts.pixel_width_nm) == (16, 50.0, 8.0)
     slices, others, _ = empiar.fetch_listing(downloader.fetch_bytes, facts.num_images, attempts=3)
     assert slices == [replica.SLICE_NAME.format(i) for i in range(16)] and "F57-8_test1.xml.gz" in others
+
+
+def test_run_stage_reads_the_params_yaml_section(server, tmp_path, monkeypatch):
+    """Through the stage runner, as DVC runs it (registered here until the registry lists `empiar`)."""
+    import emdata.sources
+    from emdata.stage import run_stage
+
+    monkeypatch.setitem(emdata.sources.SOURCE_MODULES, "empiar", "emdata.sources.empiar")
+    (tmp_path / "params.yaml").write_text(
+        f'mirror: "{server.base_url}"\ndownload: {{workers: 4, retries: 1, backoff_s: 0}}\n'
+        "empiar: {chunks: [64, 64, 64], shards: [256, 256, 256], listing_attempts: 3, keep_downloads: false}\n")
+    metrics = run_stage("empiar", repo_root=tmp_path)
+    assert json.loads((tmp_path / "metrics" / "empiar.json").read_text()) == metrics
+    assert (tmp_path / OUTPUT / "0" / "zarr.json").exists()
+    (tmp_path / "params.yaml").write_text(f'mirror: "{server.base_url}"\nempiar: {{listing_attempt: 3}}\n')
+    seen = len(server.faults.requests_seen)
+    with pytest.raises(InvalidParameterError, match=r"unknown key.*listing_attempt"):
+        run_stage("empiar", repo_root=tmp_path)
+    assert len(server.faults.requests_seen) == seen
+
+
+def test_replica_bytes_are_deterministic(empiar_tree, tmp_path):
+    replica.build(tmp_path, "small")
+    ours = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    theirs = sorted(p.relative_to(empiar_tree) for p in empiar_tree.rglob("*") if p.is_file())
+    assert ours == theirs and len(ours) == 20  # API, index, 16 slices, XML.gz, sub-folder index
+    assert all((tmp_path / p).read_bytes() == (empiar_tree / p).read_bytes() for p in ours)
