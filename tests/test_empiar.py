@@ -306,3 +306,14 @@ def test_replica_bytes_are_deterministic(empiar_tree, tmp_path):
     theirs = sorted(p.relative_to(empiar_tree) for p in empiar_tree.rglob("*") if p.is_file())
     assert ours == theirs and len(ours) == 20  # API, index, 16 slices, XML.gz, sub-folder index
     assert all((tmp_path / p).read_bytes() == (empiar_tree / p).read_bytes() for p in ours)
+
+
+def test_autoindex_links_of_any_form_are_resolved_against_the_folder():
+    page = """<a href="?C=N;O=D">Name</a> <a href="/empiar/world_availability/11759/">Parent Directory</a>
+    <a href="F57-8_test1_3VBSED_slice_0000.dm3">a</a>
+    <a HREF="/empiar/world_availability/11759/data/F57-8_test1_3VBSED_slice_0001.dm3">b</a>
+    <a href="https://ftp.ebi.ac.uk/empiar/world_availability/11759/data/F57-8_test1.xml.gz">c</a>
+    <a href="some%20folder/">d</a> <a href="https://example.org/x.dm3">e</a> <a href="../other/y.dm3">f</a>"""
+    files, folders = empiar.parse_autoindex(page)
+    assert files == ["F57-8_test1.xml.gz", "F57-8_test1_3VBSED_slice_0000.dm3", "F57-8_test1_3VBSED_slice_0001.dm3"]
+    assert folders == ["some folder"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import html
 import logging
 import re
 import time
@@ -17,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urljoin
 
 import numpy as np
 import zarr
@@ -141,14 +143,21 @@ def section_thickness_nm(details: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- listing
-def parse_autoindex(page: str) -> tuple[list[str], list[str]]:
-    """Files and sub-folders of an Apache autoindex page (sort links, the parent and absolute links skipped)."""
+def parse_autoindex(page: str, base_url: str = DATA_URL) -> tuple[list[str], list[str]]:
+    """Files and sub-folders of an Apache autoindex page of ``base_url``.
+
+    Links are resolved against ``base_url`` (relative, absolute-path or full hrefs alike); sort links
+    (``?C=N;O=D``), the parent directory and anything outside the folder are skipped.
+    """
     files: list[str] = []
     folders: list[str] = []
-    for href in re.findall(r'<a href="([^"]+)"', page):
-        if href.startswith(("?", "/", "..")) or "://" in href:
+    for href in re.findall(r'<a\s+href="([^"]+)"', page, flags=re.IGNORECASE):
+        target = unquote(urljoin(base_url, html.unescape(href)))
+        if not target.startswith(unquote(base_url)):
             continue
-        name = href.replace("&amp;", "&")
+        name = target[len(unquote(base_url)):]
+        if not name or name.startswith("?") or "/" in name.rstrip("/"):
+            continue
         (folders if name.endswith("/") else files).append(name.rstrip("/"))
     return sorted(set(files)), sorted(set(folders))
 
