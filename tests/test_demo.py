@@ -26,7 +26,7 @@ def test_demo_repro_push_pull_restores_every_output(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((ws / "demo_summary.json").read_text())
-    stages = ("epfl", "hemibrain", "idr", "openorganelle", "metadata")
+    stages = ("epfl", "hemibrain", "empiar", "idr", "openorganelle", "metadata")
     images = summary["outputs"]["data/epfl.zarr"]
     assert set(images) == {"training", "testing"}
     for image in images.values():
@@ -39,6 +39,7 @@ def test_demo_repro_push_pull_restores_every_output(tmp_path):
     assert [o * 8.0 for o in metrics["crop_origin_voxels"]] == crop["translation_nm"]
     assert "| hemibrain | `0` | image | 96, 128, 112 | uint8 |" in (ws / "METADATA_SUMMARY.md").read_text()
     assert summary["outputs"]["data/idr_9846137.zarr"]["."]["voxel_size_nm"] == [20.0, 20.0, 20.0]
+    assert summary["outputs"]["data/empiar_11759.zarr"]["."]["voxel_size_nm"] == [50.0, 7.99825, 7.99825]
     assert summary["outputs"]["data/jrc_mus-nacc-2.zarr"]["."]["dtype"] == "int16"
     assert set(summary["step_seconds"]) == {"dvc repro", "dvc push", "dvc pull", "dvc metrics show"}
     assert all(f"metrics/{m}.json" in proc.stdout for m in stages)  # dvc metrics show printed them

@@ -281,12 +281,10 @@ def test_live_api_and_listing_agree_with_what_we_know():
     assert slices == [replica.SLICE_NAME.format(i) for i in range(16)] and "F57-8_test1.xml.gz" in others
 
 
-def test_run_stage_reads_the_params_yaml_section(server, tmp_path, monkeypatch):
-    """Through the stage runner, as DVC runs it (registered here until the registry lists `empiar`)."""
-    import emdata.sources
+def test_run_stage_reads_the_params_yaml_section(server, tmp_path):
+    """Through the stage runner, as DVC runs it."""
     from emdata.stage import run_stage
 
-    monkeypatch.setitem(emdata.sources.SOURCE_MODULES, "empiar", "emdata.sources.empiar")
     (tmp_path / "params.yaml").write_text(
         f'mirror: "{server.base_url}"\ndownload: {{workers: 4, retries: 1, backoff_s: 0}}\n'
         "empiar: {chunks: [64, 64, 64], shards: [256, 256, 256], listing_attempts: 3, keep_downloads: false}\n")

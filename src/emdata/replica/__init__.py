@@ -22,6 +22,7 @@ PROFILES: tuple[Profile, ...] = ("full", "small")
 SOURCE_MODULES: dict[str, str] = {
     "epfl": "emdata.replica.epfl",
     "hemibrain": "emdata.replica.hemibrain",
+    "empiar": "emdata.replica.empiar",
     "idr": "emdata.replica.idr",
     "openorganelle": "emdata.replica.openorganelle",
 }

@@ -13,6 +13,7 @@ from emdata.params import RunContext
 SOURCE_MODULES: dict[str, str] = {
     "epfl": "emdata.sources.epfl",
     "hemibrain": "emdata.sources.hemibrain",
+    "empiar": "emdata.sources.empiar",
     "idr": "emdata.sources.idr",
     "openorganelle": "emdata.sources.openorganelle",
 }
