@@ -444,6 +444,23 @@ def _range_of(response: requests.Response, asked_from: int) -> tuple[int, int | 
     return 0, int(length) if length is not None else None
 
 
+def transfer_figures(results: Sequence[DownloadResult], seconds: float) -> dict[str, Any]:
+    """The numbers a stage reports about its downloads (for its metrics file)."""
+    fetched = sum(r.fetched_bytes for r in results)
+    return {"files": len(results), "downloaded_bytes": fetched, "download_seconds": round(seconds, 2),
+            "download_MBps": round(fetched / 1e6 / max(seconds, 1e-9), 1)}
+
+
+def discard_downloads(results: Sequence[DownloadResult], folder: Path) -> None:
+    """Delete raw downloads once their conversion is verified and in place; ``folder`` too if left empty."""
+    for r in results:
+        Path(r.dest).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (other files) or already gone
+        pass
+
+
 def download_files(items: Iterable[Download], config: DownloadConfig, *, mirror: str = "",
                    checksums: Path | None = None, progress: bool | None = None) -> list[DownloadResult]:
     """Download ``items`` with a fresh :class:`Downloader` (registry at ``checksums``)."""

@@ -227,6 +227,15 @@ def write_block_aligned(array: zarr.Array, source: Any, *, slab: Sequence[int] |
         array[sl] = np.asarray(source[sl])
 
 
+def check_read_back(array: zarr.Array, expected: Any, what: str) -> None:
+    """Read ``array`` back one shard at a time and compare it with ``expected`` (anything sliceable z, y, x)."""
+    from emdata.errors import SourceMismatchError
+
+    for sl in block_slices(array.shape, array.shards or array.chunks):
+        if not np.array_equal(array[sl], np.asarray(expected[sl])):
+            raise SourceMismatchError(f"conversion of {what} does not read back equal at {sl}")
+
+
 def open_multiscale(path: Path | str, *, label: str | None = None) -> tuple[dict[str, Any], list[zarr.Array]]:
     """Open an OME-Zarr image (or one of its labels) and return its ``multiscales[0]`` and level arrays."""
     root = zarr.open_group(str(path), mode="r", zarr_format=3)

@@ -8,7 +8,6 @@ parallel, read with ``ncempy`` and cross-checked against the API before they are
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import html
 import logging
@@ -25,7 +24,14 @@ import zarr
 from ncempy.io import dm
 
 from emdata import ngff
-from emdata.download import ChecksumRegistry, Download, DownloadResult, Downloader
+from emdata.download import (
+    ChecksumRegistry,
+    Download,
+    Downloader,
+    DownloadResult,
+    discard_downloads,
+    transfer_figures,
+)
 from emdata.errors import IntegrityError, InvalidParameterError, SourceMismatchError
 from emdata.fsutil import atomic_dir
 from emdata.params import RunContext, dataclass_from_section
@@ -307,23 +313,16 @@ class EmpiarSource:
                                             shards=params.shards)
             ngff.write_block_aligned(arrays[0], stack)
             ngff.write_pyramid(arrays, "mean")
-            _check_equal(arrays[0], stack)
+            ngff.check_read_back(arrays[0], stack, "the DM3 slices")
             root.attrs["emdata"] = provenance(api, voxel, results, names, others, known, decoded_checked)
         convert_s = time.monotonic() - began
         mean = float(np.mean([float(np.asarray(s.data).mean()) for s in slices]))
         del stack, slices  # close the memory maps before the files go
         # Downloads go only after the converted output is verified and in place (see README).
         if not params.keep_downloads:
-            for r in results:
-                Path(r.dest).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                downloads.rmdir()  # only when empty
-        fetched = sum(r.fetched_bytes for r in results)
+            discard_downloads(results, downloads)
         return {
-            "files": len(results),
-            "downloaded_bytes": fetched,
-            "download_seconds": round(download_s, 2),
-            "download_MBps": round(fetched / 1e6 / max(download_s, 1e-9), 1),
+            **transfer_figures(results, download_s),
             "convert_seconds": round(convert_s, 2),
             "listing_attempts": listing_attempts,
             "known_disagreements": len(known),
@@ -332,12 +331,6 @@ class EmpiarSource:
             "levels": len(arrays),
             "mean_intensity": round(mean, 2),
         }
-
-
-def _check_equal(array: zarr.Array, expected: SliceStack) -> None:
-    for sl in ngff.block_slices(array.shape, array.shards or array.chunks):
-        if not np.array_equal(array[sl], expected[sl]):  # type: ignore[index]
-            raise SourceMismatchError(f"conversion of the DM3 slices does not read back equal at {sl}")
 
 
 def provenance(api: ApiFacts, voxel: tuple[float, float, float], results: Sequence[DownloadResult],

@@ -8,7 +8,6 @@ an OME-Zarr 0.5 multiscale image (z, y, x, nm) with its ground truth as NGFF lab
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import time
@@ -22,7 +21,14 @@ import tifffile
 import zarr
 
 from emdata import ngff
-from emdata.download import ChecksumRegistry, Download, DownloadResult, Downloader
+from emdata.download import (
+    ChecksumRegistry,
+    Download,
+    Downloader,
+    DownloadResult,
+    discard_downloads,
+    transfer_figures,
+)
 from emdata.errors import InvalidParameterError, SourceMismatchError
 from emdata.fsutil import atomic_dir
 from emdata.params import RunContext, dataclass_from_section
@@ -107,19 +113,8 @@ class EpflSource:
         convert_s = time.monotonic() - began
         # Downloads go only after the converted output is verified and in place (see README).
         if not params.keep_downloads:
-            for r in results:
-                Path(r.dest).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                downloads.rmdir()  # only when empty
-        fetched = sum(r.fetched_bytes for r in results)
-        return {
-            "files": len(results),
-            "downloaded_bytes": fetched,
-            "download_seconds": round(download_s, 2),
-            "download_MBps": round(fetched / 1e6 / max(download_s, 1e-9), 1),
-            "convert_seconds": round(convert_s, 2),
-            "arrays": figures,
-        }
+            discard_downloads(results, downloads)
+        return {**transfer_figures(results, download_s), "convert_seconds": round(convert_s, 2), "arrays": figures}
 
 
 def read_tiff(path: Path) -> np.ndarray:
@@ -142,7 +137,7 @@ def convert_split(root: zarr.Group, split: str, image_path: Path, mask_path: Pat
                                     chunks=params.chunks, shards=params.shards)
     ngff.write_block_aligned(arrays[0], image)
     ngff.write_pyramid(arrays, "mean")
-    _check_equal(arrays[0], image, image_path.name)
+    ngff.check_read_back(arrays[0], image, image_path.name)
     # Metrics are numbers (DVC tabulates them); dtype and source live in the output's attributes.
     figures: dict[str, Any] = {"shape": list(image.shape),
                                "levels": len(arrays), "mean_intensity": round(float(image.mean()), 2)}
@@ -160,16 +155,10 @@ def convert_split(root: zarr.Group, split: str, image_path: Path, mask_path: Pat
                                     colors={MITO_LABEL: [255, 64, 64, 255]})
         ngff.write_block_aligned(larrays[0], labels)
         ngff.write_pyramid(larrays, "nearest")
-        _check_equal(larrays[0], labels, mask_path.name)
+        ngff.check_read_back(larrays[0], labels, mask_path.name)
         figures["mito_fraction"] = round(float(labels.mean()), 5)
         figures["mask_values"] = values[:10].tolist()
     return figures
-
-
-def _check_equal(array: zarr.Array, expected: np.ndarray, name: str) -> None:
-    for sl in ngff.block_slices(array.shape, array.shards or array.chunks):
-        if not np.array_equal(array[sl], expected[sl]):
-            raise SourceMismatchError(f"conversion of {name} does not read back equal at {sl}")
 
 
 def provenance(params: EpflParams, results: Sequence[DownloadResult]) -> dict[str, Any]:

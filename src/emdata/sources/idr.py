@@ -9,7 +9,6 @@ documents' key facts, any known discrepancy) is in the root's ``emdata`` attribu
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import re
@@ -24,7 +23,14 @@ import tifffile
 import zarr
 
 from emdata import ngff
-from emdata.download import ChecksumRegistry, Download, DownloadResult, Downloader
+from emdata.download import (
+    ChecksumRegistry,
+    Download,
+    Downloader,
+    DownloadResult,
+    discard_downloads,
+    transfer_figures,
+)
 from emdata.errors import InvalidParameterError, SourceMismatchError
 from emdata.fsutil import atomic_dir
 from emdata.params import RunContext, dataclass_from_section
@@ -138,14 +144,9 @@ class IdrSource:
         del image  # release the memory map before the file goes
         # The raw TIFF goes only after the converted output is verified and in place.
         if not params.keep_downloads:
-            Path(result.dest).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                downloads.rmdir()  # only when empty
+            discard_downloads([result], downloads)
         return {
-            "files": 1,
-            "downloaded_bytes": result.fetched_bytes,
-            "download_seconds": round(download_s, 2),
-            "download_MBps": round(result.fetched_bytes / 1e6 / max(download_s, 1e-9), 1),
+            **transfer_figures([result], download_s),
             "convert_seconds": round(convert_s, 2),
             "known_discrepancies": len(notes),
             **figures,
@@ -327,9 +328,7 @@ def convert(root: zarr.Group, image: np.ndarray, geometry: ngff.Geometry, params
                                     geometry=geometry, chunks=params.chunks, shards=params.shards)
     ngff.write_block_aligned(arrays[0], image)
     ngff.write_pyramid(arrays, "mean")
-    for sl in ngff.block_slices(arrays[0].shape, arrays[0].shards or arrays[0].chunks):
-        if not np.array_equal(arrays[0][sl], image[sl]):
-            raise SourceMismatchError(f"conversion of {FILE_NAME} does not read back equal at {sl}")
+    ngff.check_read_back(arrays[0], image, FILE_NAME)
     return {"shape": list(image.shape), "levels": len(arrays), "mean_intensity": round(float(image.mean()), 2)}
 
 
