@@ -8,7 +8,7 @@ zarr-python properties (int16 little-endian, fill 0, C order, chunks 64^3, zstd 
 separator "/" (the real one is unverified) and the replica's smaller shapes.
 
 Shapes are a documented stand-in: the real s0 is [564, 2520, 2596] (7.38 GB of int16), far beyond the demo's
-time budget, so "full" has s0 [96, 320, 336] and "small" [40, 96, 104]; every level is the previous one
+time budget, so "full" has s0 [188, 840, 865] (a third per axis) and "small" [40, 96, 104]; every level is the previous one
 halved (floor, like the real s7 [4, 19, 20] -> s8 [2, 9, 10]), at least 1 voxel per axis, made by 2x2x2 mean
 like a mean pyramid. Voxels are ``synth.em_like`` grey values mapped to a signed range; a corner column of
 the bounding box (y and x below one chunk) is 0, so its all-fill chunks are never written and readers must
@@ -26,7 +26,7 @@ import tensorstore as ts
 
 from emdata.replica.synth import em_like
 
-VERSION = 1
+VERSION = 2
 
 HOST = "janelia-cosem-datasets.s3.amazonaws.com"
 STORE_PATH = "jrc_mus-nacc-2/jrc_mus-nacc-2.zarr"
@@ -34,7 +34,8 @@ GROUP_PATH = "recon-2/em/fibsem-int16"
 N_LEVELS = 9
 CHUNK = 64
 SEED = 2015  # imaging started in 2015; any fixed value
-SHAPES: dict[str, tuple[int, int, int]] = {"full": (96, 320, 336), "small": (40, 96, 104)}
+# "full" is a third of the real s0 along each axis (274 MB of int16), "small" is for the tests.
+SHAPES: dict[str, tuple[int, int, int]] = {"full": (188, 840, 865), "small": (40, 96, 104)}
 EMPTY_CORNER = CHUNK  # y, x below this at s0 are 0 (fill), so those chunks are absent
 
 # The group's ``.zattrs``: the "attrs" object of
