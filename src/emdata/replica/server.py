@@ -268,7 +268,9 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
 def serve_in_thread(root: Path, port: int = 0) -> Iterator[ReplicaServer]:
     """Serve ``root`` on loopback in a background thread (port 0 = a free port) until the block exits."""
     server = ReplicaServer(root, port=port)
-    thread = threading.Thread(target=server.serve_forever, name="emdata-replica", daemon=True)
+    # A short poll interval: shutdown() waits for the next poll (0.5 s by default, per test in the suite).
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="emdata-replica",
+                              daemon=True)
     thread.start()
     try:
         yield server
