@@ -24,7 +24,7 @@ from emdata.replica.dm3_writer import write_dm3
 from emdata.sources import empiar
 from emdata.sources.empiar import SOURCE
 
-REFERENCE_API = Path("/work/shared/reference/sources/empiar_11759_api.json")
+REFERENCE_API = Path(__file__).parent / "fixtures" / "reference" / "sources" / "empiar_11759_api.json"
 OUTPUT = "data/empiar_11759.zarr"
 
 
@@ -171,8 +171,7 @@ def test_z_spacing_comes_from_the_details_text(server, tree, tmp_path):
 def test_the_live_size_disagreement_is_known_logged_and_recorded(caplog):
     """The verbatim API says 5628 x 5632; the live slices are 5496 x 5500: recorded, not fatal."""
     document = json.loads(replica.API_DOCUMENT)
-    if REFERENCE_API.is_file():  # the replica serves the reference copy byte for byte
-        assert replica.API_DOCUMENT == REFERENCE_API.read_text(encoding="utf-8")
+    assert replica.API_DOCUMENT == REFERENCE_API.read_text(encoding="utf-8")  # served byte for byte
     facts = empiar.parse_api(document)
     assert (facts.num_images, facts.z_nm, facts.pixel_width_nm) == (16, 50.0, 8.0)
     live_shape = np.broadcast_to(np.uint8(0), (5500, 5496))  # shapes only; no 30 MB per slice
@@ -249,10 +248,9 @@ def test_pinned_file_checksum_mismatch_fails_without_output(server, tmp_path):
 def test_live_decoded_pins_are_checked_and_a_wrong_one_fails():
     """The third-party hashes of decoded live slices: the check as the stage runs it when fetching live."""
     assert set(empiar.LIVE_DECODED_SHA256) == {replica.SLICE_NAME.format(i) for i in (5, 10, 11, 13, 15)}
-    if (REFERENCE_API.parent / "empiar_11759_macroscope_slice_records.json").is_file():
-        records = json.loads((REFERENCE_API.parent / "empiar_11759_macroscope_slice_records.json").read_text())
-        published = {r["files"]["raw"].rsplit("/", 1)[1]: r["metadata"]["technical"]["sha256"] for r in records}
-        assert published == empiar.LIVE_DECODED_SHA256
+    records = json.loads((REFERENCE_API.parent / "empiar_11759_macroscope_slice_records.json").read_text())
+    published = {r["files"]["raw"].rsplit("/", 1)[1]: r["metadata"]["technical"]["sha256"] for r in records}
+    assert published == empiar.LIVE_DECODED_SHA256
     pixels = np.arange(30, dtype=np.uint8).reshape(5, 6)
     name = replica.SLICE_NAME.format(5)
     s = empiar.Slice(name, pixels, (7.99825, 7.99825))
