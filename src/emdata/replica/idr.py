@@ -2,7 +2,7 @@
 
 The TIFF is written as ImageJ 1.52p wrote the real one (uncompressed, one strip per page, contiguous,
 ``ImageDescription`` "ImageJ=1.52p ... unit=\\u00B5m spacing=0.02", X/YResolution 50 px/µm, ResolutionUnit none;
-see ``/work/shared/reference/sources/idr_9846137_xy_tif_tags.json``). No verbatim OMERO response for this image
+see the tag dump ``idr_9846137_xy_tif_tags.json`` in the project's reference notes). No verbatim OMERO response for this image
 is known, so the JSON API ``/api/v0/m/images/9846137/`` and ``/webclient/imgData/9846137/`` documents follow the
 shape of the OMERO documentation samples (with ``"data": {...}`` as real servers answer) and hold values that
 agree with the generated TIFF. A URL ending in ``/`` is served from ``index.html`` in that folder.

@@ -2,7 +2,7 @@
 
 Served at the real path under ``janelia-cosem-datasets.s3.amazonaws.com/jrc_mus-nacc-2/jrc_mus-nacc-2.zarr/``.
 The group's ``.zattrs`` is the real one, byte for byte as ``json.dumps`` writes the verbatim dump in
-``/work/shared/reference/sources`` (OME-NGFF 0.4, nine levels, the real scales and translations, including
+``tests/fixtures/reference/sources`` (OME-NGFF 0.4, nine levels, the real scales and translations, including
 their float noise such as 11.840000000000002). Each array's ``.zarray`` is rebuilt from the dump's
 zarr-python properties (int16 little-endian, fill 0, C order, chunks 64^3, zstd level 1) with the chunk key
 separator "/" (the real one is unverified) and the replica's smaller shapes.
