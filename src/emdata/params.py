@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,6 +37,27 @@ def dataclass_from_section(cls: type[T], section: Mapping[str, Any] | None, wher
         return cls(**section)
     except TypeError as exc:  # e.g. a list where a number is needed
         raise InvalidParameterError(f"bad params section {where!r}: {exc}") from exc
+
+
+def check_chunks_and_shards(section: str, chunks: Any, shards: Any) -> None:
+    """Output chunks and shards: three positive integers each (z, y, x), shards whole multiples of chunks."""
+    for name, value in (("chunks", chunks), ("shards", shards)):
+        if not isinstance(value, (list, tuple)) or len(value) != 3 or any(
+                isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value):
+            raise InvalidParameterError(f"{section}.{name} must be three positive integers (z, y, x), got {value!r}")
+    if any(s % c for s, c in zip(shards, chunks, strict=True)):
+        raise InvalidParameterError(f"{section}.shards {list(shards)} must be multiples of chunks {list(chunks)}")
+
+
+def check_sha256_pins(section: str, pins: Any, is_known: Callable[[str], bool], valid: str) -> None:
+    """Pinned sha256 per file name: known names (``valid`` describes them) and 64 lowercase hex digits."""
+    if not isinstance(pins, Mapping):
+        raise InvalidParameterError(f"{section}.sha256 must map file names to sha256, got {pins!r}")
+    for name, digest in pins.items():
+        if not is_known(str(name)):
+            raise InvalidParameterError(f"{section}.sha256 names unknown file {name!r}; valid: {valid}")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise InvalidParameterError(f"{section}.sha256[{name!r}] must be 64 lowercase hex digits, got {digest!r}")
 
 
 def _positive(name: str, value: Any, kind: type = float) -> None:

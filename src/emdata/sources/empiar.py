@@ -34,7 +34,7 @@ from emdata.download import (
 )
 from emdata.errors import IntegrityError, InvalidParameterError, SourceMismatchError
 from emdata.fsutil import atomic_dir
-from emdata.params import RunContext, dataclass_from_section
+from emdata.params import RunContext, check_chunks_and_shards, check_sha256_pins, dataclass_from_section
 
 log = logging.getLogger(__name__)
 
@@ -71,27 +71,14 @@ class EmpiarParams:
     sha256: Mapping[str, str] = field(default_factory=dict)  # file name -> pinned sha256 of the live file
 
     def __post_init__(self) -> None:
-        for name in ("chunks", "shards"):
-            value = getattr(self, name)
-            if not isinstance(value, (list, tuple)) or len(value) != 3 or any(
-                    isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value):
-                raise InvalidParameterError(f"empiar.{name} must be three positive integers (z, y, x), got {value!r}")
-        if any(s % c for s, c in zip(self.shards, self.chunks, strict=True)):
-            raise InvalidParameterError(
-                f"empiar.shards {list(self.shards)} must be multiples of chunks {list(self.chunks)}")
+        check_chunks_and_shards("empiar", self.chunks, self.shards)
         if isinstance(self.listing_attempts, bool) or not isinstance(self.listing_attempts, int) or not (
                 1 <= self.listing_attempts <= 20):
             raise InvalidParameterError(f"empiar.listing_attempts must be an integer 1..20, got {self.listing_attempts!r}")
         if not isinstance(self.keep_downloads, bool):
             raise InvalidParameterError(f"empiar.keep_downloads must be true or false, got {self.keep_downloads!r}")
-        if not isinstance(self.sha256, Mapping):
-            raise InvalidParameterError(f"empiar.sha256 must map file names to sha256, got {self.sha256!r}")
-        for name, digest in dict(self.sha256).items():
-            if name != XML_NAME and not SLICE_PATTERN.match(str(name)):
-                raise InvalidParameterError(
-                    f"empiar.sha256 names unknown file {name!r}; valid: {XML_NAME!r} or F57-8_test1_3VBSED_slice_NNNN.dm3")
-            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise InvalidParameterError(f"empiar.sha256[{name!r}] must be 64 lowercase hex digits, got {digest!r}")
+        check_sha256_pins("empiar", self.sha256, lambda name: name == XML_NAME or bool(SLICE_PATTERN.match(name)),
+                          f"{XML_NAME!r} or F57-8_test1_3VBSED_slice_NNNN.dm3")
 
 
 # ---------------------------------------------------------------------------------------------- API document

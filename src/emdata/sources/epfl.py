@@ -9,7 +9,6 @@ an OME-Zarr 0.5 multiscale image (z, y, x, nm) with its ground truth as NGFF lab
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from emdata.download import (
 )
 from emdata.errors import InvalidParameterError, SourceMismatchError
 from emdata.fsutil import atomic_dir
-from emdata.params import RunContext, dataclass_from_section
+from emdata.params import RunContext, check_chunks_and_shards, check_sha256_pins, dataclass_from_section
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +61,9 @@ class EpflParams:
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParameterError(f"epfl.{name} must be true or false, got {getattr(self, name)!r}")
         ngff.Geometry(tuple(self.voxel_size_nm))  # type: ignore[arg-type]  # validates
-        for name in ("chunks", "shards"):
-            value = getattr(self, name)
-            if len(value) != 3 or any(not isinstance(v, int) or v <= 0 for v in value):
-                raise InvalidParameterError(f"epfl.{name} must be three positive integers (z, y, x), got {value!r}")
-        if any(s % c for s, c in zip(self.shards, self.chunks, strict=True)):
-            raise InvalidParameterError(f"epfl.shards {list(self.shards)} must be multiples of chunks {list(self.chunks)}")
-
+        check_chunks_and_shards("epfl", self.chunks, self.shards)
         known = {n for s in SPLITS for n in (f"{s}.tif", f"{s}_groundtruth.tif")} | {"volumedata.tif"}
-        for name, digest in dict(self.sha256).items():
-            if name not in known:
-                raise InvalidParameterError(f"epfl.sha256 names unknown file {name!r}; valid: {sorted(known)}")
-            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise InvalidParameterError(f"epfl.sha256[{name!r}] must be 64 lowercase hex digits, got {digest!r}")
+        check_sha256_pins("epfl", self.sha256, known.__contains__, str(sorted(known)))
 
     @property
     def files(self) -> list[str]:

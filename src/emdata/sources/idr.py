@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from emdata.download import (
 )
 from emdata.errors import InvalidParameterError, SourceMismatchError
 from emdata.fsutil import atomic_dir
-from emdata.params import RunContext, dataclass_from_section
+from emdata.params import RunContext, check_chunks_and_shards, check_sha256_pins, dataclass_from_section
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +71,8 @@ class IdrParams:
     def __post_init__(self) -> None:
         if not isinstance(self.keep_downloads, bool):
             raise InvalidParameterError(f"idr.keep_downloads must be true or false, got {self.keep_downloads!r}")
-        for name in ("chunks", "shards"):
-            value = getattr(self, name)
-            if not isinstance(value, (list, tuple)) or len(value) != 3 or any(
-                    isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value):
-                raise InvalidParameterError(f"idr.{name} must be three positive integers (z, y, x), got {value!r}")
-        if any(s % c for s, c in zip(self.shards, self.chunks, strict=True)):
-            raise InvalidParameterError(f"idr.shards {list(self.shards)} must be multiples of chunks {list(self.chunks)}")
-        if not isinstance(self.sha256, Mapping):
-            raise InvalidParameterError(f"idr.sha256 must map a file name to a digest, got {self.sha256!r}")
-        for name, digest in self.sha256.items():
-            if name != FILE_NAME:
-                raise InvalidParameterError(f"idr.sha256 names unknown file {name!r}; valid: {[FILE_NAME]}")
-            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
-                raise InvalidParameterError(f"idr.sha256[{name!r}] must be 64 lowercase hex digits, got {digest!r}")
+        check_chunks_and_shards("idr", self.chunks, self.shards)
+        check_sha256_pins("idr", self.sha256, FILE_NAME.__eq__, str([FILE_NAME]))
 
 
 @dataclass(frozen=True)

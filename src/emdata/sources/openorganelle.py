@@ -37,7 +37,7 @@ from emdata import ngff
 from emdata.download import ChecksumRegistry, Downloader
 from emdata.errors import DownloadError, InvalidParameterError, SourceMismatchError
 from emdata.fsutil import atomic_dir
-from emdata.params import RunContext, dataclass_from_section
+from emdata.params import RunContext, check_chunks_and_shards, dataclass_from_section
 from emdata.tsio import stream_to_zarr, tensorstore_context
 from emdata.urls import redact, rewrite
 
@@ -104,15 +104,7 @@ class OpenOrganelleParams:
                     "openorganelle.roi_voxels must be null or [[z0, y0, x0], [z1, y1, x1]] with integers "
                     f"0 <= start < stop, got {roi!r}")
             object.__setattr__(self, "roi_voxels", (tuple(roi[0]), tuple(roi[1])))
-        for name in ("chunks", "shards"):
-            value = getattr(self, name)
-            if not isinstance(value, (list, tuple)) or len(value) != 3 or any(
-                    not _is_int(v) or v <= 0 for v in value):
-                raise InvalidParameterError(
-                    f"openorganelle.{name} must be three positive integers (z, y, x), got {value!r}")
-        if any(s % c for s, c in zip(self.shards, self.chunks, strict=True)):
-            raise InvalidParameterError(
-                f"openorganelle.shards {list(self.shards)} must be multiples of chunks {list(self.chunks)}")
+        check_chunks_and_shards("openorganelle", self.chunks, self.shards)
         if not _is_int(self.concurrency) or not 1 <= self.concurrency <= 1024:
             raise InvalidParameterError(
                 f"openorganelle.concurrency must be an integer in [1, 1024], got {self.concurrency!r}")
