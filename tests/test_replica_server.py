@@ -103,3 +103,31 @@ def test_faults_switch_over_http_for_a_replica_in_another_process(file_server):
     bad = requests.put(control, json={"explode": True}, timeout=5)
     assert bad.status_code == 400 and "explode" in bad.json()["error"]
     assert requests.put(control, json={}, timeout=5).json()["status"] is None
+
+
+def test_a_new_builder_version_replaces_the_old_files(tmp_path, monkeypatch):
+    from emdata import replica
+
+    calls = []
+
+    class Builder:
+        VERSION = 1
+
+        @staticmethod
+        def build(root, profile):
+            calls.append(Builder.VERSION)
+            (root / "example.org").mkdir()
+            (root / "example.org" / f"only-in-v{Builder.VERSION}.bin").write_bytes(b"x")
+            (root / "example.org" / "both.bin").write_bytes(bytes([Builder.VERSION]))
+
+    monkeypatch.setitem(replica.SOURCE_MODULES, "fake", "fake_builder")
+    monkeypatch.setitem(__import__("sys").modules, "fake_builder", Builder)
+    tree = replica.build_replica("small", ["fake"], tmp_path)
+    replica.build_replica("small", ["fake"], tmp_path)  # cached: not built again
+    assert calls == [1]
+    Builder.VERSION = 2
+    replica.build_replica("small", ["fake"], tmp_path)
+    assert calls == [1, 2]
+    assert not (tree / "example.org" / "only-in-v1.bin").exists()  # stale file of v1 is gone
+    assert (tree / "example.org" / "only-in-v2.bin").exists()
+    assert (tree / "example.org" / "both.bin").read_bytes() == b"\x02"

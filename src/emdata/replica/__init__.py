@@ -57,16 +57,23 @@ def build_replica(profile: Profile = "full", sources: Iterable[str] | None = Non
         if marker.exists():
             continue
         log.info("replica: generating %s (%s profile) under %s", name, profile, tree)
+        # Files of an older version of this source go first: a chunk the new build leaves empty (absent)
+        # must not be served from the old one.
+        for old in (tree / ".built").glob(f"{name}-v*"):
+            for line in old.read_text().splitlines():
+                (tree / line).unlink(missing_ok=True)
+            old.unlink()
         staging = tree / ".staging" / name
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         build(staging, profile)
         # Move the finished tree into place file by file: sources may share a host folder.
-        for src in sorted(p for p in staging.rglob("*") if p.is_file()):
-            dst = tree / src.relative_to(staging)
+        files = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
+        for rel in files:
+            dst = tree / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            src.replace(dst)
+            (staging / rel).replace(dst)
         shutil.rmtree(staging, ignore_errors=True)
         marker.parent.mkdir(exist_ok=True)
-        marker.touch()
+        marker.write_text("".join(f"{rel.as_posix()}\n" for rel in files))  # the manifest of this build
     return tree
