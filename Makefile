@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 ## The whole pipeline offline: replica + local S3, dvc repro, push, pull, metrics (scratch workspace).
 demo: $(STAMP)
-	$(PY) -m emdata.demo $(DEMO_ARGS)
+	$(PY) -m emdata.offline.demo $(DEMO_ARGS)
 
 ## Lint, then the test suite (network tests deselected; run `$(PY) -m pytest -m network` for those).
 test: lint

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from emdata.download import Download, Downloader
-from emdata.params import DownloadConfig
+from emdata.acquire.download import Download, Downloader
+from emdata.acquire.params import DownloadConfig
 
 SERVER = """
 import sys
-from emdata.replica.server import ReplicaServer
+from emdata.offline.replica.server import ReplicaServer
 server = ReplicaServer(sys.argv[1])
 server.faults.latency_s = float(sys.argv[2])
 server.faults.bandwidth_bps = float(sys.argv[3])

@@ -9,7 +9,7 @@ every way sees the same machine state; the median of ``--repeats`` rounds is rep
 * ``concurrent read``: the same region read by tensorstore in one call, nothing written (the link's ceiling).
 * ``one at a time``: the same 64^3 chunks read one after another with one HTTP request in flight.
 
-The replica server runs in a subprocess (``python -m emdata.replica serve``) so it does not share the
+The replica server runs in a subprocess (``python -m emdata.offline.replica serve``) so it does not share the
 benchmark's interpreter; ``--latency`` is added before every response.
 
     .venv/bin/python bench/bench_hemibrain.py --profile full --crop 512 --latency 0.02 --repeats 3
@@ -28,16 +28,16 @@ import time
 from pathlib import Path
 
 
-from emdata.hemibrain_precomputed import open_scale
-from emdata.params import DownloadConfig, RunContext
-from emdata.replica import build_replica
+from emdata.formats.precomputed import open_scale
+from emdata.acquire.params import DownloadConfig, RunContext
+from emdata.offline.replica import build_replica
 from emdata.sources.hemibrain import EM_URL, SOURCE, fetch_hemibrain_crop
-from emdata.tsio import tensorstore_context
-from emdata.urls import rewrite
+from emdata.acquire.tsio import tensorstore_context
+from emdata.acquire.urls import rewrite
 
 
 def start_server(profile: str, root: Path | None, latency: float) -> tuple[subprocess.Popen[str], str]:
-    cmd = [sys.executable, "-m", "emdata.replica", "serve", "--profile", profile, "--sources", "hemibrain",
+    cmd = [sys.executable, "-m", "emdata.offline.replica", "serve", "--profile", profile, "--sources", "hemibrain",
            "--latency", str(latency)]
     if root is not None:
         cmd += ["--root", str(root)]

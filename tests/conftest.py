@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emdata.replica import ReplicaServer, build_replica, serve_in_thread
+from emdata.offline.replica import ReplicaServer, build_replica, serve_in_thread
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ def test_demo_repro_push_pull_restores_every_output(tmp_path):
     ws = tmp_path / "demo"
     before = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
     proc = subprocess.run(
-        [sys.executable, "-m", "emdata.demo", "--profile", "small", "--stage", "metadata", "--workspace", str(ws),
+        [sys.executable, "-m", "emdata.offline.demo", "--profile", "small", "--stage", "metadata", "--workspace", str(ws),
          "--set", "hemibrain.crop_size=[96, 128, 112]"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
         env={**__import__("os").environ, "EMDATA_REPLICA_CACHE": str(tmp_path / "replica-cache")},

@@ -10,7 +10,7 @@ import pytest
 from ncempy.io import dm
 
 from emdata.errors import SourceMismatchError
-from emdata.replica.dm3_writer import encode_dm3, write_dm3
+from emdata.offline.replica.dm3_writer import encode_dm3, write_dm3
 from emdata.sources.empiar import read_slice
 
 REAL = Path(__file__).parent / "fixtures" / "reference" / "dm3"  # real files from ncempy's test data

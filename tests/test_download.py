@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from emdata.download import ChecksumRegistry, Download, Downloader
+from emdata.acquire.download import ChecksumRegistry, Download, Downloader
 from emdata.errors import DownloadError, IntegrityError, InvalidParameterError
-from emdata.params import DownloadConfig
+from emdata.acquire.params import DownloadConfig
 
 MB = 2**20
 

@@ -17,10 +17,10 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Multiscales, Reader
 
 from emdata.errors import DownloadError, IntegrityError, InvalidParameterError, SourceMismatchError
-from emdata.params import DownloadConfig, RunContext
-from emdata.replica import ReplicaServer, serve_in_thread
-from emdata.replica import empiar as replica
-from emdata.replica.dm3_writer import write_dm3
+from emdata.acquire.params import DownloadConfig, RunContext
+from emdata.offline.replica import ReplicaServer, serve_in_thread
+from emdata.offline.replica import empiar as replica
+from emdata.offline.replica.dm3_writer import write_dm3
 from emdata.sources import empiar
 from emdata.sources.empiar import SOURCE
 
@@ -270,7 +270,7 @@ def test_stage_script_is_thin():
 @pytest.mark.network
 def test_live_api_and_listing_agree_with_what_we_know():
     """Touches the live EMPIAR API and FTP autoindex (no slice download): the facts the stage relies on."""
-    from emdata.download import Downloader
+    from emdata.acquire.download import Downloader
 
     downloader = Downloader(DownloadConfig(retries=2))
     facts = empiar.parse_api(downloader.fetch_json(empiar.API_URL))

@@ -14,7 +14,7 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Multiscales, Reader
 
 from emdata.errors import DownloadError, IntegrityError, InvalidParameterError
-from emdata.replica.epfl import HOST_PATH
+from emdata.offline.replica.epfl import HOST_PATH
 from emdata.stage import run_stage
 
 PARAMS = """

@@ -18,9 +18,9 @@ from ome_zarr.reader import Multiscales, Reader
 
 from emdata import ngff
 from emdata.errors import DownloadError, InvalidParameterError
-from emdata.params import DownloadConfig, RunContext
-from emdata.replica import ReplicaServer, build_replica, serve_in_thread
-from emdata.replica.hemibrain import BUCKET_DIR, EM_PATH, SEG_PATH
+from emdata.acquire.params import DownloadConfig, RunContext
+from emdata.offline.replica import ReplicaServer, build_replica, serve_in_thread
+from emdata.offline.replica.hemibrain import BUCKET_DIR, EM_PATH, SEG_PATH
 from emdata.sources.hemibrain import EM_URL, SOURCE
 
 CROP = [96, 112, 128]  # z, y, x: not a cube, so an axis mix-up cannot pass
@@ -237,8 +237,8 @@ def test_failure_mid_crop_keeps_previous_output_and_leaves_no_partial(hb_server,
 # ------------------------------------------------------------------------------------------ live (opt-in)
 @pytest.mark.network
 def test_live_info_matches_what_the_code_expects():
-    from emdata.download import Downloader
-    from emdata.hemibrain_precomputed import parse_info
+    from emdata.acquire.download import Downloader
+    from emdata.formats.precomputed import parse_info
     from emdata.sources.hemibrain import SEGMENTATION_URL
 
     downloader = Downloader(DownloadConfig(retries=2), progress=False)
@@ -254,7 +254,7 @@ def test_live_info_matches_what_the_code_expects():
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32), shape=st.tuples(*[st.integers(1, 12)] * 3), data=st.data())
 def test_window_fraction_equals_brute_force(seed, shape, data):
-    from emdata.hemibrain_precomputed import ScaleInfo
+    from emdata.formats.precomputed import ScaleInfo
     from emdata.sources.hemibrain import tissue_integral, tissue_window_fraction
 
     coarse_em = np.random.default_rng(seed).integers(0, 30, shape, dtype=np.uint8)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from emdata.replica import build_replica
-from emdata.replica.hemibrain import BUCKET_DIR, EM_PATH, PROFILES, SEG_PATH, build, em_info, segmentation_info
+from emdata.offline.replica import build_replica
+from emdata.offline.replica.hemibrain import BUCKET_DIR, EM_PATH, PROFILES, SEG_PATH, build, em_info, segmentation_info
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference" / "sources"
 

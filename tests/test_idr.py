@@ -20,8 +20,8 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Multiscales, Reader
 
 from emdata.errors import DownloadError, IntegrityError, InvalidParameterError, SourceMismatchError
-from emdata.replica import ReplicaServer, serve_in_thread
-from emdata.replica import idr as replica
+from emdata.offline.replica import ReplicaServer, serve_in_thread
+from emdata.offline.replica import idr as replica
 from emdata.sources import idr
 from emdata.stage import run_stage
 
@@ -343,7 +343,7 @@ def test_stage_script_runs(idr_replica, tmp_path):
 def test_live_idr_documents_and_tiff_agree_with_what_we_know():
     import requests
 
-    from emdata.download import USER_AGENT
+    from emdata.acquire.download import USER_AGENT
 
     headers = {"User-Agent": USER_AGENT}
     notes: list[str] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from emdata.download import USER_AGENT
+from emdata.acquire.download import USER_AGENT
 from emdata.sources.epfl import BASE_URL
 
 pytestmark = pytest.mark.network

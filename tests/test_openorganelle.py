@@ -15,9 +15,9 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Multiscales, Reader
 
 from emdata.errors import DownloadError, InvalidParameterError, SourceMismatchError
-from emdata.params import DownloadConfig, RunContext
-from emdata.replica import openorganelle as replica
-from emdata.replica.server import ReplicaServer, serve_in_thread
+from emdata.acquire.params import DownloadConfig, RunContext
+from emdata.offline.replica import openorganelle as replica
+from emdata.offline.replica.server import ReplicaServer, serve_in_thread
 from emdata.sources.openorganelle import (
     GROUP_URL,
     PUBLISHED_SHAPES,
@@ -251,7 +251,7 @@ def test_stage_script_is_thin():
 
 @pytest.mark.network
 def test_live_store_metadata_matches_what_we_know():
-    from emdata.download import Downloader
+    from emdata.acquire.download import Downloader
 
     downloader = Downloader(DownloadConfig(retries=2), progress=False)
     zattrs = downloader.fetch_json(f"{GROUP_URL}/.zattrs")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import requests
 
-from emdata.replica.server import _parse_range
+from emdata.offline.replica.server import _parse_range
 
 
 def test_full_get_and_head(file_server):
@@ -106,7 +106,7 @@ def test_faults_switch_over_http_for_a_replica_in_another_process(file_server):
 
 
 def test_a_new_builder_version_replaces_the_old_files(tmp_path, monkeypatch):
-    from emdata import replica
+    from emdata.offline import replica
 
     calls = []
 

@@ -21,10 +21,11 @@ import pandas as pd
 import zarr
 
 from emdata.errors import InvalidParameterError, SourceMismatchError
-from emdata.fsutil import write_json_atomic
+from emdata.acquire.fsutil import write_json_atomic
 from emdata.ngff import find_images, label_names, multiscales
-from emdata.params import dataclass_from_section, load_params
-from emdata.sources import SOURCE_MODULES, get_source
+from emdata.acquire.params import dataclass_from_section, load_params
+from emdata.catalog import DATASETS
+from emdata.sources import get_source
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,14 @@ PROVENANCE_NOTES = ("seed", "crop_origin_voxels", "crop_origin_nm", "crop_size_v
 
 @dataclass(frozen=True)
 class MetadataParams:
-    datasets: Sequence[str] = tuple(SOURCE_MODULES)
+    datasets: Sequence[str] = tuple(DATASETS)
     histogram_level: int = 1  # pyramid level the intensity histograms are computed from
     histogram_bins: int = 64
 
     def __post_init__(self) -> None:
-        unknown = [d for d in self.datasets if d not in SOURCE_MODULES]
+        unknown = [d for d in self.datasets if d not in DATASETS]
         if unknown or not self.datasets:
-            raise InvalidParameterError(f"metadata.datasets must name datasets from {sorted(SOURCE_MODULES)}, "
+            raise InvalidParameterError(f"metadata.datasets must name datasets from {sorted(DATASETS)}, "
                                         f"got {list(self.datasets)!r}")
         if isinstance(self.histogram_level, bool) or not isinstance(self.histogram_level, int) \
                 or self.histogram_level < 0:

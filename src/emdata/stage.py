@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from emdata.fsutil import write_json_atomic
-from emdata.params import load_params, run_context
+from emdata.acquire.fsutil import write_json_atomic
+from emdata.acquire.params import load_params, run_context
 from emdata.sources import get_source
 
 log = logging.getLogger(__name__)

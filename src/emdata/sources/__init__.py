@@ -1,4 +1,4 @@
-"""The sources: one module each behind the ``Source`` protocol, dispatched by name from ``SOURCES``."""
+"""The sources: one module each behind the ``Source`` protocol, dispatched by name through ``emdata.catalog``."""
 
 from __future__ import annotations
 
@@ -6,17 +6,8 @@ import importlib
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from emdata.errors import InvalidParameterError
-from emdata.params import RunContext
-
-# name -> module defining a module-level ``SOURCE`` object that satisfies ``Source``.
-SOURCE_MODULES: dict[str, str] = {
-    "epfl": "emdata.sources.epfl",
-    "hemibrain": "emdata.sources.hemibrain",
-    "empiar": "emdata.sources.empiar",
-    "idr": "emdata.sources.idr",
-    "openorganelle": "emdata.sources.openorganelle",
-}
+from emdata.catalog import find
+from emdata.acquire.params import RunContext
 
 
 class Source(Protocol):
@@ -35,6 +26,5 @@ class Source(Protocol):
 
 
 def get_source(name: str) -> Source:
-    if name not in SOURCE_MODULES:
-        raise InvalidParameterError(f"unknown dataset {name!r}; valid: {sorted(SOURCE_MODULES)}")
-    return importlib.import_module(SOURCE_MODULES[name]).SOURCE  # type: ignore[no-any-return]
+    """The source of dataset ``name`` (see emdata.catalog); InvalidParameterError lists the valid names."""
+    return importlib.import_module(find(name).module).SOURCE  # type: ignore[no-any-return]

@@ -24,7 +24,7 @@ import zarr
 from ncempy.io import dm
 
 from emdata import ngff
-from emdata.download import (
+from emdata.acquire.download import (
     ChecksumRegistry,
     Download,
     Downloader,
@@ -33,8 +33,8 @@ from emdata.download import (
     transfer_figures,
 )
 from emdata.errors import IntegrityError, InvalidParameterError, SourceMismatchError
-from emdata.fsutil import atomic_dir
-from emdata.params import RunContext, check_chunks_and_shards, check_sha256_pins, dataclass_from_section
+from emdata.acquire.fsutil import atomic_dir
+from emdata.acquire.params import RunContext, check_chunks_and_shards, check_sha256_pins, dataclass_from_section
 
 log = logging.getLogger(__name__)
 

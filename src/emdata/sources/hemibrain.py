@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 
 from emdata import ngff
-from emdata.download import Downloader
+from emdata.acquire.download import Downloader
 from emdata.errors import InvalidParameterError, SourceMismatchError
-from emdata.fsutil import atomic_dir
-from emdata.hemibrain_precomputed import ScaleInfo, VolumeInfo, open_scale, parse_info
-from emdata.params import RunContext, dataclass_from_section
-from emdata.tsio import stream_to_zarr, tensorstore_context, ts_result
-from emdata.urls import redact, rewrite
+from emdata.acquire.fsutil import atomic_dir
+from emdata.formats.precomputed import ScaleInfo, VolumeInfo, open_scale, parse_info
+from emdata.acquire.params import RunContext, dataclass_from_section
+from emdata.acquire.tsio import stream_to_zarr, tensorstore_context, ts_result
+from emdata.acquire.urls import redact, rewrite
 
 log = logging.getLogger(__name__)
 

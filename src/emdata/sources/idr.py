@@ -22,7 +22,7 @@ import tifffile
 import zarr
 
 from emdata import ngff
-from emdata.download import (
+from emdata.acquire.download import (
     ChecksumRegistry,
     Download,
     Downloader,
@@ -31,8 +31,8 @@ from emdata.download import (
     transfer_figures,
 )
 from emdata.errors import InvalidParameterError, SourceMismatchError
-from emdata.fsutil import atomic_dir
-from emdata.params import RunContext, check_chunks_and_shards, check_sha256_pins, dataclass_from_section
+from emdata.acquire.fsutil import atomic_dir
+from emdata.acquire.params import RunContext, check_chunks_and_shards, check_sha256_pins, dataclass_from_section
 
 log = logging.getLogger(__name__)
 

@@ -34,12 +34,12 @@ import numpy as np
 import tensorstore as ts
 
 from emdata import ngff
-from emdata.download import ChecksumRegistry, Downloader
+from emdata.acquire.download import ChecksumRegistry, Downloader
 from emdata.errors import DownloadError, InvalidParameterError, SourceMismatchError
-from emdata.fsutil import atomic_dir
-from emdata.params import RunContext, check_chunks_and_shards, dataclass_from_section
-from emdata.tsio import stream_to_zarr, tensorstore_context
-from emdata.urls import redact, rewrite
+from emdata.acquire.fsutil import atomic_dir
+from emdata.acquire.params import RunContext, check_chunks_and_shards, dataclass_from_section
+from emdata.acquire.tsio import stream_to_zarr, tensorstore_context
+from emdata.acquire.urls import redact, rewrite
 
 log = logging.getLogger(__name__)
 

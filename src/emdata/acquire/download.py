@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from emdata import __version__
 from emdata.errors import DownloadError, IntegrityError
-from emdata.fsutil import write_json_atomic
-from emdata.params import DownloadConfig
-from emdata.urls import redact, rewrite
+from emdata.acquire.fsutil import write_json_atomic
+from emdata.acquire.params import DownloadConfig
+from emdata.acquire.urls import redact, rewrite
 
 log = logging.getLogger(__name__)
 

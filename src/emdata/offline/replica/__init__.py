@@ -10,21 +10,21 @@ from pathlib import Path
 from typing import Literal
 
 from emdata.errors import InvalidParameterError
-from emdata.replica.server import Faults, ReplicaServer, cache_root, serve_in_thread
+from emdata.offline.replica.server import Faults, ReplicaServer, cache_root, serve_in_thread
 
 log = logging.getLogger(__name__)
 
 Profile = Literal["full", "small"]
 PROFILES: tuple[Profile, ...] = ("full", "small")
 
-# source name -> module under emdata.replica that defines VERSION (int) and build(root: Path, profile) -> None.
+# source name -> module under emdata.offline.replica that defines VERSION (int) and build(root: Path, profile) -> None.
 # "full" keeps the real shapes where the time budget allows; "small" is for the test suite.
 SOURCE_MODULES: dict[str, str] = {
-    "epfl": "emdata.replica.epfl",
-    "hemibrain": "emdata.replica.hemibrain",
-    "empiar": "emdata.replica.empiar",
-    "idr": "emdata.replica.idr",
-    "openorganelle": "emdata.replica.openorganelle",
+    "epfl": "emdata.offline.replica.epfl",
+    "hemibrain": "emdata.offline.replica.hemibrain",
+    "empiar": "emdata.offline.replica.empiar",
+    "idr": "emdata.offline.replica.idr",
+    "openorganelle": "emdata.offline.replica.openorganelle",
 }
 
 __all__ = ["Faults", "ReplicaServer", "SOURCE_MODULES", "build_replica", "serve_in_thread", "cache_root"]

@@ -21,11 +21,11 @@ from typing import Any
 
 import yaml
 
-from emdata import services
+from emdata.offline import services
 from emdata.errors import EmDataError, InvalidParameterError
 from emdata.ngff import find_images, label_names, open_multiscale
 
-log = logging.getLogger("emdata.demo")
+log = logging.getLogger("emdata.offline.demo")
 
 # The moto endpoint accepts any credentials: these placeholders exist only to satisfy the S3 client.
 _LOCAL_S3_ENV = {"AWS_ACCESS_KEY_ID": "emdata-local", "AWS_SECRET_ACCESS_KEY": "emdata-local",
@@ -174,7 +174,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m emdata.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m emdata.offline.demo", description=__doc__)
     parser.add_argument("--profile", choices=("full", "small"), default="full",
                         help="replica size: full keeps the real shapes of EPFL and IDR")
     parser.add_argument("--workspace", type=Path, default=Path(".emdata/demo"))

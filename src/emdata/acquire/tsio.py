@@ -19,7 +19,7 @@ import zarr
 
 from emdata import ngff
 from emdata.errors import DownloadError, SourceMismatchError
-from emdata.params import DownloadConfig
+from emdata.acquire.params import DownloadConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""A local S3 endpoint for the DVC remote (moto's server) on loopback: ``python -m emdata.s3server``.
+"""A local S3 endpoint for the DVC remote (moto's server) on loopback: ``python -m emdata.offline.s3server``.
 
 Prints its endpoint URL as the first line of stdout, creates the buckets named on the command line, and
 serves until interrupted. Moto keeps objects in memory: it is for the demo and the tests only.
@@ -13,7 +13,7 @@ import threading
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m emdata.s3server", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m emdata.offline.s3server", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("buckets", nargs="*")

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import yaml
 
 from emdata.errors import InvalidParameterError
-from emdata.urls import validate_mirror
+from emdata.acquire.urls import validate_mirror
 
 T = TypeVar("T")
 

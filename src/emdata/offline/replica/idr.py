@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from emdata.replica.synth import em_like
+from emdata.offline.replica.synth import em_like
 
 VERSION = 1
 IMAGE_ID = 9846137

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from emdata.replica.synth import em_like
+from emdata.offline.replica.synth import em_like
 
 VERSION = 1
 HOST_PATH = "documents.epfl.ch/groups/c/cv/cvlab-unit/www/data/ ElectronMicroscopy_Hippocampus"

@@ -1,4 +1,4 @@
-"""Command line: ``python -m emdata.replica serve [--port 0] [--profile full|small] [--sources epfl,...]``."""
+"""Command line: ``python -m emdata.offline.replica serve [--port 0] [--profile full|small] [--sources epfl,...]``."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import signal
 import sys
 from pathlib import Path
 
-from emdata.replica import PROFILES, SOURCE_MODULES, build_replica
-from emdata.replica.server import ReplicaServer
+from emdata.offline.replica import PROFILES, SOURCE_MODULES, build_replica
+from emdata.offline.replica.server import ReplicaServer
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m emdata.replica", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m emdata.offline.replica", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("serve", "build"):
         p = sub.add_parser(name)

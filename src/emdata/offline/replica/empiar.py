@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from emdata.replica.dm3_writer import write_dm3
-from emdata.replica.synth import em_like
+from emdata.offline.replica.dm3_writer import write_dm3
+from emdata.offline.replica.synth import em_like
 
 VERSION = 1
 API_PATH = "www.ebi.ac.uk/empiar/api/entry/11759"

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from emdata.replica.synth import em_like
+from emdata.offline.replica.synth import em_like
 
 VERSION = 2
 

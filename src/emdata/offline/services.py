@@ -59,7 +59,7 @@ def child_server(args: Sequence[str], *, name: str, startup_timeout_s: float = 9
 
 @contextmanager
 def replica(profile: str = "full", sources: Sequence[str] | None = None, **kwargs: object) -> Iterator[str]:
-    args = ["emdata.replica", "serve", "--profile", profile]
+    args = ["emdata.offline.replica", "serve", "--profile", profile]
     if sources is not None:
         args += ["--sources", ",".join(sources)]
     with child_server(args, name="replica", **kwargs) as url:  # type: ignore[arg-type]
@@ -68,6 +68,6 @@ def replica(profile: str = "full", sources: Sequence[str] | None = None, **kwarg
 
 @contextmanager
 def s3(buckets: Sequence[str], **kwargs: object) -> Iterator[str]:
-    with child_server(["emdata.s3server", *buckets], name="S3 endpoint (moto)",
+    with child_server(["emdata.offline.s3server", *buckets], name="S3 endpoint (moto)",
                       startup_timeout_s=120, **kwargs) as url:  # type: ignore[arg-type]
         yield url

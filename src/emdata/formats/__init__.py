@@ -1,0 +1,1 @@
+"""Parsers of the file and metadata formats the sources serve (Neuroglancer precomputed ``info``, ...)."""
