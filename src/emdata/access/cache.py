@@ -35,6 +35,11 @@ class ChunkCache:
         self.hits = 0
         self.misses = 0
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A cache is per process: another process gets an empty one with the same bound. Arrays pickled
+        # together keep sharing one cache (pickle memoizes it).
+        return (ChunkCache, (self.total_bytes,))
+
     @property
     def ts_context(self) -> Any:
         """The tensorstore Context holding the shared ``cache_pool`` (created on first use)."""

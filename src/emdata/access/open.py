@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,34 +22,205 @@ from emdata.ngff import Geometry, ome_attrs
 Backend = Literal["auto", "tensorstore", "zarr"]
 BACKENDS: tuple[str, ...] = ("auto", "tensorstore", "zarr")
 _UNIT_TO_NM = {"nanometer": 1.0, "micrometer": 1000.0, "angstrom": 0.1, None: 1.0}
+URL_SCHEMES: tuple[str, ...] = ("s3://", "https://", "http://", "gs://", "gcs://", "file://")
+# How many entries one OME-Zarr's metadata may list before we refuse it (untrusted remote JSON).
+_MAX_LISTED = 64
+
+
+# -- tensorstore and fork() --------------------------------------------------------------------------------
+# Tensorstore aborts the whole process when it is used in a child forked after its thread pool started
+# ("fork() use detected ..."). We note at each fork whether the parent had tensorstore threads; in such a
+# child ``open_array`` reads through zarr-python (same bytes, fork-safe) instead of aborting.
+_ts_used_here = False
+_ts_threads_at_fork = False
+_ts_fork_unsafe = False
+
+
+def _tensorstore_threads_running() -> bool:
+    if _ts_used_here:
+        return True
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return "tensorstore" in sys.modules  # no /proc: assume the worst once tensorstore is imported
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith("ts_"):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _before_fork() -> None:
+    global _ts_threads_at_fork
+    _ts_threads_at_fork = "tensorstore" in sys.modules and _tensorstore_threads_running()
+
+
+def _after_fork_in_child() -> None:
+    global _ts_fork_unsafe, _ts_used_here
+    _ts_fork_unsafe = _ts_fork_unsafe or _ts_threads_at_fork
+    _ts_used_here = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+def tensorstore_fork_safe() -> bool:
+    """False in a process forked from one whose tensorstore threads were running (tensorstore would abort)."""
+    return not _ts_fork_unsafe
+
+
+# -- finding the data --------------------------------------------------------------------------------------
+def find_repo_root(start: str | os.PathLike[str] | None = None) -> Path | None:
+    """The closest folder at or above ``start`` (default: the working directory) that holds ``dvc.yaml``."""
+    here = Path(start if start is not None else Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    return None
 
 
 def default_data_root() -> Path:
-    """``$EMDATA_DATA_ROOT`` if set, else ``./data``."""
-    return Path(os.environ.get("EMDATA_DATA_ROOT", "data"))
+    """``$EMDATA_DATA_ROOT`` if set, else ``<repository>/data`` (found from the working directory), else ``./data``."""
+    env = os.environ.get("EMDATA_DATA_ROOT")
+    if env:
+        return Path(env)
+    repo = find_repo_root()
+    return repo / "data" if repo is not None else Path("data")
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where an OME-Zarr lives: a local ``path``, a URL read through fsspec, or a DVC-tracked output.
+
+    ``kind="dvc"``: ``path`` is the output relative to the repository ``repo`` (a path or Git URL), read
+    through ``dvc.api.DVCFileSystem`` at ``rev`` from the DVC cache if present, else from ``remote``.
+    """
+
+    kind: Literal["local", "url", "dvc"]
+    path: str
+    repo: str | None = None
+    rev: str | None = None
+    remote: str | None = None
+    storage_options: dict[str, Any] | None = field(default=None, compare=False)
+
+    def join(self, *parts: str) -> Location:
+        parts = tuple(p.strip("/") for p in parts if p)
+        if not parts:
+            return self
+        if self.kind == "local":
+            return replace(self, path=str(Path(self.path, *parts)))
+        return replace(self, path="/".join([self.path.rstrip("/"), *parts]))
+
+    def __str__(self) -> str:
+        if self.kind == "dvc":
+            return f"{self.path} (DVC remote {self.remote or 'default'} of {self.repo}" + (
+                f" at {self.rev})" if self.rev else ")")
+        return self.path
+
+    def store(self) -> Any:
+        """A read-only zarr store (or local path) for this location."""
+        if self.kind == "local":
+            return self.path
+        from zarr.storage import FsspecStore
+
+        if self.kind == "url":
+            return FsspecStore.from_url(self.path, storage_options=dict(self.storage_options or {}), read_only=True)
+        from zarr.storage._fsspec import _make_async
+
+        fs = _dvc_filesystem(self.repo, self.rev, self.remote)
+        return FsspecStore(fs=_make_async(fs), path=self.path, read_only=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _dvc_filesystem(repo: str | None, rev: str | None, remote: str | None) -> Any:
+    from dvc.api import DVCFileSystem
+
+    return DVCFileSystem(repo=repo, rev=rev, remote=remote)
+
+
+def _as_location(name_or_path: str | os.PathLike[str] | Location, data_root: str | os.PathLike[str] | None,
+                 remote: bool | str, rev: str | None, repo: str | os.PathLike[str] | None,
+                 storage_options: dict[str, Any] | None) -> Location:
+    if isinstance(name_or_path, Location):
+        return name_or_path
+    text = os.fspath(name_or_path)
+    if text.startswith(URL_SCHEMES):
+        return Location("url", text.rstrip("/"), storage_options=storage_options)
+    if remote is not False:
+        root = Path(repo) if repo is not None else find_repo_root()
+        if root is None:
+            raise InvalidParameterError(
+                f"remote={remote!r} reads a DVC output without pulling it, which needs the repository: no "
+                f"dvc.yaml in {Path.cwd()} or above; pass repo=<path or Git URL of the repository>")
+        output = _catalog_output(text)
+        if output is None:
+            output = text if text.endswith(".zarr") else f"data/{text}.zarr"
+        return Location("dvc", output, repo=str(root), rev=rev, remote=remote if isinstance(remote, str) else None)
+    return Location("local", str(resolve_dataset(text, data_root)))
+
+
+def _catalog_output(name: str) -> str | None:
+    from emdata import catalog
+
+    try:
+        return catalog.find(name).output
+    except InvalidParameterError:
+        return None
 
 
 def resolve_dataset(name_or_path: str | os.PathLike[str], data_root: str | os.PathLike[str] | None = None) -> Path:
-    """A path to an existing ``.zarr`` group, or a dataset name looked up as ``<data_root>/<name>.zarr``."""
+    """An existing ``.zarr`` path, or a dataset's local output: a stage or output name from
+    ``emdata.catalog`` (``"hemibrain"`` or ``"hemibrain_crop"``) or ``<data_root>/<name>.zarr``.
+
+    The data root is ``data_root``, else ``$EMDATA_DATA_ROOT``, else ``data/`` of the repository found by
+    walking up from the working directory to ``dvc.yaml`` (so notebooks in sub-folders work), else ``./data``.
+    """
     path = Path(name_or_path)
     if path.exists():
         return path
+    name = os.fspath(name_or_path)
+    output = _catalog_output(name)
+    explicit = data_root is not None or bool(os.environ.get("EMDATA_DATA_ROOT"))
     root = Path(data_root) if data_root is not None else default_data_root()
-    candidate = root / f"{name_or_path}.zarr"
+    repo = find_repo_root()
+    if output is not None:
+        stage = _catalog_stage(name)
+        candidate = root / Path(output).name if explicit or repo is None else repo / output
+        if candidate.exists():
+            return candidate
+        where = f"from the repository root {repo}" if repo is not None else "from the repository root"
+        raise InvalidParameterError(
+            f"dataset {name!r} is not in this workspace: no {candidate}. Fetch it with `dvc pull {output}` "
+            f"(or `emdata pull {stage}`) {where}; or read it from the DVC remote without pulling: "
+            f"open_array({name!r}, remote=True); or point data_root= / $EMDATA_DATA_ROOT at the folder "
+            f"holding {Path(output).name}")
+    candidate = root / f"{name}.zarr"
     if candidate.exists():
         return candidate
     available = sorted(p.name[: -len(".zarr")] for p in root.glob("*.zarr")) if root.is_dir() else []
+    from emdata import catalog
+
     raise InvalidParameterError(
-        f"unknown dataset {str(name_or_path)!r}: no such path and no {candidate}; "
-        f"datasets available under {root}: {available or 'none'}"
+        f"unknown dataset {name!r}: no such path and no {candidate}; "
+        f"datasets available under {root}: {available or 'none'}; catalog names: {sorted(catalog.DATASETS)}"
     )
+
+
+def _catalog_stage(name: str) -> str:
+    from emdata import catalog
+
+    return catalog.find(name).name
 
 
 @dataclass(frozen=True)
 class ArrayRef:
     """Where a level lives: the OME-Zarr group, optional sub-group and label, and the level index."""
 
-    root: Path
+    root: Location
     group: str | None
     label: str | None
     level: int
@@ -73,18 +245,24 @@ class EmArray:
     n_levels: int
     backend: Backend
     cache: ChunkCache
-    array_dir: Path
+    location: Location
     axes: tuple[str, str, str] = AXES
     _store: Any = field(default=None, repr=False)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickles as the recipe to reopen it (tensorstore handles are per process): DataLoader workers, dask
+        # tasks and spawned processes open their own handle, cache and (after fork) a fork-safe backend.
+        backend = "auto" if self.backend == "tensorstore" else self.backend
+        return (_reopen, (self.ref, backend, self.cache))
 
     @property
     def level(self) -> int:
         return self.ref.level
 
     @property
-    def path(self) -> Path:
-        """The zarr array directory of this level."""
-        return self.array_dir
+    def path(self) -> Path | str:
+        """The zarr array directory of this level (a URL or DVC path when streamed)."""
+        return Path(self.location.path) if self.location.kind == "local" else str(self.location)
 
     @property
     def bounds(self) -> Box:
@@ -183,7 +361,7 @@ class EmArray:
         for cidx in itertools.product(*ranges):
             cbox = Box(tuple(i * c for i, c in zip(cidx, self.chunks, strict=True)),  # type: ignore[arg-type]
                        tuple(min((i + 1) * c, n) for i, c, n in zip(cidx, self.chunks, self.shape, strict=True)))  # type: ignore[arg-type]
-            key = (str(self.path), cidx)
+            key = (str(self.location), cidx)
             chunk = self.cache.get_or_load(key, functools.partial(self._load_chunk, cbox))
             part = cbox.intersect(box)
             assert part is not None
@@ -219,18 +397,36 @@ def _pad_indices(start: int, stop: int, n: int, mode: str) -> np.ndarray:
     return np.where(r < n, r, period - r)
 
 
-def _multiscales(group_path: Path) -> dict[str, Any]:
-    try:
-        group = zarr.open_group(str(group_path), mode="r", zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:  # type: ignore[attr-defined]
-        raise InvalidParameterError(f"no zarr v3 group at {group_path}") from exc
+def _multiscales(group: zarr.Group, where: Location) -> dict[str, Any]:
     ome = ome_attrs(group)
     if not ome.get("multiscales"):
-        subgroups = sorted(name for name, _ in group.groups())
+        subgroups = sorted(name for name, _ in group.groups())[:_MAX_LISTED]
         raise InvalidParameterError(
-            f"{group_path} has no OME-Zarr multiscales; pick a sub-group with group= (available: {subgroups or 'none'})"
+            f"{where} has no OME-Zarr multiscales; pick a sub-group with group= (available: {subgroups or 'none'})"
         )
-    return ome["multiscales"][0]
+    ms = ome["multiscales"][0]
+    if not isinstance(ms, dict) or not isinstance(ms.get("datasets"), list) or len(ms["datasets"]) > _MAX_LISTED:
+        raise InvalidParameterError(f"{where} has malformed OME-Zarr multiscales metadata: {str(ms)[:200]}")
+    return ms
+
+
+def _open_group(loc: Location) -> zarr.Group:
+    try:
+        return zarr.open_group(loc.store(), mode="r", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:  # type: ignore[attr-defined]
+        raise InvalidParameterError(f"no zarr v3 group at {loc}") from exc
+
+
+def _child_group(parent: zarr.Group, name: str) -> zarr.Group | None:
+    try:
+        child = parent[name]
+    except KeyError:
+        return None
+    return child if isinstance(child, zarr.Group) else None
+
+
+def _reopen(ref: ArrayRef, backend: Backend, cache: ChunkCache) -> EmArray:
+    return open_array(ref.root, level=ref.level, label=ref.label, group=ref.group, backend=backend, cache=cache)
 
 
 def _transforms(dataset: dict[str, Any], axis_units: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -245,8 +441,10 @@ def _transforms(dataset: dict[str, Any], axis_units: Sequence[float]) -> tuple[t
 
 
 def _open_tensorstore(adir: Path, cache: ChunkCache) -> Any:
+    global _ts_used_here
     import tensorstore as ts
 
+    _ts_used_here = True
     return ts.open(
         {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(adir.resolve())},
          # Pulled data is immutable: trust cached chunks instead of re-validating them on every read.
@@ -256,7 +454,7 @@ def _open_tensorstore(adir: Path, cache: ChunkCache) -> Any:
 
 
 def open_array(
-    name_or_path: str | os.PathLike[str],
+    name_or_path: str | os.PathLike[str] | Location,
     *,
     level: int = 0,
     label: str | None = None,
@@ -264,29 +462,44 @@ def open_array(
     data_root: str | os.PathLike[str] | None = None,
     backend: Backend = "auto",
     cache: ChunkCache | None = None,
+    remote: bool | str = False,
+    rev: str | None = None,
+    repo: str | os.PathLike[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> EmArray:
-    """Open scale ``level`` of a dataset (``"epfl"`` -> ``<data_root>/epfl.zarr``) or of an OME-Zarr path.
+    """Open scale ``level`` of a dataset, a local OME-Zarr path or an OME-Zarr at an ``s3://``/``https://`` URL.
 
-    ``group`` selects a sub-group holding the image (e.g. ``"training"``), ``label`` one of its
-    ``labels/<name>``. The result carries the level's voxel size, translation (nm) and axes (z, y, x).
-    ``backend="auto"`` reads through tensorstore and falls back to zarr-python if tensorstore is missing
-    or cannot open the array.
+    Names are stage or output names (``"hemibrain"`` or ``"hemibrain_crop"`` -> ``data/hemibrain_crop.zarr``
+    of the repository found above the working directory; see ``resolve_dataset``). ``remote=True`` (or the
+    name of a DVC remote) reads the output straight from the DVC remote through ``dvc.api.DVCFileSystem``,
+    without ``dvc pull`` (``rev``: a Git revision; ``repo``: the repository, default the one found above
+    the working directory). URLs are read through fsspec (``storage_options``, e.g.
+    ``{"endpoint_url": ..., "anon": True}``). ``group`` selects a sub-group holding the image (e.g.
+    ``"training"``), ``label`` one of its ``labels/<name>``. The result carries the level's voxel size,
+    translation (nm) and axes (z, y, x). ``backend="auto"`` reads local data through tensorstore and falls
+    back to zarr-python if tensorstore is missing, cannot open the array, would abort in this forked process,
+    or the data is remote.
     """
     if backend not in BACKENDS:
         raise InvalidParameterError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(level, bool) or not isinstance(level, (int, np.integer)):
         raise InvalidParameterError(f"level must be an int, got {level!r}")
-    root = resolve_dataset(name_or_path, data_root)
-    base = root / group if group else root
-    if group and not base.exists():
-        raise InvalidParameterError(f"no sub-group {group!r} in {root}")
+    root = _as_location(name_or_path, data_root, remote, rev, repo, storage_options)
+    root_group = _open_group(root)
+    base, base_group = root, root_group
+    if group:
+        found = _child_group(root_group, group)
+        if found is None:
+            raise InvalidParameterError(f"no sub-group {group!r} in {root}")
+        base, base_group = root.join(group), found
     if label is not None:
-        labels_dir = base / "labels"
-        if not (labels_dir / label).exists():
-            names = sorted(p.name for p in labels_dir.iterdir() if p.is_dir()) if labels_dir.is_dir() else []
+        labels = _child_group(base_group, "labels")
+        found = None if labels is None else _child_group(labels, label)
+        if found is None:
+            names = [] if labels is None else sorted(n for n, _ in labels.groups())[:_MAX_LISTED]
             raise InvalidParameterError(f"no label {label!r} in {base}; labels available: {names or 'none'}")
-        base = labels_dir / label
-    ms = _multiscales(base)
+        base, base_group = base.join("labels", label), found
+    ms = _multiscales(base_group, base)
     datasets = ms["datasets"]
     if not 0 <= level < len(datasets):
         raise InvalidParameterError(
@@ -303,25 +516,36 @@ def open_array(
         units.append(_UNIT_TO_NM[unit])
     scale, translation = _transforms(datasets[level], units)
     ref = ArrayRef(root=root, group=group, label=label, level=int(level))
-    adir = base / datasets[level]["path"]
-    zarray = zarr.open_array(str(adir), mode="r", zarr_format=3)
-    if zarray.ndim != 3:
-        raise InvalidParameterError(f"{adir} has {zarray.ndim} axes; expected 3 (z, y, x)")
+    apath = str(datasets[level]["path"])
+    aloc = base.join(apath)
+    try:
+        zarray = base_group[apath]
+    except KeyError:
+        raise InvalidParameterError(f"{aloc}: level {level} is listed in the multiscales but missing") from None
+    if not isinstance(zarray, zarr.Array) or zarray.ndim != 3:
+        raise InvalidParameterError(f"{aloc} is not a 3-D (z, y, x) zarr array")
     shards = tuple(zarray.shards) if zarray.shards is not None else None
     cache = cache if cache is not None else default_cache()
     store: Any = None
-    if backend in ("auto", "tensorstore"):
+    if backend == "tensorstore" and root.kind != "local":
+        raise InvalidParameterError(f"backend='tensorstore' reads local data; {aloc} is remote: use 'auto' or 'zarr'")
+    if backend == "tensorstore" and not tensorstore_fork_safe():
+        raise InvalidParameterError(
+            "backend='tensorstore' cannot be used in this process: it was forked from a process whose "
+            "tensorstore threads were running, and tensorstore aborts after fork(); use backend='auto' "
+            "(reads through zarr-python here) or start workers with spawn/forkserver")
+    if backend in ("auto", "tensorstore") and root.kind == "local" and tensorstore_fork_safe():
         try:
-            store = _open_tensorstore(adir, cache)
+            store = _open_tensorstore(Path(aloc.path), cache)
             backend = "tensorstore"
         except (ImportError, ValueError) as exc:
             if backend == "tensorstore":
-                raise InvalidParameterError(f"tensorstore cannot open {adir}: {exc}") from exc
+                raise InvalidParameterError(f"tensorstore cannot open {aloc}: {exc}") from exc
     if store is None:
         store, backend = zarray, "zarr"
     return EmArray(
         ref=ref, shape=tuple(int(s) for s in zarray.shape), dtype=np.dtype(zarray.dtype),  # type: ignore[arg-type]
         chunks=tuple(int(c) for c in zarray.chunks), shards=shards,  # type: ignore[arg-type]
         voxel_size_nm=scale, translation_nm=translation, n_levels=len(datasets),  # type: ignore[arg-type]
-        backend=backend, cache=cache, array_dir=adir, _store=store,
+        backend=backend, cache=cache, location=aloc, _store=store,
     )
