@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import zarr
@@ -9,7 +11,7 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Label, Multiscales, Reader
 
 from emdata import ngff
-from emdata.errors import InvalidParameterError
+from emdata.errors import InvalidParameterError, SourceMismatchError
 
 
 def test_level_geometry_mean_shifts_half_a_voxel_nearest_does_not():
@@ -64,3 +66,122 @@ def test_written_image_and_labels_read_back_through_ome_zarr(tmp_path):
     t1 = attrs["multiscales"][0]["datasets"][1]["coordinateTransformations"]
     assert t1 == [{"type": "scale", "scale": [10.0, 10.0, 10.0]},
                   {"type": "translation", "translation": [2.5, 12.5, 22.5]}]
+
+
+# ----------------------------------------------------------------------------- write_image (one call)
+def _old_sequence(path, image, mask, geometry, chunks, shards):
+    """The sequence the sources ran before write_image: create, write, pyramid, read back; strided labels."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    arrays = ngff.create_multiscale(root, name="img", shape=image.shape, dtype=image.dtype, geometry=geometry,
+                                    chunks=chunks, shards=shards)
+    ngff.write_block_aligned(arrays[0], image)
+    ngff.write_pyramid(arrays, "mean")
+    ngff.check_read_back(arrays[0], image, "image")
+    larrays = ngff.create_label(root, "mask", shape=mask.shape, dtype=mask.dtype, geometry=geometry,
+                                chunks=chunks, shards=shards, colors={1: [255, 64, 64, 255]})
+    ngff.write_block_aligned(larrays[0], mask)
+    ngff.write_pyramid(larrays, "nearest")
+    ngff.check_read_back(larrays[0], mask, "mask")
+    return root
+
+
+def _files(path):
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _group_jsons(files):
+    """zarr.json of groups (their attributes may gain keys); every array's zarr.json and chunk must match."""
+    import json
+    return {k for k, v in files.items() if k.endswith("zarr.json") and json.loads(v)["node_type"] == "group"}
+
+
+def _blocks_of(array, lookahead=3):
+    """A Blocks source like tensorstore streaming: reads ``lookahead`` boxes ahead of the consumer."""
+    def read(boxes):
+        pending = []
+        it = iter(boxes)
+        for box in itertools.islice(it, lookahead):
+            pending.append(np.array(array[box]))
+        for box in it:
+            yield pending.pop(0)
+            pending.append(np.array(array[box]))
+        yield from pending
+    return ngff.Blocks(array.shape, array.dtype, read)
+
+
+@pytest.mark.parametrize("as_blocks", [False, True])
+def test_write_image_is_byte_identical_to_the_old_sequence(tmp_path, as_blocks):
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (45, 130, 97), dtype=np.uint8)  # odd sizes: edge-padded border cells
+    mask = (image > 180).astype(np.uint8)
+    g = ngff.Geometry((6.0, 6.0, 6.0), (3.0, 0.0, -6.0))
+    chunks, shards = (16, 16, 16), (32, 32, 32)
+    _old_sequence(tmp_path / "old.zarr", image, mask, g, chunks, shards)
+    root = zarr.open_group(str(tmp_path / "new.zarr"), mode="w", zarr_format=3)
+    src = _blocks_of(image) if as_blocks else image
+    lab = _blocks_of(mask) if as_blocks else mask
+    figures = ngff.write_image(root, name="img", source=src, geometry=g, chunks=chunks, shards=shards,
+                               labels=[ngff.Label("mask", lab, colors={1: [255, 64, 64, 255]}, method="nearest")],
+                               what="the test image")
+    old, new = _files(tmp_path / "old.zarr"), _files(tmp_path / "new.zarr")
+    assert sorted(old) == sorted(new) and len(old) > 20
+    groups = _group_jsons(old)
+    assert groups == {"zarr.json", "labels/zarr.json", "labels/mask/zarr.json"}
+    assert [k for k in old if k not in groups and old[k] != new[k]] == []
+    assert figures["levels"] == 3 and figures["shape"] == [45, 130, 97]
+    assert figures["factors"] == [[1, 1, 1], [2, 2, 2], [2, 2, 2]]
+    assert figures["mean"] == pytest.approx(float(image.mean()))
+    assert figures["labels"]["mask"]["levels"] == 3
+    old_ms, new_ms = (ngff.multiscales(zarr.open_group(str(tmp_path / p), mode="r")) for p in ("old.zarr", "new.zarr"))
+    assert new_ms["datasets"] == old_ms["datasets"] and new_ms["axes"] == old_ms["axes"]
+
+
+def test_write_image_keeps_attrs_and_registers_labels(tmp_path):
+    data = np.arange(20 * 24 * 28, dtype=np.uint16).reshape(20, 24, 28)
+    seg = (data // 1000).astype(np.uint64)
+    root = zarr.open_group(str(tmp_path / "a.zarr"), mode="w", zarr_format=3)
+    ngff.write_image(root, name="a", source=data, geometry=ngff.Geometry((4.0, 4.0, 4.0)), chunks=(8, 8, 8),
+                     shards=(16, 16, 16), n_levels=2, attrs={"emdata": {"source": "test"}},
+                     labels=[ngff.Label("seg", seg, properties={1: {"name": "one"}})], what="a")
+    back = zarr.open_group(str(tmp_path / "a.zarr"), mode="r")
+    assert back.attrs["emdata"] == {"source": "test"}
+    assert ngff.label_names(back) == ["seg"]
+    ms, arrays = ngff.open_multiscale(tmp_path / "a.zarr", label="seg")
+    assert ms["type"] == "mode" and len(arrays) == 2
+    np.testing.assert_array_equal(arrays[0][...], seg)
+    label_attrs = ngff.ome_attrs(back["labels/seg"])["image-label"]
+    assert label_attrs["properties"] == [{"label-value": 1, "name": "one"}]
+
+
+def test_write_image_fails_loudly_naming_the_source_and_block(tmp_path, monkeypatch):
+    data = np.ones((20, 20, 20), np.uint8)
+    root = zarr.open_group(str(tmp_path / "b.zarr"), mode="w", zarr_format=3)
+    short = ngff.Blocks(data.shape, data.dtype, lambda boxes: iter([data[boxes[0]]]))
+    with pytest.raises(SourceMismatchError, match=r"the stream: the source ended after 1 of 8 blocks"):
+        ngff.write_image(root, name="b", source=short, geometry=ngff.Geometry((1, 1, 1)), chunks=(10, 10, 10),
+                         shards=(10, 10, 10), what="the stream")
+    wrong = ngff.Blocks(data.shape, data.dtype, lambda boxes: (data[b].astype(np.int16) for b in boxes))
+    with pytest.raises(SourceMismatchError, match=r"the stream: block .* int16, expected \(10, 10, 10\) uint8"):
+        ngff.write_image(root, name="b", source=wrong, geometry=ngff.Geometry((1, 1, 1)), chunks=(10, 10, 10),
+                         shards=(10, 10, 10), what="the stream")
+    # A store that returns other bytes than were written is caught on read-back, naming the box.
+    real_getitem = zarr.Array.__getitem__
+
+    def flipping(self, sel):
+        out = real_getitem(self, sel)
+        if self.path.endswith("0") and isinstance(out, np.ndarray) and out.size:
+            out = out.copy()
+            out.flat[-1] ^= 1
+        return out
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", flipping)
+    with pytest.raises(SourceMismatchError, match=r"conversion of the TIFF does not read back equal at \(slice\(0"):
+        ngff.write_image(root, name="b", source=data, geometry=ngff.Geometry((1, 1, 1)), chunks=(10, 10, 10),
+                         shards=(10, 10, 10), what="the TIFF")
+
+
+def test_label_shape_must_match_the_image(tmp_path):
+    root = zarr.open_group(str(tmp_path / "c.zarr"), mode="w", zarr_format=3)
+    with pytest.raises(InvalidParameterError, match=r"label 'm' of c has shape \(4, 4, 5\), its image \(4, 4, 4\)"):
+        ngff.write_image(root, name="c", source=np.zeros((4, 4, 4), np.uint8), geometry=ngff.Geometry((1, 1, 1)),
+                         labels=[ngff.Label("m", np.zeros((4, 4, 5), np.uint8))], what="c")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -13,7 +15,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from emdata.errors import InvalidParameterError
+from emdata import pyramid
+from emdata.errors import InvalidParameterError, SourceMismatchError
+
+log = logging.getLogger(__name__)
 
 NGFF_VERSION = "0.5"
 AXES: tuple[str, str, str] = ("z", "y", "x")
@@ -22,7 +27,8 @@ DEFAULT_CHUNKS: tuple[int, int, int] = (64, 64, 64)
 # 256^3 shards hold 64 chunks each: few enough files for DVC and S3, small enough to write one at a time.
 DEFAULT_SHARDS: tuple[int, int, int] = (256, 256, 256)
 
-Downsampling = Literal["mean", "nearest"]
+Downsampling = Literal["mean", "mode", "nearest"]
+PROGRESS_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -44,16 +50,20 @@ class Geometry:
         object.__setattr__(self, "translation_nm", tuple(float(v) for v in self.translation_nm))
 
     def level(self, index: int, downsampling: Downsampling, factor: int = 2) -> Geometry:
-        """Geometry of pyramid level ``index`` made by repeated ``factor``-fold downsampling.
-
-        Mean pooling moves voxel centres by half of the pooled extent; nearest (strided) sampling keeps them.
-        """
+        """Geometry of pyramid level ``index`` made by repeated ``factor``-fold downsampling on every axis."""
         scale = factor**index
-        voxel = tuple(v * scale for v in self.voxel_size_nm)
-        if downsampling == "mean":
-            shift = tuple(v * (scale - 1) / 2 for v in self.voxel_size_nm)
-        else:
-            shift = (0.0, 0.0, 0.0)
+        return self.scaled((scale, scale, scale), downsampling)
+
+    def scaled(self, factors: Sequence[int], downsampling: Downsampling) -> Geometry:
+        """Geometry of a level downsampled by ``factors`` (z, y, x) relative to this one.
+
+        Mean and mode pooling put a voxel at the centre of its cell, half of the pooled extent on;
+        nearest (strided) sampling keeps the first voxel's centre.
+        """
+        voxel = tuple(v * f for v, f in zip(self.voxel_size_nm, factors, strict=True))
+        shift: tuple[float, ...] = (0.0, 0.0, 0.0)
+        if downsampling != "nearest":
+            shift = tuple(v * (f - 1) / 2 for v, f in zip(self.voxel_size_nm, factors, strict=True))
         translation = tuple(t + s for t, s in zip(self.translation_nm, shift, strict=True))
         return Geometry(voxel, translation, self.axes)  # type: ignore[arg-type]
 
@@ -72,10 +82,14 @@ def default_n_levels(shape: Sequence[int], smallest: int = 64) -> int:
     return max(1, math.ceil(math.log2(max(max(shape) / smallest, 1))) + 1)
 
 
-def multiscales_attrs(name: str, geometry: Geometry, n_levels: int, downsampling: Downsampling) -> dict[str, Any]:
+def multiscales_attrs(name: str, geometry: Geometry, n_levels: int, downsampling: Downsampling,
+                      factors: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
+    """One ``multiscales`` entry; ``factors`` per level (level 0 first), else 2 on every axis per level."""
+    if factors is None:
+        factors = [(1, 1, 1)] + [(2, 2, 2)] * (n_levels - 1)
     datasets = []
-    for i in range(n_levels):
-        g = geometry.level(i, downsampling)
+    for i, cum in enumerate(pyramid.cumulative(factors[:n_levels])):
+        g = geometry.scaled(cum, downsampling)
         datasets.append({
             "path": str(i),
             "coordinateTransformations": [
@@ -87,7 +101,7 @@ def multiscales_attrs(name: str, geometry: Geometry, n_levels: int, downsampling
         "name": name,
         "axes": [{"name": a, "type": "space", "unit": UNIT} for a in geometry.axes],
         "datasets": datasets,
-        "type": "mean" if downsampling == "mean" else "nearest",
+        "type": downsampling,
     }
 
 
@@ -108,13 +122,21 @@ def create_multiscale(
     shards: Sequence[int] | None = DEFAULT_SHARDS,
     downsampling: Downsampling = "mean",
     extra_attrs: dict[str, Any] | None = None,
+    factors: Sequence[Sequence[int]] | None = None,
 ) -> list[zarr.Array]:
-    """Create empty arrays ``0..n-1`` in ``group`` and write the OME-Zarr 0.5 ``multiscales`` attributes."""
+    """Create empty arrays ``0..n-1`` in ``group`` and write the OME-Zarr 0.5 ``multiscales`` attributes.
+
+    ``factors`` (per level, level 0 first; see ``pyramid.plan_factors``) sets the levels; without it there are
+    ``n_levels`` levels halving every axis.
+    """
     if len(shape) != 3 or any(int(s) <= 0 for s in shape):
         raise InvalidParameterError(f"shape must be three positive sizes (z, y, x), got {tuple(shape)!r}")
-    n_levels = n_levels or default_n_levels(shape)
+    if factors is None:
+        n_levels = n_levels or default_n_levels(shape)
+        factors = [(1, 1, 1)] + [(2, 2, 2)] * (n_levels - 1)
+    n_levels = len(factors)
     arrays = []
-    for i, lshape in enumerate(level_shapes(shape, n_levels)):
+    for i, lshape in enumerate(pyramid.shapes(shape, factors)):
         lchunks = tuple(min(c, s) for c, s in zip(chunks, lshape, strict=True))
         lshards = None
         if shards is not None:
@@ -127,7 +149,7 @@ def create_multiscale(
             dimension_names=list(geometry.axes), overwrite=True, **_codecs_kwargs(np.dtype(dtype)),
         ))
     ome: dict[str, Any] = {"version": NGFF_VERSION,
-                           "multiscales": [multiscales_attrs(name, geometry, n_levels, downsampling)]}
+                           "multiscales": [multiscales_attrs(name, geometry, n_levels, downsampling, factors)]}
     attrs: dict[str, Any] = {"ome": ome}
     if extra_attrs:
         attrs.update(extra_attrs)
@@ -171,7 +193,9 @@ def find_images(root: zarr.Group) -> list[tuple[str, zarr.Group]]:
 
 
 def create_label(
-    image_group: zarr.Group, label_name: str, *, colors: dict[int, list[int]] | None = None, **kwargs: Any
+    image_group: zarr.Group, label_name: str, *, colors: Mapping[int, Sequence[int]] | None = None,
+    properties: Mapping[int, Mapping[str, Any]] | None = None, downsampling: Downsampling = "nearest",
+    **kwargs: Any,
 ) -> list[zarr.Array]:
     """Create ``labels/<label_name>`` beside an image (NGFF labels), registered in ``labels``' attributes."""
     labels = image_group.require_group("labels")
@@ -182,8 +206,10 @@ def create_label(
     group = labels.create_group(label_name, overwrite=True)
     image_label: dict[str, Any] = {"version": NGFF_VERSION, "source": {"image": "../../"}}
     if colors:
-        image_label["colors"] = [{"label-value": k, "rgba": v} for k, v in colors.items()]
-    arrays = create_multiscale(group, name=label_name, downsampling="nearest", **kwargs)
+        image_label["colors"] = [{"label-value": int(k), "rgba": [int(c) for c in v]} for k, v in colors.items()]
+    if properties:
+        image_label["properties"] = [{"label-value": int(k), **dict(v)} for k, v in properties.items()]
+    arrays = create_multiscale(group, name=label_name, downsampling=downsampling, **kwargs)
     ome = ome_attrs(group)
     ome["image-label"] = image_label
     group.attrs["ome"] = ome
@@ -198,26 +224,23 @@ def block_slices(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[s
 
 
 def _downsample(block: np.ndarray, mode: Downsampling) -> np.ndarray:
-    if mode == "nearest":
-        return block[::2, ::2, ::2]
-    # Mean of each 2x2x2 cell; edge-pad odd sizes so the border voxel is averaged with itself.
-    pad = [(0, s % 2) for s in block.shape]
-    if any(p[1] for p in pad):
-        block = np.pad(block, pad, mode="edge")
-    z, y, x = (s // 2 for s in block.shape)
-    acc = block.reshape(z, 2, y, 2, x, 2).astype(np.float32).mean(axis=(1, 3, 5))
-    if np.issubdtype(block.dtype, np.integer):
-        acc = np.rint(acc)
-    return acc.astype(block.dtype)
+    """One 2x2x2 step of ``mode`` (kept for callers of the isotropic pyramid)."""
+    return pyramid.reduce(block, (2, 2, 2), mode)
 
 
-def write_pyramid(arrays: Sequence[zarr.Array], downsampling: Downsampling) -> None:
-    """Fill levels 1.. from level 0, one output shard at a time (bounded memory)."""
-    for src, dst in itertools.pairwise(arrays):
+def write_pyramid(arrays: Sequence[zarr.Array], downsampling: Downsampling,
+                  factors: Sequence[Sequence[int]] | None = None) -> None:
+    """Fill levels 1.. from level 0, one output shard at a time (bounded memory); a second pass over level 0.
+
+    ``factors`` per level (level 0 first) as the arrays were created with; 2 on every axis without it.
+    """
+    steps = list(factors[1:]) if factors is not None else [(2, 2, 2)] * (len(arrays) - 1)
+    for (src, dst), f in zip(itertools.pairwise(arrays), steps, strict=True):
         write_block = dst.shards or dst.chunks
         for out in block_slices(dst.shape, write_block):
-            inp = tuple(slice(s.start * 2, min(s.stop * 2, n)) for s, n in zip(out, src.shape, strict=True))
-            dst[out] = _downsample(np.asarray(src[inp]), downsampling)
+            inp = tuple(slice(s.start * fa, min(s.stop * fa, n))
+                        for s, fa, n in zip(out, f, src.shape, strict=True))
+            dst[out] = pyramid.reduce(np.asarray(src[inp]), f, downsampling)
 
 
 def write_block_aligned(array: zarr.Array, source: Any, *, slab: Sequence[int] | None = None) -> None:
@@ -244,3 +267,241 @@ def open_multiscale(path: Path | str, *, label: str | None = None) -> tuple[dict
     ms = multiscales(group)
     arrays = [group[d["path"]] for d in ms["datasets"]]
     return ms, arrays  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- one call: image, pyramid, labels
+Box = tuple[slice, slice, slice]
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A volume read block by block, for sources that stream (e.g. tensorstore with reads in flight).
+
+    ``read(boxes)`` must yield one array per box, in the order given (it may read ahead); ``write_image``
+    chooses the boxes (whole output shards) and checks each array's shape and dtype.
+    """
+
+    shape: tuple[int, int, int]
+    dtype: np.dtype
+    read: Callable[[Sequence[Box]], Iterable[np.ndarray]]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+
+
+@dataclass(frozen=True)
+class Label:
+    """An NGFF label image written beside the image (``labels/<name>``), on the image's grid and levels.
+
+    ``source``: an array-like (z, y, x; ``shape``, ``dtype``, sliceable) or ``Blocks``. ``colors``: label
+    value -> RGBA (0-255); ``properties``: label value -> {"name": ..., ...}. ``method``: "mode" (majority) for
+    segmentations, "nearest" for binary masks.
+    """
+
+    name: str
+    source: Any
+    colors: Mapping[int, Sequence[int]] | None = None
+    properties: Mapping[int, Mapping[str, Any]] | None = None
+    method: Downsampling = "mode"
+
+
+def shard_order(shape: Sequence[int], factors: Sequence[Sequence[int]], block: Sequence[int],
+                level_blocks: Sequence[Sequence[int]]) -> list[Box]:
+    """Level-0 shard boxes ordered so that each upper-level shard's sources come one after another.
+
+    Sorting by the index of the containing shard at the top level, then the next level down, ... keeps at most
+    one unfinished shard per level in memory (when shard grids nest, as they do for equal shard sizes), so the
+    streaming pyramid's memory does not grow with the volume.
+    """
+    cum = pyramid.cumulative(factors)
+
+    def key(box: Box) -> tuple[int, ...]:
+        k: list[int] = []
+        for lvl in range(len(cum) - 1, -1, -1):
+            k.extend((b.start // c) // lb for b, c, lb in zip(box, cum[lvl], level_blocks[lvl], strict=True))
+        return tuple(k)
+
+    return sorted(block_slices(shape, block), key=key)  # type: ignore[arg-type]
+
+
+class _StreamingPyramid:
+    """Takes level-0 shards in ``shard_order`` and writes every upper level shard as soon as it is complete."""
+
+    def __init__(self, arrays: Sequence[zarr.Array], factors: Sequence[Sequence[int]], method: Downsampling):
+        self.arrays = list(arrays)
+        self.factors = [tuple(int(v) for v in f) for f in factors]
+        self.method = method
+        self.blocks = [tuple(a.shards or a.chunks) for a in self.arrays]
+        self.pending: list[dict[tuple[int, ...], list[Any]]] = [{} for _ in self.arrays]
+        self.peak_bytes = 0
+        self.seconds = 0.0
+
+    def add(self, level: int, start: Sequence[int], data: np.ndarray) -> None:
+        """``data`` at ``start`` of ``level - 1`` is complete: reduce it into ``level``."""
+        if level >= len(self.arrays):
+            return
+        began = time.monotonic()
+        f = self.factors[level]
+        if any(s % fa for s, fa in zip(start, f, strict=True)):
+            raise InvalidParameterError(f"a block at {tuple(start)} of level {level - 1} is not aligned to the "
+                                        f"downsampling factors {f}: choose shards that are multiples of them")
+        red = pyramid.reduce(data, f, self.method)
+        ostart = [s // fa for s, fa in zip(start, f, strict=True)]
+        array, block, pending = self.arrays[level], self.blocks[level], self.pending[level]
+        ranges = [range(o // b, (o + n - 1) // b + 1) for o, n, b in zip(ostart, red.shape, block, strict=True)]
+        done: list[tuple[list[int], np.ndarray]] = []
+        for idx in itertools.product(*ranges):
+            lo_sh = [i * b for i, b in zip(idx, block, strict=True)]
+            hi_sh = [min(lo + b, n) for lo, b, n in zip(lo_sh, block, array.shape, strict=True)]
+            lo = [max(a, b) for a, b in zip(ostart, lo_sh, strict=True)]
+            hi = [min(o + n, h) for o, n, h in zip(ostart, red.shape, hi_sh, strict=True)]
+            entry = pending.get(idx)
+            if entry is None:
+                entry = pending[idx] = [np.empty([h - lo_ for lo_, h in zip(lo_sh, hi_sh, strict=True)], red.dtype), 0]
+            buf = entry[0]
+            buf[tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, lo_sh, strict=True))] = \
+                red[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, ostart, strict=True))]
+            entry[1] += math.prod(b - a for a, b in zip(lo, hi, strict=True))
+            if entry[1] == buf.size:
+                del pending[idx]
+                array[tuple(slice(a, a + n) for a, n in zip(lo_sh, buf.shape, strict=True))] = buf
+                done.append((lo_sh, buf))
+        self.peak_bytes = max(self.peak_bytes, sum(e[0].nbytes for p in self.pending for e in p.values()))
+        self.seconds += time.monotonic() - began
+        for lo_sh, buf in done:
+            self.add(level + 1, lo_sh, buf)
+
+    def finish(self, what: str) -> None:
+        for level, pending in enumerate(self.pending):
+            if pending:
+                raise RuntimeError(f"pyramid of {what}: level {level} has unfinished shards {sorted(pending)}")
+
+
+def _source_shape_dtype(source: Any, what: str) -> tuple[tuple[int, int, int], np.dtype]:
+    try:
+        shape = tuple(int(s) for s in source.shape)
+        dtype = np.dtype(source.dtype)
+    except (AttributeError, TypeError) as exc:
+        raise InvalidParameterError(f"{what}: the source must be array-like (shape, dtype) or Blocks, "
+                                    f"got {type(source).__name__}") from exc
+    if len(shape) != 3 or any(s <= 0 for s in shape):
+        raise InvalidParameterError(f"{what}: the source must be 3-D (z, y, x) and not empty, got shape {shape}")
+    return shape, dtype  # type: ignore[return-value]
+
+
+def _stream_level0(arrays: Sequence[zarr.Array], source: Any, factors: Sequence[Sequence[int]],
+                   method: Downsampling, what: str, on_block: Callable[[int], None] | None) -> dict[str, Any]:
+    """Write level 0 shard by shard from ``source``, read each shard back and compare, and build the pyramid."""
+    shape, dtype = _source_shape_dtype(source, what)
+    level0 = arrays[0]
+    blocks = [tuple(a.shards or a.chunks) for a in arrays]
+    boxes = shard_order(shape, factors, blocks[0], blocks)
+    builder = _StreamingPyramid(arrays, factors, method)
+    if isinstance(source, Blocks):
+        datas: Iterator[np.ndarray] = iter(source.read(boxes))
+    else:
+        datas = (np.asarray(source[box]) for box in boxes)
+    total = math.prod(shape) * dtype.itemsize
+    began = last_log = time.monotonic()
+    read_s = write_s = verify_s = 0.0
+    done_bytes = 0
+    total_sum = 0.0
+    for n, box in enumerate(boxes, 1):
+        t0 = time.monotonic()
+        data = next(datas, None)
+        t1 = time.monotonic()
+        read_s += t1 - t0
+        expected = tuple(b.stop - b.start for b in box)
+        if data is None:
+            raise SourceMismatchError(f"{what}: the source ended after {n - 1} of {len(boxes)} blocks")
+        if data.shape != expected or data.dtype != dtype:
+            raise SourceMismatchError(f"{what}: block {box} is {data.shape} {data.dtype}, expected {expected} {dtype}")
+        level0[box] = data
+        t2 = time.monotonic()
+        if not np.array_equal(level0[box], data):
+            raise SourceMismatchError(f"conversion of {what} does not read back equal at {box}")
+        t3 = time.monotonic()
+        write_s += t2 - t1
+        verify_s += t3 - t2
+        if dtype.kind in "iub":
+            total_sum += float(data.sum(dtype=np.int64 if dtype.kind == "i" else np.uint64))
+        else:
+            total_sum += float(data.sum(dtype=np.float64))
+        builder.add(1, [b.start for b in box], data)
+        done_bytes += data.nbytes
+        if on_block is not None:
+            on_block(data.nbytes)
+        now = time.monotonic()
+        if now - last_log >= PROGRESS_EVERY_S or n == len(boxes):
+            rate = done_bytes / max(now - began, 1e-9)
+            log.info("%s: %d/%d shards, %.0f of %.0f MB, %.1f MB/s, ETA %.0f s", what, n, len(boxes),
+                     done_bytes / 1e6, total / 1e6, rate / 1e6, (total - done_bytes) / max(rate, 1e-9))
+            last_log = now
+    if next(datas, None) is not None:
+        raise SourceMismatchError(f"{what}: the source yielded more than the {len(boxes)} blocks asked for")
+    builder.finish(what)
+    seconds = time.monotonic() - began
+    return {
+        "shape": list(shape), "dtype": str(dtype), "levels": len(arrays),
+        "factors": [list(f) for f in factors], "bytes": done_bytes, "mean": total_sum / math.prod(shape),
+        "seconds": round(seconds, 3), "read_seconds": round(read_s, 3), "write_seconds": round(write_s, 3),
+        "verify_seconds": round(verify_s, 3), "pyramid_seconds": round(builder.seconds, 3),
+        "pyramid_peak_bytes": builder.peak_bytes, "MBps": round(done_bytes / 1e6 / max(seconds, 1e-9), 1),
+    }
+
+
+def write_image(
+    group: zarr.Group,
+    *,
+    name: str,
+    source: Any,
+    geometry: Geometry,
+    what: str,
+    chunks: Sequence[int] = DEFAULT_CHUNKS,
+    shards: Sequence[int] | None = DEFAULT_SHARDS,
+    method: Downsampling = "mean",
+    labels: Sequence[Label] = (),
+    attrs: Mapping[str, Any] | None = None,
+    n_levels: int | None = None,
+    factors: Sequence[Sequence[int]] | None = None,
+    on_block: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Write ``source`` as an OME-Zarr 0.5 image in ``group`` with its pyramid and labels; return figures.
+
+    Level 0 is written one output shard at a time from ``source`` (array-like or ``Blocks``), each shard read
+    back and compared (SourceMismatchError naming ``what`` and the box); the pyramid levels are built from
+    those shards as they pass (no second read of level 0), in bounded memory. Levels follow
+    ``pyramid.plan_factors`` (near-isotropic) unless ``factors`` (per level, level 0 first) or ``n_levels``
+    is given. Each label is written the same way on the image's levels. ``attrs`` are added to the group's
+    attributes beside ``ome``. ``on_block`` is called with the bytes of each level-0 shard (progress bars).
+    """
+    method = pyramid.check_method(method)  # type: ignore[assignment]
+    shape, dtype = _source_shape_dtype(source, what)
+    if factors is None:
+        factors = pyramid.plan_factors(shape, geometry.voxel_size_nm, n_levels=n_levels)
+    factors = [tuple(int(v) for v in f) for f in factors]
+    if not factors or factors[0] != (1, 1, 1) or any(v not in (1, 2) for f in factors for v in f):
+        raise InvalidParameterError(f"factors must start with (1, 1, 1) and hold 1 or 2 per axis, got {factors}")
+    names = [lab.name for lab in labels]
+    if len(set(names)) != len(names) or any(not n or "/" in n for n in names):
+        raise InvalidParameterError(f"label names must be unique, non-empty and without '/', got {names}")
+    for lab in labels:
+        pyramid.check_method(lab.method)
+        lshape, _ = _source_shape_dtype(lab.source, f"label {lab.name!r} of {what}")
+        if lshape != shape:
+            raise InvalidParameterError(f"label {lab.name!r} of {what} has shape {lshape}, its image {shape}")
+    arrays = create_multiscale(group, name=name, shape=shape, dtype=dtype, geometry=geometry, chunks=chunks,
+                               shards=shards, downsampling=method, extra_attrs=dict(attrs) if attrs else None,
+                               factors=factors)
+    figures = _stream_level0(arrays, source, factors, method, what, on_block)
+    if labels:
+        figures["labels"] = {}
+    for lab in labels:
+        _, ldtype = _source_shape_dtype(lab.source, lab.name)
+        larrays = create_label(group, lab.name, colors=lab.colors, properties=lab.properties,
+                               downsampling=lab.method, shape=shape, dtype=ldtype, geometry=geometry,
+                               chunks=chunks, shards=shards, factors=factors)
+        figures["labels"][lab.name] = _stream_level0(larrays, lab.source, factors, lab.method,
+                                                     f"label {lab.name!r} of {what}", on_block)
+    return figures
