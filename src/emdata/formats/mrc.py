@@ -1,0 +1,118 @@
+"""MRC/CCP4 maps, image stacks and images (mrcfile, permissive): memory-mapped, voxel size from the header in nm."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+from mrcfile.dtypes import HEADER_DTYPE
+from mrcfile.utils import byte_order_from_machine_stamp, data_dtype_from_header
+
+from emdata.formats.volume import (
+    MAX_AXIS,
+    Volume,
+    VolumeFormatError,
+    VolumeFormatWarning,
+    as_zyx,
+    check_dtype,
+    check_extent,
+    check_shape,
+    length_nm,
+)
+
+HEADER_BYTES = HEADER_DTYPE.itemsize  # 1024
+MAP_ID_OFFSET = 208
+_MODES = {0, 1, 2, 3, 4, 6, 12, 101}
+
+
+def parse_header(head: bytes) -> np.recarray | None:
+    """The 1024-byte header in the byte order its fields make sense in; None if they make sense in neither.
+
+    Sense: a known mode, every axis within 1..MAX_AXIS, the axis mapping a permutation of 1, 2, 3 and a
+    non-negative extended-header size. Used to recognise MRC files whose header lacks the map ID.
+    """
+    if len(head) < HEADER_BYTES:
+        return None
+    raw = np.frombuffer(head[:HEADER_BYTES], dtype=HEADER_DTYPE).reshape(())
+    try:
+        stamped = byte_order_from_machine_stamp(raw["machst"])
+    except ValueError:
+        stamped = "<"
+    for order in (stamped, ">" if stamped == "<" else "<"):
+        header = raw.view(HEADER_DTYPE.newbyteorder(order)).view(np.recarray)
+        shape = (int(header.nx), int(header.ny), int(header.nz))
+        if (int(header.mode) in _MODES and all(1 <= n <= MAX_AXIS for n in shape)
+                and sorted((int(header.mapc), int(header.mapr), int(header.maps))) == [1, 2, 3]
+                and int(header.nsymbt) >= 0):
+            return header
+    return None
+
+
+def has_map_id(head: bytes) -> bool:
+    return head[MAP_ID_OFFSET:MAP_ID_OFFSET + 3] == b"MAP"
+
+
+def read_mrc(path: Path) -> Volume:
+    """An MRC image, image stack or volume as a read-only memory map; warns (VolumeFormatWarning) when read
+    permissively, e.g. for a header without the map ID."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    header = parse_header(head)
+    if header is None:
+        raise VolumeFormatError(f"{path}: MRC header ({len(head)} bytes) is not valid in either byte order (mode, "
+                                f"nx/ny/nz within 1..{MAX_AXIS}, mapc/mapr/maps a permutation of 1, 2, 3, "
+                                f"nsymbt >= 0)")
+    shape_xyz = (int(header.nx), int(header.ny), int(header.nz))
+    check_shape(path, shape_xyz, "nx, ny, nz")
+    mode = int(header.mode)
+    try:
+        dtype = data_dtype_from_header(header)
+    except ValueError as exc:
+        raise VolumeFormatError(f"{path}: MRC mode {mode} has no numeric type ({exc})") from exc
+    check_dtype(path, dtype, f"MRC mode {mode}")
+    if int(header.ispg) >= 401:
+        raise VolumeFormatError(f"{path}: MRC space group {int(header.ispg)} is a stack of volumes (4-D)")
+    offset = HEADER_BYTES + int(header.nsymbt)
+    nbytes = int(np.prod(shape_xyz, dtype=np.int64)) * dtype.itemsize
+    check_extent(path, offset, nbytes, size, "nx * ny * nz after the header and nsymbt")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with mrcfile.mmap(path, mode="r", permissive=True) as mrc:
+                data = mrc.data
+        except Exception as exc:  # a third-party parser on untrusted bytes: any failure means a corrupt file
+            raise VolumeFormatError(f"{path}: not a readable MRC file ({type(exc).__name__}: {exc})") from exc
+    if not has_map_id(head):
+        warnings.warn(f"{path}: MRC header has no map ID ('MAP ' at byte {MAP_ID_OFFSET}); its other fields are "
+                      f"consistent, read with mrcfile's permissive mode", VolumeFormatWarning, stacklevel=3)
+    for w in caught:
+        if "Map ID string not found" in str(w.message):
+            continue  # said above, in plainer words
+        warnings.warn(f"{path}: {w.message} (read with mrcfile's permissive mode)", VolumeFormatWarning,
+                      stacklevel=3)
+    if data is None or data.size != int(np.prod(shape_xyz)):
+        raise VolumeFormatError(f"{path}: mrcfile read no data of the header's shape {list(shape_xyz)} (x, y, z)")
+    data = data.reshape(shape_xyz[::-1])  # (sections, rows, columns)
+    # Sections, rows and columns lie along the physical axes maps, mapr, mapc (1 = X, 2 = Y, 3 = Z).
+    along = (int(header.maps), int(header.mapr), int(header.mapc))
+    if along != (3, 2, 1):
+        data = data.transpose([along.index(3), along.index(2), along.index(1)])
+
+    sizes: list[float | None] = []
+    for axis, cell, sampling, n in (("z", header.cella.z, header.mz, header.nz),
+                                    ("y", header.cella.y, header.my, header.ny),
+                                    ("x", header.cella.x, header.mx, header.nx)):
+        # An image stack (space group 0) has mz = 1 for nz sections: cella.z then describes no spacing.
+        stack = axis == "z" and int(header.ispg) == 0 and int(sampling) != int(n)
+        if int(sampling) <= 0 or float(cell) == 0 or stack:
+            sizes.append(None)
+        else:
+            voxel = float(str(np.float32(cell))) / int(sampling)
+            sizes.append(length_nm(path, axis, voxel, "Å", "MRC cella / mx, my, mz"))
+    units = tuple("Å" if s is not None else None for s in sizes)
+    return Volume(as_zyx(path, data), (sizes[0], sizes[1], sizes[2]), "mrc", path, True,
+                  (units[0], units[1], units[2]), "MRC header cella (Å) / mx, my, mz")
