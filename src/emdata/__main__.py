@@ -1,0 +1,7 @@
+"""``python -m emdata``: the ``emdata`` command."""
+
+import sys
+
+from emdata.cli import main
+
+sys.exit(main())
