@@ -1,12 +1,48 @@
-"""The optional PyTorch adapter (skipped when torch is not installed) and its lazy import."""
+"""PyTorch datasets: DataLoader workers under fork/spawn/forkserver, DDP ranks, exact resume, sampler with a BlockSpec."""
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
+from collections import Counter
 
+import numpy as np
 import pytest
 from access_fixtures import em_like, make_volume
+
+torch = pytest.importorskip("torch")
+
+from emdata.access import BlockGrid, BlockSpec, RandomBlockSampler, open_array  # noqa: E402
+from emdata.access.torch import data_loader, grid_dataset, safe_start_method, sampler_dataset  # noqa: E402
+from emdata.errors import InvalidParameterError  # noqa: E402
+
+METHODS = ["fork", "spawn", "forkserver"]
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory):
+    path = tmp_path_factory.mktemp("torch") / "vol.zarr"
+    image = em_like((16, 24, 24), seed=3)
+    mito = (image > 150).astype(np.uint8)
+    make_volume(path, image, n_levels=1, labels={"mito": mito})
+    return path, image, mito
+
+
+def _parent_arrays(path):
+    """Arrays opened in the parent with the default (tensorstore) backend, and used: its threads are running."""
+    raw, mito = open_array(path), open_array(path, label="mito")
+    assert raw.backend == "tensorstore"
+    raw.read(raw.bounds), mito.read(mito.bounds)
+    return raw, mito
+
+
+def _grid_items(loader):
+    return [(int(i), d) for batch in loader for i, d in zip(batch["flat_index"], batch["data"], strict=True)]
+
+
+def _sample_ids(loader):
+    return [int(i) for batch in loader for i in batch["sample_index"]]
 
 
 def test_package_import_does_not_import_torch():
@@ -14,15 +50,149 @@ def test_package_import_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_torch_datasets(tmp_path):
-    torch = pytest.importorskip("torch")
-    from emdata.access import BlockGrid, BlockSpec, RandomBlockSampler, open_array
-    from emdata.access.torch import grid_dataset, sampler_dataset
+@pytest.mark.parametrize("method", METHODS)
+def test_two_workers_yield_every_block_and_sample_once(volume, method):
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.fail(f"start method {method} is missing on this platform")
+    path, image, _ = volume
+    raw, mito = _parent_arrays(path)
+    grid = BlockGrid(raw, BlockSpec(8, halo_voxels=2, border="reflect"), prefetch=0)
+    loader = data_loader(grid_dataset(grid), batch_size=3, num_workers=2, multiprocessing_context=method)
+    items = _grid_items(loader)
+    assert sorted(i for i, _ in items) == list(range(len(grid)))
+    padded = np.pad(image, 2, mode="reflect")
+    for flat, data in items:
+        block = grid.block_at(flat)
+        start = [a + 2 for a in block.read_box.start]
+        np.testing.assert_array_equal(data[0].numpy(), padded[tuple(slice(a, a + 12) for a in start)])
+    sampler = RandomBlockSampler({"raw": raw, "mito": mito}, 8, seed=5, num_samples=10, prefetch=0)
+    ids = _sample_ids(data_loader(sampler_dataset(sampler), batch_size=4, num_workers=2,
+                                  multiprocessing_context=method))
+    assert sorted(ids) == list(range(10))
+    # The parent's arrays still read through tensorstore afterwards.
+    assert raw.backend == "tensorstore" and raw.read(raw.bounds).sum() == image.sum()
 
-    path = make_volume(tmp_path / "t.zarr", em_like((16, 16, 16)), n_levels=1)
-    ds = grid_dataset(BlockGrid(open_array(path), BlockSpec(8, halo_voxels=2)))
-    assert len(ds) == 8 and ds[0]["data"].shape == (1, 12, 12, 12)
-    loader = torch.utils.data.DataLoader(
-        sampler_dataset(RandomBlockSampler({"raw": open_array(path)}, 8, seed=0, num_samples=4)), batch_size=2)
-    batches = list(loader)
-    assert len(batches) == 2 and batches[0]["raw"]["data"].shape == (2, 1, 8, 8, 8)
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_zero_and_one_worker_yield_every_block_once(volume, workers):
+    path, _, _ = volume
+    raw, mito = _parent_arrays(path)
+    grid = BlockGrid(raw, BlockSpec((8, 12, 12), overlap_voxels=(2, 4, 4)), prefetch=0)
+    items = _grid_items(data_loader(grid_dataset(grid), batch_size=2, num_workers=workers))
+    assert sorted(i for i, _ in items) == list(range(len(grid)))
+    sampler = RandomBlockSampler({"raw": raw, "mito": mito}, 8, seed=5, num_samples=7)
+    assert sorted(_sample_ids(data_loader(sampler_dataset(sampler), batch_size=3, num_workers=workers))) == list(range(7))
+
+
+def test_forked_child_of_a_tensorstore_process_reads_through_zarr(volume):
+    path, image, _ = volume
+    _parent_arrays(path)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        backend, total, error = pool.apply(_open_in_child, (str(path),))
+    assert backend == "zarr" and total == int(image.sum())
+    assert "forked from a process whose tensorstore threads were running" in error
+
+
+def _open_in_child(path):
+    arr = open_array(path)
+    try:
+        open_array(path, backend="tensorstore")
+        error = ""
+    except InvalidParameterError as exc:
+        error = str(exc)
+    return arr.backend, int(arr.read(arr.bounds).sum()), error
+
+
+def test_two_ddp_ranks_times_two_workers_cover_everything_once(volume):
+    path, _, _ = volume
+    raw, mito = _parent_arrays(path)
+    grid = BlockGrid(raw, BlockSpec(8, halo_voxels=1), prefetch=0)
+    seen: Counter[int] = Counter()
+    samples: Counter[int] = Counter()
+    for rank in range(2):
+        ds = grid_dataset(grid, rank=rank, world_size=2)
+        assert len(ds) in (len(grid) // 2, len(grid) // 2 + 1)
+        seen.update(i for i, _ in _grid_items(data_loader(ds, batch_size=2, num_workers=2)))
+        sampler = RandomBlockSampler({"raw": raw, "mito": mito}, 8, seed=1, num_samples=5, prefetch=0)
+        samples.update(_sample_ids(data_loader(sampler_dataset(sampler, rank=rank, world_size=2),
+                                               batch_size=2, num_workers=2)))
+    assert sorted(seen) == list(range(len(grid))) and set(seen.values()) == {1}
+    assert sorted(samples) == list(range(10)) and set(samples.values()) == {1}
+
+
+def test_resume_from_loader_checkpoint_with_workers(volume):
+    path, _, _ = volume
+    raw, mito = _parent_arrays(path)
+
+    def loader():
+        sampler = RandomBlockSampler({"raw": raw, "mito": mito}, 8, seed=9, num_samples=11, prefetch=0)
+        return data_loader(sampler_dataset(sampler), batch_size=2, num_workers=2)
+
+    full = list(loader())
+    order = [int(i) for b in full for i in b["sample_index"]]
+    assert sorted(order) == list(range(11))
+    first = loader()
+    it = iter(first)
+    head = [next(it) for _ in range(3)]
+    state = first.state_dict()
+    del it
+    resumed = loader()
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    got = [int(i) for b in head + rest for i in b["sample_index"]]
+    assert got == order
+    # Same data, not just the same indices.
+    for a, b in zip(full, head + rest, strict=True):
+        assert torch.equal(a["raw"]["data"], b["raw"]["data"]) and torch.equal(a["mito"]["data"], b["mito"]["data"])
+
+
+def test_resume_grid_and_epochs_in_process(volume):
+    path, _, _ = volume
+    raw, _ = _parent_arrays(path)
+    grid = BlockGrid(raw, BlockSpec(8), prefetch=0)
+    first = data_loader(grid_dataset(grid), batch_size=2)
+    it = iter(first)
+    head = [int(i) for _ in range(2) for i in next(it)["flat_index"]]
+    resumed = data_loader(grid_dataset(grid), batch_size=2)
+    resumed.load_state_dict(first.state_dict())
+    rest = [int(i) for b in resumed for i in b["flat_index"]]
+    assert head + rest == list(range(len(grid)))
+    sampler = RandomBlockSampler({"raw": raw}, 8, seed=2, num_samples=4, prefetch=0)
+    ds = sampler_dataset(sampler)
+    epoch0 = _sample_ids(data_loader(ds, batch_size=2))
+    ds.set_epoch(1)
+    epoch1 = _sample_ids(data_loader(ds, batch_size=2))
+    assert epoch0 == [0, 1, 2, 3] and epoch1 == [4, 5, 6, 7]
+
+
+def test_sampler_takes_the_grid_blockspec(volume):
+    path, image, mito_data = volume
+    raw, mito = open_array(path), open_array(path, label="mito")
+    spec = BlockSpec((6, 8, 8), halo_voxels=(2, 3, 3), border="reflect")
+    sampler = RandomBlockSampler({"raw": raw, "mito": mito}, spec, seed=4, num_samples=6, prefetch=0)
+    padded = np.pad(image, [(2, 2), (3, 3), (3, 3)], mode="reflect")
+    for sample in sampler:
+        block = sample["raw"]
+        assert block.data.shape == spec.read_shape_voxels and block.block_box.shape == (6, 8, 8)
+        assert block.read_box == block.block_box.grow((2, 3, 3))
+        start = [a + h for a, h in zip(block.read_box.start, (2, 3, 3), strict=True)]
+        np.testing.assert_array_equal(block.data, padded[tuple(slice(a, a + s) for a, s in
+                                                             zip(start, spec.read_shape_voxels, strict=True))])
+        np.testing.assert_array_equal(sample["mito"].data[sample["mito"].block_in_read],
+                                      mito_data[sample["mito"].block_box.slices])
+    drop = RandomBlockSampler({"raw": raw}, BlockSpec(8, halo_voxels=4, border="drop"), seed=0, num_samples=20)
+    for sample in drop:
+        assert raw.bounds.contains(sample["raw"].read_box)
+    with pytest.raises(InvalidParameterError, match="shrink"):
+        RandomBlockSampler({"raw": raw}, BlockSpec(8, border="shrink"), seed=0)
+    with pytest.raises(InvalidParameterError, match="conflicts"):
+        RandomBlockSampler({"raw": raw}, spec, seed=0, border="edge")
+    # The same spec drives a grid: identical block and read shapes for training and inference.
+    block = BlockGrid(raw, spec)[0]
+    assert block.data.shape == spec.read_shape_voxels
+
+
+def test_safe_start_method_and_explicit_context():
+    assert safe_start_method() in ("forkserver", "spawn")
+    assert safe_start_method() in multiprocessing.get_all_start_methods()

@@ -11,7 +11,7 @@ import numpy as np
 
 from emdata.access.grid import Block, prefetched
 from emdata.access.open import EmArray
-from emdata.access.spec import PAD_MODES, Box, RoiNm, Triple, as_triple
+from emdata.access.spec import PAD_MODES, BlockSpec, Box, RoiNm, Triple, as_triple
 from emdata.errors import EmDataError, InvalidParameterError
 
 Sample = dict[str, Block]
@@ -50,6 +50,12 @@ class RandomBlockSampler:
     voxel sizes are integer multiples line up exactly. The anchor's block stays inside ``roi_nm`` (default:
     the anchor array); other arrays are padded with ``border`` where they end.
 
+    ``block_shape_voxels`` is a shape, a ``BlockSpec`` (the one the inference grid uses), or one of either
+    per array. A spec's ``halo_voxels`` are read around each block as context (``Block.read_box`` =
+    ``block_box`` grown by the halo, ``data`` covers the read box, ``block_in_read`` selects the block), and
+    its ``border`` (``constant``/``reflect``/``edge`` pad like ``numpy.pad``; ``drop`` keeps the anchor's
+    block and halo inside the anchor array) and ROI apply; ``shrink`` makes variable shapes and is refused.
+
     ``mask`` (an array, best a coarse level of a label) weights origins: each mask voxel is picked with
     weight 1 if foreground, ``mask_background_weight`` otherwise. ``min_foreground_fraction`` rejects samples
     whose ``foreground_key`` block holds too little foreground (``foreground_values``, default: nonzero).
@@ -58,7 +64,7 @@ class RandomBlockSampler:
     def __init__(
         self,
         arrays: Mapping[str, EmArray],
-        block_shape_voxels: int | Sequence[int] | Mapping[str, int | Sequence[int]],
+        block_shape_voxels: int | Sequence[int] | BlockSpec | Mapping[str, int | Sequence[int] | BlockSpec],
         *,
         seed: int,
         roi_nm: RoiNm | None = None,
@@ -77,7 +83,10 @@ class RandomBlockSampler:
     ) -> None:
         if not arrays:
             raise InvalidParameterError("arrays must name at least one array")
-        if border not in PAD_MODES:
+        specs = _specs_by_key(block_shape_voxels, arrays)
+        if specs:
+            border, constant_value, roi_nm = _spec_settings(specs, arrays, border, constant_value, roi_nm)
+        elif border not in PAD_MODES:
             raise InvalidParameterError(f"border must be one of {PAD_MODES} for sampling, got {border!r}")
         if not 0.0 <= min_foreground_fraction <= 1.0:
             raise InvalidParameterError(f"min_foreground_fraction must be in [0, 1], got {min_foreground_fraction!r}")
@@ -95,10 +104,15 @@ class RandomBlockSampler:
             if missing:
                 raise InvalidParameterError(f"block_shape_voxels has no shape for {sorted(missing)}")
             self.block_shapes: dict[str, Triple] = {
-                k: as_triple(block_shape_voxels[k], f"block_shape_voxels[{k!r}]", minimum=1) for k in self.arrays}
+                k: specs[k].block_shape_voxels if k in specs else
+                as_triple(block_shape_voxels[k], f"block_shape_voxels[{k!r}]", minimum=1)  # type: ignore[arg-type]
+                for k in self.arrays}
+        elif isinstance(block_shape_voxels, BlockSpec):
+            self.block_shapes = {k: block_shape_voxels.block_shape_voxels for k in self.arrays}
         else:
             shape = as_triple(block_shape_voxels, "block_shape_voxels", minimum=1)
             self.block_shapes = {k: shape for k in self.arrays}
+        self.halos: dict[str, Triple] = {k: specs[k].halo_voxels if k in specs else (0, 0, 0) for k in self.arrays}
         self.seed = int(seed)
         self.border = border
         self.constant_value = constant_value
@@ -118,6 +132,19 @@ class RandomBlockSampler:
             raise InvalidParameterError(
                 f"roi_nm {roi_nm} is outside the array {self.anchor!r}: voxels {roi.start}..{roi.stop} vs shape "
                 f"{anchor.shape} (z, y, x)")
+        if specs and self.anchor in specs and specs[self.anchor].roi_voxels is not None and roi_nm is None:
+            roi_voxels = specs[self.anchor].roi_voxels
+            assert roi_voxels is not None
+            roi = roi_voxels
+            if not anchor.bounds.contains(roi):
+                raise InvalidParameterError(
+                    f"roi_voxels {roi} of the spec is outside the array {self.anchor!r} of shape {anchor.shape}")
+        if border == "drop":
+            # Keep the anchor's block *and halo* inside the array: nothing outside it is ever read.
+            halo = np.array(self.halos[self.anchor])
+            roi = Box(tuple(int(v) for v in np.maximum(roi.start, halo)),  # type: ignore[arg-type]
+                      tuple(int(v) for v in np.maximum(np.minimum(roi.stop, np.array(anchor.shape) - halo),
+                                                       np.maximum(roi.start, halo))))
         shape = self.block_shapes[self.anchor]
         if any(b > s for b, s in zip(shape, roi.shape, strict=True)):
             raise InvalidParameterError(
@@ -193,7 +220,7 @@ class RandomBlockSampler:
                 assert key is not None
                 labels = self._read(key, boxes[key], index)
                 assert labels.data is not None
-                fraction = float(self._is_foreground(labels.data).mean())
+                fraction = float(self._is_foreground(labels.data[labels.block_in_read]).mean())
                 if fraction < self.min_foreground_fraction:
                     continue
                 out = {k: labels if k == key else self._read(k, b, index) for k, b in boxes.items()}
@@ -241,6 +268,45 @@ class RandomBlockSampler:
 
     def _read(self, key: str, box: Box, index: int) -> Block:
         array = self.arrays[key]
-        data = array.read_padded(box, self.border, self.constant_value)
-        return Block(index=(index,), read_box=box, block_box=box, core_box=box, level=array.level,
+        read_box = box.grow(self.halos[key])
+        mode = "constant" if self.border == "drop" else self.border
+        data = array.read_padded(read_box, mode, self.constant_value)
+        return Block(index=(index,), read_box=read_box, block_box=box, core_box=box, level=array.level,
                      voxel_size_nm=array.voxel_size_nm, translation_nm=array.translation_nm, data=data)
+
+
+def _specs_by_key(block_shape_voxels: Any, arrays: Mapping[str, EmArray]) -> dict[str, BlockSpec]:
+    if isinstance(block_shape_voxels, BlockSpec):
+        return {k: block_shape_voxels for k in arrays}
+    if isinstance(block_shape_voxels, Mapping):
+        return {k: v for k, v in block_shape_voxels.items() if isinstance(v, BlockSpec)}
+    return {}
+
+
+def _spec_settings(specs: Mapping[str, BlockSpec], arrays: Mapping[str, EmArray], border: str,
+                   constant_value: float, roi_nm: RoiNm | None) -> tuple[str, float, RoiNm | None]:
+    """Border, constant and ROI from the block specs (which must agree), checked for sampling.
+
+    A spec's ``overlap_voxels`` is a grid setting and is ignored: random samples have no neighbours.
+    """
+    borders = {s.border for s in specs.values()}
+    if len(borders) > 1:
+        raise InvalidParameterError(f"the block specs disagree on border: {sorted(borders)}; give one")
+    spec_border = borders.pop()
+    if border != "constant" and border != spec_border:
+        raise InvalidParameterError(f"border={border!r} conflicts with the block spec's border {spec_border!r}")
+    if spec_border not in (*PAD_MODES, "drop"):
+        raise InvalidParameterError(
+            f"border {spec_border!r} makes blocks of different shapes, which cannot be batched; use one of "
+            f"{(*PAD_MODES, 'drop')} for sampling")
+    for key, spec in specs.items():
+        if spec.level is not None and spec.level != arrays[key].level:
+            raise InvalidParameterError(
+                f"the spec for {key!r} asks for level {spec.level} but the array is opened at level "
+                f"{arrays[key].level}; open it with open_array(..., level={spec.level})")
+    rois = {s.roi_nm for s in specs.values() if s.roi_nm is not None}
+    if len(rois) > 1:
+        raise InvalidParameterError(f"the block specs disagree on roi_nm: {rois}")
+    if roi_nm is None and rois:
+        roi_nm = rois.pop()
+    return spec_border, next(iter(specs.values())).constant_value, roi_nm

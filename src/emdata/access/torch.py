@@ -1,23 +1,35 @@
-"""Optional PyTorch adapters for grids and samplers; torch is imported only when an adapter is built."""
+"""PyTorch datasets over grids and samplers: picklable, reopened per worker, split exactly among workers and ranks.
+
+Importing this module imports torch (``emdata.access`` itself never does). The datasets hold only what
+reopens their arrays (``EmArray`` pickles as an ``open_array`` recipe) and reopen them lazily in each
+DataLoader worker, so they work with any ``num_workers`` and start method. ``data_loader`` builds a
+``torchdata`` ``StatefulDataLoader`` (checkpointable data position, also with workers) with a start method
+that is safe next to tensorstore; see DATA_ACCESS_DESIGN.md, "DataLoader workers, DDP and fork".
+"""
 
 from __future__ import annotations
 
-import copy
+import multiprocessing
+import os
+import pickle
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from emdata.access.grid import Block, BlockGrid
+from emdata.access.grid import Block, BlockGrid, prefetched
 from emdata.access.sampling import RandomBlockSampler
+from emdata.errors import InvalidParameterError
 
 # torch has no uint16/uint32/uint64 tensors in older releases: widen to a signed type that holds them.
 _TORCH_SAFE = {np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64, np.dtype(np.uint64): np.int64}
 
 
 def block_to_item(block: Block) -> dict[str, Any]:
-    """A block as a dict of a (1, z, y, x) tensor and its placement (plain Python values, collate-friendly)."""
-    import torch
-
+    """A block as a dict of a (1, z, y, x) tensor and its placement (plain tensors, collate-friendly)."""
     data = block.data
     assert data is not None
     if data.dtype in _TORCH_SAFE:
@@ -25,6 +37,7 @@ def block_to_item(block: Block) -> dict[str, Any]:
     return {
         "data": torch.from_numpy(np.ascontiguousarray(data))[None],
         "read_start": torch.tensor(block.read_box.start),
+        "block_start": torch.tensor(block.block_box.start),
         "core_start": torch.tensor(block.core_box.start),
         "core_stop": torch.tensor(block.core_box.stop),
         "index": torch.tensor(block.index),
@@ -33,43 +46,200 @@ def block_to_item(block: Block) -> dict[str, Any]:
     }
 
 
-def grid_dataset(grid: BlockGrid) -> Any:
-    """A map-style ``torch.utils.data.Dataset`` over ``grid`` for inference (pair with ``BlockWriter``).
+def _rank_world(rank: int | None, world_size: int | None, default: tuple[int, int] = (0, 1)) -> tuple[int, int]:
+    """Explicit rank/world_size, else torch.distributed's when initialised, else ``default``."""
+    if rank is None and world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return default
+    if rank is None or world_size is None:
+        raise InvalidParameterError(f"give rank and world_size together, got rank={rank!r}, world_size={world_size!r}")
+    if isinstance(world_size, bool) or world_size < 1 or not 0 <= rank < world_size:
+        raise InvalidParameterError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
+    return int(rank), int(world_size)
 
-    With DDP, give the DataLoader a ``DistributedSampler``, or build one grid per rank from ``grid.shard``.
+
+class _Reopening:
+    """Holds one object whose arrays are reopened (by a pickle round trip) the first time it is used in a
+    process other than the one that made it: forked DataLoader workers inherit the parent's tensorstore
+    handles, which must not be used there."""
+
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+        self._pid = os.getpid()
+
+    def get(self) -> Any:
+        if self._pid != os.getpid():
+            self._obj = pickle.loads(pickle.dumps(self._obj))
+            self._pid = os.getpid()
+        return self._obj
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_obj": self._obj}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._obj = state["_obj"]  # unpickling reopened the arrays in this process
+        self._pid = os.getpid()
+
+
+class GridDataset(Dataset):  # type: ignore[type-arg]
+    """Map-style dataset of this rank's blocks of ``grid`` (round robin over ranks, as ``grid.shard``).
+
+    Item ``i`` is block ``rank + i * world_size``: ranks get disjoint blocks whose union is the grid, each
+    exactly once (no padding, unlike ``DistributedSampler``; ranks may differ by one block). DataLoader
+    workers get indices from the loader's sampler, so each block is read once whatever ``num_workers``.
+    Items: ``block_to_item`` plus ``flat_index`` (the grid's flat index, for ``grid.block_at``).
     """
-    from torch.utils.data import Dataset
 
-    class GridDataset(Dataset):  # type: ignore[type-arg]
-        def __init__(self) -> None:
-            self.grid = grid
+    def __init__(self, grid: BlockGrid, *, rank: int | None = None, world_size: int | None = None) -> None:
+        self.rank, self.world_size = _rank_world(rank, world_size)
+        self._grid = _Reopening(grid)
+        self.indices = grid.shard(self.rank, self.world_size)
 
-        def __len__(self) -> int:
-            return len(self.grid)
+    @property
+    def grid(self) -> BlockGrid:
+        return self._grid.get()  # type: ignore[no-any-return]
 
-        def __getitem__(self, index: int) -> dict[str, Any]:
-            return block_to_item(self.grid[index])
+    def __len__(self) -> int:
+        return len(self.indices)
 
-    return GridDataset()
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        flat = self.indices[index]
+        item = block_to_item(self.grid[flat])
+        item["flat_index"] = torch.tensor(flat)
+        return item
 
 
-def sampler_dataset(sampler: RandomBlockSampler) -> Any:
-    """An ``IterableDataset`` of training samples; DataLoader workers and DDP ranks draw disjoint indices.
+class SamplerDataset(IterableDataset):  # type: ignore[type-arg]
+    """Iterable dataset of random samples; every sample index is drawn exactly once per epoch.
 
-    Worker ``w`` of ``W`` on rank ``r`` of ``R`` draws sample indices ``(r * W + w) + k * R * W``; set
-    ``prefetch=0`` on the sampler when the DataLoader's workers already read ahead.
+    Rank ``r`` of ``R`` owns per-rank positions ``k = 0, 1, ...`` (``num_samples`` per epoch, or endless),
+    i.e. global sample indices ``r + (epoch * num_samples + k) * R``; DataLoader worker ``w`` of ``W`` takes
+    the positions ``k = start + w, start + w + W, ...``, so the samples of an epoch are the same whatever
+    ``W``. ``set_epoch(e)`` moves to the next ``num_samples`` indices (call it before each epoch, as with
+    ``DistributedSampler``; with ``persistent_workers`` it does not reach the workers). ``state_dict`` /
+    ``load_state_dict`` hold the position of this process's worker; ``StatefulDataLoader`` collects them
+    for every worker, so ``loader.state_dict()`` resumes exactly (with the same ``num_workers``).
     """
-    from torch.utils.data import IterableDataset, get_worker_info
 
-    class SamplerDataset(IterableDataset):  # type: ignore[type-arg]
-        def __iter__(self):  # type: ignore[no-untyped-def]
+    def __init__(self, sampler: RandomBlockSampler, *, rank: int | None = None,
+                 world_size: int | None = None) -> None:
+        self.rank, self.world_size = _rank_world(rank, world_size, (sampler.rank, sampler.world_size))
+        self.start = sampler.position
+        self.num_samples = sampler.num_samples
+        self.prefetch = sampler.prefetch
+        self.epoch = 0
+        self._sampler = _Reopening(sampler)
+        self._next: int | None = None  # the next position this worker yields (None: not started)
+        self._resume: dict[str, int] | None = None
+
+    @property
+    def sampler(self) -> RandomBlockSampler:
+        return self._sampler.get()  # type: ignore[no-any-return]
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.num_samples is None and epoch != 0:
+            raise InvalidParameterError("set_epoch needs a sampler with num_samples (an endless one has no epochs)")
+        self.epoch = int(epoch)
+
+    def global_index(self, position: int) -> int:
+        per_epoch = 0 if self.num_samples is None else self.epoch * self.num_samples
+        return self.rank + (per_epoch + position) * self.world_size
+
+    def _positions(self, first: int, step: int) -> Iterator[int]:
+        k = first
+        while self.num_samples is None or k < self.num_samples:
+            yield k
+            k += step
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        first = self.start + worker
+        if self._resume is not None:
+            if self._resume.get("num_workers", n_workers) != n_workers:
+                raise InvalidParameterError(
+                    f"this state was saved with {self._resume['num_workers']} workers; resume with the same "
+                    f"num_workers (got {n_workers})")
+            self.epoch = self._resume["epoch"]
+            first = self._resume["next"]
+            self._resume = None
+        sampler = self.sampler
+        self._n_workers = n_workers
+
+        def draw(k: int) -> tuple[int, dict[str, Block]]:
+            return k, sampler.sample(self.global_index(k))
+
+        for k, sample in prefetched(self._positions(first, n_workers), draw, self.prefetch):
+            # Counted before handing out: a state saved while holding this sample resumes after it.
+            self._next = k + n_workers
+            item: dict[str, Any] = {key: block_to_item(block) for key, block in sample.items()}
+            item["sample_index"] = torch.tensor(self.global_index(k))
+            yield item
+
+    def state_dict(self) -> dict[str, int]:
+        n_workers = getattr(self, "_n_workers", 1)
+        if self._next is None:
             info = get_worker_info()
-            mine = sampler
-            if info is not None and info.num_workers > 1:
-                mine = copy.copy(sampler)
-                mine.rank = sampler.rank * info.num_workers + info.id
-                mine.world_size = sampler.world_size * info.num_workers
-            for sample in mine:
-                yield {key: block_to_item(block) for key, block in sample.items()}
+            nxt = self.start + (info.id if info is not None else 0)
+        else:
+            nxt = self._next
+        return {"epoch": self.epoch, "next": nxt, "num_workers": n_workers, "rank": self.rank,
+                "world_size": self.world_size}
 
-    return SamplerDataset()
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        if (state.get("rank", self.rank), state.get("world_size", self.world_size)) != (self.rank, self.world_size):
+            raise InvalidParameterError(
+                f"this state belongs to rank {state.get('rank')} of {state.get('world_size')}, this dataset is "
+                f"rank {self.rank} of {self.world_size}")
+        self._resume = {k: int(v) for k, v in state.items()}
+
+
+def grid_dataset(grid: BlockGrid, *, rank: int | None = None, world_size: int | None = None) -> GridDataset:
+    """A map-style dataset over ``grid``'s blocks for inference (pair it with ``BlockWriter`` or ``emdata.access.dask``).
+
+    Under DDP each rank gets its own blocks (``rank``/``world_size``, default torch.distributed's), each
+    block exactly once over all ranks and workers. Wrap it with ``data_loader`` for workers.
+    """
+    return GridDataset(grid, rank=rank, world_size=world_size)
+
+
+def sampler_dataset(sampler: RandomBlockSampler, *, rank: int | None = None,
+                    world_size: int | None = None) -> SamplerDataset:
+    """An iterable dataset of training samples; workers and DDP ranks draw disjoint indices, each once per epoch.
+
+    ``rank``/``world_size`` default to the sampler's, or torch.distributed's when the sampler has none. Set
+    ``prefetch=0`` on the sampler when DataLoader workers already read ahead.
+    """
+    return SamplerDataset(sampler, rank=rank, world_size=world_size)
+
+
+def safe_start_method() -> str:
+    """``forkserver`` where the platform has it, else ``spawn``: worker processes that start clean.
+
+    ``fork`` copies a process whose tensorstore (and torch, OpenMP) threads are running; tensorstore then
+    aborts in the child. Our datasets survive it by reading through zarr-python in such a child, but a
+    clean start keeps the fast tensorstore path in every worker.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def data_loader(dataset: Dataset[Any], *, batch_size: int | None = 1, num_workers: int = 0,
+                multiprocessing_context: str | Any | None = None, **kwargs: Any) -> Any:
+    """A ``torchdata.stateful_dataloader.StatefulDataLoader`` whose workers start with ``safe_start_method()``.
+
+    ``loader.state_dict()`` / ``load_state_dict()`` checkpoint the data position, also with workers (resume
+    with the same ``num_workers``). An explicit ``multiprocessing_context`` (even ``"fork"``) is honoured.
+    Other keyword arguments go to the loader unchanged.
+    """
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    if num_workers > 0 and multiprocessing_context is None:
+        multiprocessing_context = safe_start_method()
+    with warnings.catch_warnings():
+        # torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates; nothing for the user to act on.
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+        return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                  multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
+                                  **kwargs)
