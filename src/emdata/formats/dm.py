@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,17 @@ def read_dm(path: Path, version: int) -> Volume:
 
 
 def _read_tags(path: Path, version: int) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    # The root tag group's length (bytes 4:8 in DM3, 4:12 in DM4) follows the 12- (DM3) or 16-byte (DM4) header;
+    # real files end 4 to 8 bytes later still (ncempy's test files), so this is a lower bound on the size.
+    if len(head) < 16:
+        raise VolumeFormatError(f"{path}: {len(head)} bytes, shorter than a DM{version} header")
+    root = struct.unpack(">I", head[4:8])[0] if version == 3 else struct.unpack(">Q", head[4:12])[0]
+    announced = root + (12 if version == 3 else 16)
+    size = path.stat().st_size
+    if size < announced:
+        raise VolumeFormatError(f"{path}: truncated: its header announces {announced} bytes, the file has {size}")
     try:
         # on_memory=False: ncempy reads only the tags; voxels are skipped (seeked over) and mapped by the caller.
         with ncempy_dm.fileDM(path, on_memory=False) as f:

@@ -18,7 +18,6 @@ from emdata.formats.volume import (
     as_zyx,
     check_dtype,
     check_extent,
-    check_shape,
     length_nm,
 )
 
@@ -27,27 +26,46 @@ MAP_ID_OFFSET = 208
 _MODES = {0, 1, 2, 3, 4, 6, 12, 101}
 
 
-def parse_header(head: bytes) -> np.recarray | None:
-    """The 1024-byte header in the byte order its fields make sense in; None if they make sense in neither.
-
-    Sense: a known mode, every axis within 1..MAX_AXIS, the axis mapping a permutation of 1, 2, 3 and a
-    non-negative extended-header size. Used to recognise MRC files whose header lacks the map ID.
-    """
-    if len(head) < HEADER_BYTES:
-        return None
+def _oriented(head: bytes) -> np.recarray:
+    """The header in the byte order of its machine stamp, or the other one when only that gives a known mode
+    (files with a wrong stamp exist; mrcfile does the same)."""
     raw = np.frombuffer(head[:HEADER_BYTES], dtype=HEADER_DTYPE).reshape(())
     try:
         stamped = byte_order_from_machine_stamp(raw["machst"])
     except ValueError:
         stamped = "<"
-    for order in (stamped, ">" if stamped == "<" else "<"):
+    other = ">" if stamped == "<" else "<"
+    for order in (stamped, other):
         header = raw.view(HEADER_DTYPE.newbyteorder(order)).view(np.recarray)
-        shape = (int(header.nx), int(header.ny), int(header.nz))
-        if (int(header.mode) in _MODES and all(1 <= n <= MAX_AXIS for n in shape)
-                and sorted((int(header.mapc), int(header.mapr), int(header.maps))) == [1, 2, 3]
-                and int(header.nsymbt) >= 0):
+        if int(header.mode) in _MODES:
             return header
+    return raw.view(HEADER_DTYPE.newbyteorder(stamped)).view(np.recarray)
+
+
+def header_problem(header: np.recarray) -> str | None:
+    """The first header field that makes no sense, as 'field = value: why'; None if all do."""
+    if int(header.mode) not in _MODES:
+        return f"mode = {int(header.mode)}: not an MRC mode {sorted(_MODES)}"
+    shape = [int(header.nx), int(header.ny), int(header.nz)]
+    if any(n < 1 or n > MAX_AXIS for n in shape):
+        return f"nx, ny, nz = {shape}: each must be 1..{MAX_AXIS}"
+    mapping = [int(header.mapc), int(header.mapr), int(header.maps)]
+    if sorted(mapping) != [1, 2, 3]:
+        return f"mapc, mapr, maps = {mapping}: not a permutation of 1, 2, 3"
+    if int(header.nsymbt) < 0:
+        return f"nsymbt = {int(header.nsymbt)}: a negative extended-header size"
     return None
+
+
+def parse_header(head: bytes) -> np.recarray | None:
+    """The 1024-byte header if its fields make sense (see :func:`header_problem`), else None.
+
+    Used to recognise MRC files whose header lacks the map ID.
+    """
+    if len(head) < HEADER_BYTES:
+        return None
+    header = _oriented(head)
+    return header if header_problem(header) is None else None
 
 
 def has_map_id(head: bytes) -> bool:
@@ -60,13 +78,13 @@ def read_mrc(path: Path) -> Volume:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(HEADER_BYTES)
-    header = parse_header(head)
-    if header is None:
-        raise VolumeFormatError(f"{path}: MRC header ({len(head)} bytes) is not valid in either byte order (mode, "
-                                f"nx/ny/nz within 1..{MAX_AXIS}, mapc/mapr/maps a permutation of 1, 2, 3, "
-                                f"nsymbt >= 0)")
+    if len(head) < HEADER_BYTES:
+        raise VolumeFormatError(f"{path}: {len(head)} bytes, shorter than an MRC header ({HEADER_BYTES})")
+    header = _oriented(head)
+    problem = header_problem(header)
+    if problem is not None:
+        raise VolumeFormatError(f"{path}: MRC header field {problem}")
     shape_xyz = (int(header.nx), int(header.ny), int(header.nz))
-    check_shape(path, shape_xyz, "nx, ny, nz")
     mode = int(header.mode)
     try:
         dtype = data_dtype_from_header(header)

@@ -1,9 +1,7 @@
-"""Neuroglancer precomputed volumes over HTTP(S): parse an ``info``, open one scale with tensorstore as z, y, x.
+"""Neuroglancer precomputed ``info`` documents: checked, bounded and turned from x, y, z into z, y, x.
 
-Precomputed is x, y, z (tensorstore's domain is x, y, z, channel, in global voxel coordinates that start at
-the scale's ``voxel_offset``); everything this module hands out is z, y, x, and so are the fields of
-:class:`ScaleInfo`. Sharded (``neuroglancer_uint64_sharded_v1``) and unsharded scales read the same way:
-tensorstore resolves shard and minishard indices with HTTP Range requests.
+Precomputed is x, y, z; everything this module hands out is z, y, x, and so are the fields of
+:class:`ScaleInfo`. Every number is bounded before anything is sized from it.
 """
 
 from __future__ import annotations
@@ -13,9 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import tensorstore as ts
-
-from emdata.errors import DownloadError, SourceMismatchError
+from emdata.errors import SourceMismatchError
 
 Zyx = tuple[int, int, int]
 
@@ -31,7 +27,6 @@ class ScaleInfo:
     size: Zyx
     chunk_size: Zyx
     encoding: str
-    sharded: bool
 
     @property
     def end(self) -> Zyx:
@@ -40,7 +35,7 @@ class ScaleInfo:
 
     def describe(self) -> str:
         res = "x".join(f"{r:g}" for r in self.resolution_nm)
-        return f"scale {self.index} ({self.key!r}, {res} nm, size {list(self.size)} z,y,x)"
+        return f"scale {self.index} ({self.key!r}, {res} nm, size {list(self.size)} z,y,x, {self.encoding})"
 
 
 @dataclass(frozen=True)
@@ -50,7 +45,6 @@ class VolumeInfo:
     url: str  # the live https URL of the volume (no trailing slash)
     data_type: str
     num_channels: int
-    volume_type: str
     scales: tuple[ScaleInfo, ...]
 
     def scale_with_resolution(self, resolution_nm: Sequence[float]) -> ScaleInfo | None:
@@ -68,13 +62,44 @@ def _zyx(value: Any, what: str, url: str, kind: type = int) -> tuple[Any, Any, A
     return z, y, x
 
 
+# Bounds on the numbers of an ``info`` (hemibrain scale 0 is about 41k voxels per axis, chunks 64^3):
+# a document outside them is refused before any array is sized from it.
+MAX_AXIS_VOXELS = 2**31
+MAX_CHUNK_AXIS = 4096
+MAX_CHUNK_VOXELS = 2**27
+MAX_SCALES = 64
+
+
+def _check_bounds(scale: ScaleInfo, url: str) -> None:
+    where = f"{url}/info scales[{scale.index}]"
+    if not all(0 < n <= MAX_AXIS_VOXELS for n in scale.size):
+        raise SourceMismatchError(f"{where}.size {list(scale.size)[::-1]} (x, y, z): each must be 1..{MAX_AXIS_VOXELS}")
+    if not all(abs(o) <= MAX_AXIS_VOXELS for o in scale.voxel_offset):
+        raise SourceMismatchError(f"{where}.voxel_offset {list(scale.voxel_offset)[::-1]} (x, y, z) is out of range")
+    if not all(0 < c <= MAX_CHUNK_AXIS for c in scale.chunk_size) or math.prod(scale.chunk_size) > MAX_CHUNK_VOXELS:
+        raise SourceMismatchError(f"{where}.chunk_sizes[0] {list(scale.chunk_size)[::-1]} (x, y, z): each must be "
+                                  f"1..{MAX_CHUNK_AXIS} and at most {MAX_CHUNK_VOXELS} voxels in all")
+    if not all(math.isfinite(r) and 0 < r <= 1e6 for r in scale.resolution_nm):
+        raise SourceMismatchError(f"{where}.resolution {list(scale.resolution_nm)[::-1]} nm (x, y, z) must be "
+                                  "positive and finite")
+
+
 def parse_info(doc: Mapping[str, Any], url: str) -> VolumeInfo:
     """Check and convert a precomputed ``info`` document (raises SourceMismatchError naming what is off)."""
     if not isinstance(doc, Mapping) or not isinstance(doc.get("scales"), list) or not doc["scales"]:
         raise SourceMismatchError(f"{url}/info is not a precomputed multiscale volume (no 'scales')")
     scales = []
+    if len(doc["scales"]) > MAX_SCALES:
+        raise SourceMismatchError(f"{url}/info lists {len(doc['scales'])} scales (at most {MAX_SCALES} expected)")
+    channels = doc.get("num_channels", 1)
+    if isinstance(channels, bool) or not isinstance(channels, int) or not 1 <= channels <= 1024:
+        raise SourceMismatchError(f"{url}/info num_channels must be an integer 1..1024, got {channels!r}")
     for i, s in enumerate(doc["scales"]):
+        if not isinstance(s, Mapping):
+            raise SourceMismatchError(f"{url}/info scales[{i}] is not a JSON object: {str(s)[:80]!r}")
         chunks = s.get("chunk_sizes") or [None]
+        if not isinstance(chunks, list):
+            raise SourceMismatchError(f"{url}/info scales[{i}].chunk_sizes must be a list, got {chunks!r}")
         scales.append(ScaleInfo(
             index=i, key=str(s.get("key")),
             resolution_nm=_zyx(s.get("resolution"), f"scales[{i}].resolution", url, float),
@@ -82,29 +107,7 @@ def parse_info(doc: Mapping[str, Any], url: str) -> VolumeInfo:
             size=_zyx(s.get("size"), f"scales[{i}].size", url),
             chunk_size=_zyx(chunks[0], f"scales[{i}].chunk_sizes[0]", url),
             encoding=str(s.get("encoding")),
-            sharded=isinstance(s.get("sharding"), Mapping),
         ))
+        _check_bounds(scales[-1], url)
     return VolumeInfo(url=url.rstrip("/"), data_type=str(doc.get("data_type")),
-                      num_channels=int(doc.get("num_channels", 1)), volume_type=str(doc.get("type")),
-                      scales=tuple(scales))
-
-
-def open_scale(http_url: str, scale: int, context: ts.Context) -> ts.TensorStore:
-    """Open scale ``scale`` of the precomputed volume at ``http_url`` as a read-only z, y, x view.
-
-    ``http_url`` is the URL actually fetched (already rewritten onto a mirror when there is one). Indices of
-    the view are global voxel coordinates, like the ``info``: the first voxel is at ``voxel_offset``.
-    """
-    spec = {
-        "driver": "neuroglancer_precomputed",
-        "kvstore": {"driver": "http", "base_url": http_url.rstrip("/") + "/"},
-        "scale_index": int(scale),
-        "open": True,
-        "recheck_cached_data": "open",
-        "recheck_cached_metadata": "open",
-    }
-    try:
-        store = ts.open(spec, context=context, read=True).result()
-    except ValueError as exc:  # tensorstore reports every failure (HTTP status, bad info) as ValueError
-        raise DownloadError(f"opening scale {scale} of {http_url} failed: {exc}") from exc
-    return store[ts.d["channel"][0]].T  # x, y, z, channel -> z, y, x
+                      num_channels=channels, scales=tuple(scales))

@@ -42,12 +42,16 @@ def read_tiff(path: Path, max_decoded_bytes: int) -> Volume:
         raise VolumeFormatError(f"{path}: not a readable TIFF ({type(exc).__name__}: {exc})") from exc
     with tif:
         try:
+            if not tif.series:
+                raise VolumeFormatError(f"{path}: holds no image (no image file directory with pixels)")
             series = tif.series[0]
             axes, shape, dtype, offset = series.axes, tuple(series.shape), series.dtype, series.dataoffset
             if len(tif.series) > 1:
                 warnings.warn(f"{path}: holds {len(tif.series)} image series; reading the first, {axes} "
                               f"{list(shape)} (the others: {[list(s.shape) for s in tif.series[1:]]})",
                               VolumeFormatWarning, stacklevel=3)
+        except VolumeFormatError:
+            raise
         except Exception as exc:
             raise VolumeFormatError(f"{path}: TIFF structure unreadable ({type(exc).__name__}: {exc})") from exc
         check_shape(path, shape, f"image series shape ({axes})")
