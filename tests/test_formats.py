@@ -100,6 +100,9 @@ def test_what_is_not_a_length(unit):
     (np.uint16, 2e-6, "mm", 2.0),
     (np.float32, 3.5, "Å", 0.35),
     (np.int32, 1.5, "nm", 1.5),
+    (np.int8, 0.5, "um", 500.0),
+    (np.uint32, 1.0, "Å", 0.1),
+    (np.float64, 12.5, "pm", 0.0125),
 ])
 def test_dm3_dtypes_and_units(tmp_path, dtype, size, unit, nm):
     image = (np.arange(20 * 30) % 200).astype(dtype).reshape(20, 30)
@@ -186,6 +189,17 @@ def test_tiff_2d_resolution_tags_in_cm_and_mm(tmp_path):
     path = tmp_path / "mm.tif"
     tifffile.imwrite(path, image, resolution=(1e6 / 0.5, 1e6 / 0.5), resolutionunit=4)  # 0.5 nm as px per mm
     assert read_volume(path).voxel_size_nm == (None, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64,
+                                   np.float16, np.float32, np.float64])
+def test_tiff_any_integer_or_float_dtype(tmp_path, dtype):
+    stack = (np.arange(3 * 4 * 5) % 120).astype(dtype).reshape(3, 4, 5)
+    path = tmp_path / "d.tif"
+    tifffile.imwrite(path, stack, photometric="minisblack")
+    vol = read_volume(path)
+    assert vol.dtype == dtype and vol.shape == (3, 4, 5) and vol.memory_mapped
+    np.testing.assert_array_equal(vol.data, stack)
 
 
 def test_tiff_desktop_dpi_is_not_a_calibration(tmp_path):
@@ -320,7 +334,7 @@ def test_mrc_image_and_image_stack(tmp_path):
     path = tmp_path / "img.mrc"
     _write_mrc(path, np.ones((4, 5), np.float32), 10.0)
     vol = read_volume(path)
-    assert vol.shape == (1, 4, 5) and vol.voxel_size_nm[1:] == (1.0, 1.0)
+    assert vol.shape == (1, 4, 5) and vol.voxel_size_nm == (None, 1.0, 1.0)  # one image: no z spacing
     path = tmp_path / "stack.mrcs"
     _write_mrc(path, np.ones((6, 4, 5), np.float32), 10.0, stack=True)
     vol = read_volume(path)

@@ -124,8 +124,9 @@ def read_mrc(path: Path) -> Volume:
     for axis, cell, sampling, n in (("z", header.cella.z, header.mz, header.nz),
                                     ("y", header.cella.y, header.my, header.ny),
                                     ("x", header.cella.x, header.mx, header.nx)):
-        # An image stack (space group 0) has mz = 1 for nz sections: cella.z then describes no spacing.
-        stack = axis == "z" and int(header.ispg) == 0 and int(sampling) != int(n)
+        # Space group 0 is an image or image stack: cella.z is a z spacing only where mz samples the nz > 1
+        # sections like a volume (IMOD, temp.mrc); mrcfile writes mz = 1 for stacks and single images.
+        stack = axis == "z" and int(header.ispg) == 0 and not int(sampling) == int(n) > 1
         if int(sampling) <= 0 or float(cell) == 0 or stack:
             sizes.append(None)
         else:
