@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import resource
+import time
 import warnings
 from pathlib import Path
 
@@ -405,6 +407,35 @@ def test_truncated_mrc_fails_before_mapping(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(VolumeFormatError, match=r"t\.mrc: 300 bytes, shorter than an MRC header"):
         read_volume(path)
+
+
+# ------------------------------------------------------------------------------------------ large files
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+@pytest.mark.parametrize("fmt", ["tiff", "mrc"])
+def test_a_4_gib_file_is_mapped_not_read(tmp_path, fmt):
+    """Sparse 4 GiB files: opening them must cost neither the time nor the memory of reading them."""
+    shape = (512, 2048, 2048)
+    path = tmp_path / f"big.{fmt}"
+    if fmt == "tiff":
+        m = tifffile.memmap(path, shape=shape, dtype=np.uint16, photometric="minisblack")
+        m[300, 5, 7] = 42
+        m.flush()
+        del m
+    else:
+        with mrcfile.new_mmap(path, shape=shape, mrc_mode=6) as mrc:
+            mrc.data[300, 5, 7] = 42
+            mrc.voxel_size = 8.0
+    assert path.stat().st_size > 4 << 30
+    before = _peak_rss_mib()
+    began = time.perf_counter()
+    vol = read_volume(path)
+    took = time.perf_counter() - began
+    assert vol.memory_mapped and vol.shape == shape and int(vol.data[300, 5, 7]) == 42
+    assert took < 2.0, f"{took:.2f} s to open a 4 GiB {fmt}"
+    assert _peak_rss_mib() - before < 64
 
 
 # ------------------------------------------------------------------------------------------ detection

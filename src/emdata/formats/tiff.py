@@ -97,7 +97,7 @@ def _stack_axis(path: Path, axes: str, shape: tuple[int, ...]) -> str | None:
         if axis not in _STACK_AXES or stack is not None:
             raise VolumeFormatError(f"{path}: axes {axes} of shape {list(shape)} are more than a 3-D stack")
         stack = axis
-    if not axes.endswith("YX") and not axes.rstrip("S").endswith("YX"):
+    if not axes.rstrip("S").endswith("YX"):
         raise VolumeFormatError(f"{path}: axes {axes}: expected the image's rows and columns (Y, X) last")
     return stack
 

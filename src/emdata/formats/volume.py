@@ -27,7 +27,7 @@ class VolumeFormatWarning(UserWarning):
     """A file was read, but something in it is off (e.g. an MRC header without its map ID)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq would compare arrays element-wise: identity instead
 class Volume:
     """An image or image stack read from one file, as (z, y, x) voxels with their size in nm per axis.
 
