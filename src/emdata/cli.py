@@ -304,8 +304,10 @@ def _print_info(r: dict[str, Any]) -> None:
             print(f"  label {label}: {len(rec['levels'])} levels ({rec['downsampling']})")
             _print_levels(rec["levels"][:1], "    ")
     if r.get("attributes") is not None:
-        print("attributes (zarr.json of the output's root):")
-        print(_indent(json.dumps(r["attributes"], indent=2, default=str), "  "))
+        # The OME attributes are the levels above; --json prints them verbatim.
+        other = {k: v for k, v in r["attributes"].items() if k != "ome"}
+        print("attributes of the output's root (besides ome; --json prints all):")
+        print(_indent(json.dumps(other, indent=2, default=str), "  "))
     if r["table"]:
         print(f"{TABLE}:")
         for row in r["table"]:
