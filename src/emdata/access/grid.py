@@ -210,6 +210,20 @@ class BlockGrid:
         todo = (self.block_at(i) for i in indices) if indices is not None else self.blocks()
         yield from prefetched(todo, self.read, self.prefetch)
 
+    def blocks_touching(self, box: Box, part: str = "block") -> list[int]:
+        """Flat indices (ascending) of the blocks whose ``part`` (``"block"`` or ``"core"`` box) meets ``box``.
+
+        The shard-owning writers use it: the blocks whose predictions land in one output shard.
+        """
+        if part not in ("block", "core"):
+            raise InvalidParameterError(f"part must be 'block' or 'core', got {part!r}")
+        per_axis = []
+        for ax, a, b in zip(self._axes, box.start, box.stop, strict=True):
+            spans = [blk.block if part == "block" else blk.core for blk in ax]
+            per_axis.append([j for j, (lo, hi) in enumerate(spans) if lo < b and a < hi])
+        shape = self.grid_shape
+        return [int(np.ravel_multi_index(g, shape)) for g in itertools.product(*per_axis)]
+
     def shard(self, rank: int, world_size: int) -> list[int]:
         """Flat block indices for worker ``rank`` of ``world_size`` (round robin, disjoint, complete)."""
         if not (0 <= rank < world_size):

@@ -42,6 +42,70 @@ def blend_window(shape: tuple[int, ...], blend: str) -> np.ndarray:
     return w
 
 
+def crop_prediction(block: Block, prediction: np.ndarray) -> np.ndarray:
+    """``prediction`` as the block box: a read-box-shaped prediction loses its halo; other shapes raise."""
+    prediction = np.asarray(prediction)
+    if prediction.shape == block.read_box.shape and block.read_box != block.block_box:
+        prediction = prediction[block.block_in_read]
+    if prediction.shape != block.block_box.shape:
+        raise InvalidParameterError(
+            f"prediction shape {prediction.shape} matches neither the block box {block.block_box.shape} "
+            f"nor the read box {block.read_box.shape} (z, y, x) of block {block.index}")
+    return prediction
+
+
+def block_contribution(block: Block, prediction: np.ndarray, blend: str, bounds: Box,
+                       acc_dtype: np.dtype) -> tuple[Box, np.ndarray, np.ndarray | None]:
+    """What one block adds to the output: the region, its (weighted) values and weights (None: ``blend="none"``,
+    the core's values replace). ``prediction`` is block-box shaped. Both writers use exactly this."""
+    if blend == "none":
+        return block.core_box, prediction[block.core_box.relative_to(block.block_box)], None
+    region = block.block_box.intersect(bounds)
+    assert region is not None
+    inside = region.relative_to(block.block_box)
+    weights = blend_window(block.block_box.shape, blend)[inside]
+    return region, prediction[inside].astype(acc_dtype) * weights, weights
+
+
+def add_contribution(acc: np.ndarray, wsum: np.ndarray, acc_box: Box, region: Box, values: np.ndarray,
+                     weights: np.ndarray | None) -> None:
+    """Add a block's contribution (``block_contribution``) to accumulators that hold ``acc_box``."""
+    part = region.intersect(acc_box)
+    if part is None:
+        return
+    src, dst = part.relative_to(region), part.relative_to(acc_box)
+    if weights is None:
+        acc[dst] = values[src]
+        wsum[dst] = 1.0
+    else:
+        acc[dst] += values[src]
+        wsum[dst] += weights[src]
+
+
+def resolve_blend(acc: np.ndarray, wsum: np.ndarray, fill: np.ndarray, blend: str, dtype: np.dtype) -> np.ndarray:
+    """The output values: sum / weight where covered (rounded and clipped for integer outputs), else ``fill``."""
+    covered = wsum > 0
+    if blend == "none":
+        return np.where(covered, acc, fill)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = acc / np.where(covered, wsum, 1)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        mean = np.clip(np.rint(mean), info.min, info.max)
+    return np.where(covered, mean.astype(dtype), fill)
+
+
+def accumulator_dtype(dtype: np.dtype, blend: str) -> np.dtype:
+    if blend == "none":
+        return dtype
+    return np.dtype(np.float64 if dtype == np.float64 else np.float32)
+
+
+def shard_boxes(shape: tuple[int, ...], shards: tuple[int, ...]) -> list[Box]:
+    """The output's shards as voxel boxes, z-major (the last ones clipped to the array)."""
+    return list(_grid_boxes(shape, shards))
+
+
 class BlockWriter:
     """Accumulate predictions of ``grid``'s blocks, then ``finalize()`` into ``out_path`` (OME-Zarr 0.5).
 
@@ -82,10 +146,7 @@ class BlockWriter:
         self.fill_value = fill_value
         self.chunks = self.array.chunks
         self.shards = self.array.shards or self.array.chunks
-        if blend == "none":
-            self.acc_dtype = self.dtype
-        else:
-            self.acc_dtype = np.dtype(np.float64 if self.dtype == np.float64 else np.float32)
+        self.acc_dtype = accumulator_dtype(self.dtype, blend)
         self._meta = {
             "format": _FORMAT, "shape": list(self.array.shape), "dtype": self.dtype.str, "blend": blend,
             "spec": grid.spec.to_dict(), "level": self.array.level, "chunks": list(self.chunks),
@@ -127,28 +188,12 @@ class BlockWriter:
 
         Returns False if the block was already written (nothing changes), True otherwise.
         """
-        prediction = np.asarray(prediction)
-        if prediction.shape == block.read_box.shape and block.read_box != block.block_box:
-            prediction = prediction[block.block_in_read]
-        if prediction.shape != block.block_box.shape:
-            raise InvalidParameterError(
-                f"prediction shape {prediction.shape} matches neither the block box {block.block_box.shape} "
-                f"nor the read box {block.read_box.shape} (z, y, x) of block {block.index}")
+        prediction = crop_prediction(block, prediction)
         if self.is_done(block):
             return False
         key = block.block_box.key()
-        if self.blend == "none":
-            region = block.core_box
-            values = prediction[block.core_box.relative_to(block.block_box)]
-            weights = None
-        else:
-            inside_array = block.block_box.intersect(self.array.bounds)
-            assert inside_array is not None
-            region = inside_array
-            window = blend_window(block.block_box.shape, self.blend)
-            inside = region.relative_to(block.block_box)
-            weights = window[inside]
-            values = prediction[inside].astype(self.acc_dtype) * weights
+        region, values, weights = block_contribution(block, prediction, self.blend, self.array.bounds,
+                                                     self.acc_dtype)
         for cbox in self._chunk_boxes(region):
             part = cbox.intersect(region)
             assert part is not None
@@ -172,13 +217,7 @@ class BlockWriter:
             acc, wsum, keys = _load_chunk(path, cbox.shape, self.acc_dtype)
             if key in keys:
                 return  # this block reached this chunk before a crash: adding again would double it
-            sl = part.relative_to(cbox)
-            if weights is None:
-                acc[sl] = values
-                wsum[sl] = 1.0
-            else:
-                acc[sl] += values
-                wsum[sl] += weights
+            add_contribution(acc, wsum, cbox, part, values, weights)
             _save_chunk(path, acc, wsum, [*keys, key])
 
     # -- finalize ------------------------------------------------------------------------------------------
@@ -195,8 +234,8 @@ class BlockWriter:
                     f"{len(missing)} of {len(self.grid)} blocks are not written yet (e.g. flat index {missing[0]}); "
                     f"write them or pass allow_incomplete=True")
         out = self._output_array()
-        shard_boxes = list(_grid_boxes(self.array.shape, self.shards))
-        for i, sbox in enumerate(shard_boxes):
+        boxes = shard_boxes(self.array.shape, self.shards)
+        for i, sbox in enumerate(boxes):
             if i % n_workers != worker:
                 continue
             marker = self.partial / "final" / sbox.key()
@@ -216,15 +255,7 @@ class BlockWriter:
         return self.out_path
 
     def _resolve(self, acc: np.ndarray, wsum: np.ndarray, fill: np.ndarray) -> np.ndarray:
-        covered = wsum > 0
-        if self.blend == "none":
-            return np.where(covered, acc, fill)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = acc / np.where(covered, wsum, 1)
-        if np.issubdtype(self.dtype, np.integer):
-            info = np.iinfo(self.dtype)
-            mean = np.clip(np.rint(mean), info.min, info.max)
-        return np.where(covered, mean.astype(self.dtype), fill)
+        return resolve_blend(acc, wsum, fill, self.blend, self.dtype)
 
     def _output_array(self) -> zarr.Array:
         with _locked(self.partial / "create.lock"):
