@@ -146,6 +146,17 @@ def test_dm3_tagged_spectrum_and_one_row_data_are_refused(tmp_path):
         read_volume(path)
 
 
+def test_dm_time_series_stack_has_no_z_spacing(tmp_path):
+    raw = (DM / "dmTest_3D_int16_64_65_66.dm3").read_bytes()
+    path = tmp_path / "movie.dm3"
+    path.write_bytes(raw.replace("um".encode("utf-16-le"), "ms".encode("utf-16-le")))  # z: 4 µm -> 4 ms
+    with dm.fileDM(path, on_memory=False) as f:
+        assert f.allTags[".ImageList.2.ImageData.Calibrations.Dimension.3.Units"] == "ms"
+    with pytest.warns(VolumeFormatWarning, match=r"movie\.dm3: axis z is calibrated in 'ms': a time series"):
+        vol = read_volume(path)
+    assert vol.shape == (66, 65, 64) and vol.voxel_size_nm == (None, 3.0, 0.002)
+
+
 def test_dm_truncated_or_corrupt_fails_naming_the_file(tmp_path):
     raw = (DM / "dmTest_3D_int16_64_65_66.dm3").read_bytes()
     cut = tmp_path / "cut.dm3"

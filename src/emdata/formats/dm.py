@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from emdata.formats.volume import (
     AXES,
     Volume,
     VolumeFormatError,
+    VolumeFormatWarning,
     as_zyx,
     check_extent,
     check_shape,
@@ -27,6 +29,7 @@ _REFUSED = {3: "complex64 (an FFT?)", 13: "complex128 (an FFT?)", 14: "binary (a
             23: "RGB colour", 27: "complex (packed FFT)"}
 _RGB = 23
 _SPECTRUM_SIGNALS = {"EELS", "EDS", "EDX", "X-RAY", "CL"}
+_TIME_UNITS = {"s", "ms", "µs", "us", "ns", "min", "h"}
 _IMAGE = re.compile(r"^\.ImageList\.(\d+)\.ImageData\.DataType$")
 
 
@@ -76,6 +79,11 @@ def read_dm(path: Path, version: int) -> Volume:
     units: list[str | None] = []
     for axis, (unit, scale) in zip(AXES, calib_zyx, strict=True):
         if unit is None or is_uncalibrated(unit) or scale is None:
+            sizes.append(None)
+            units.append(None)
+        elif axis == "z" and unit.strip() in _TIME_UNITS:
+            warnings.warn(f"{path}: axis z is calibrated in {unit!r}: a time series of images, read as a stack "
+                          f"with no z spacing", VolumeFormatWarning, stacklevel=3)
             sizes.append(None)
             units.append(None)
         else:
