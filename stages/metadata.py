@@ -1,4 +1,4 @@
-"""DVC stage `metadata`: the consolidated table, METADATA_SUMMARY.md, metrics and plots; see emdata.metadata."""
+"""DVC stage `metadata`: table (CSV, Parquet), METADATA_SUMMARY.md, thumbnails, metrics and plots; see emdata.metadata."""
 
 from emdata.metadata import main
 
