@@ -23,8 +23,9 @@ LOOPBACK = "127.0.0.1"
 _UNIT_TO_NM = {"nanometer": 1.0, "micrometer": 1000.0, "angstrom": 0.1}
 # The intensity window comes from the coarsest level; beyond this many voxels it is read with a stride.
 _MAX_RANGE_VOXELS = 1 << 22
-# Neuroglancer's default cross-section scale is one voxel per screen pixel; zoom out so ~1000 px hold the image.
-_FIT_PIXELS = 1000
+# Neuroglancer's default cross-section scale is one voxel per screen pixel; zoom so ~500 px (a panel of the
+# 4-panel layout) hold the image's x-y extent.
+_FIT_PIXELS = 500
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def viewer_state(dataset: str, images: Sequence[ImageLayer], data_url: str, layo
     return {
         "dimensions": {"x": [vx * 1e-9, "m"], "y": [vy * 1e-9, "m"], "z": [vz * 1e-9, "m"]},
         "position": [centre[2], centre[1], centre[0]],
-        "crossSectionScale": max(1.0, extent / min(vx, vy) / _FIT_PIXELS),
+        "crossSectionScale": extent / min(vx, vy) / _FIT_PIXELS,
         "projectionScale": extent * 1.5 / min(vx, vy),
         "layers": layers,
         "selectedLayer": {"layer": layers[0]["name"], "visible": False},
