@@ -122,7 +122,7 @@ def test_write_image_is_byte_identical_to_the_old_sequence(tmp_path, as_blocks):
     lab = _blocks_of(mask) if as_blocks else mask
     figures = ngff.write_image(root, name="img", source=src, geometry=g, chunks=chunks, shards=shards,
                                labels=[ngff.Label("mask", lab, colors={1: [255, 64, 64, 255]}, method="nearest")],
-                               what="the test image")
+                               what="the test image", backend="zarr")
     old, new = _files(tmp_path / "old.zarr"), _files(tmp_path / "new.zarr")
     assert sorted(old) == sorted(new) and len(old) > 20
     groups = _group_jsons(old)
@@ -177,7 +177,7 @@ def test_write_image_fails_loudly_naming_the_source_and_block(tmp_path, monkeypa
     monkeypatch.setattr(zarr.Array, "__getitem__", flipping)
     with pytest.raises(SourceMismatchError, match=r"conversion of the TIFF does not read back equal at \(slice\(0"):
         ngff.write_image(root, name="b", source=data, geometry=ngff.Geometry((1, 1, 1)), chunks=(10, 10, 10),
-                         shards=(10, 10, 10), what="the TIFF")
+                         shards=(10, 10, 10), what="the TIFF", backend="zarr")
 
 
 def test_label_shape_must_match_the_image(tmp_path):

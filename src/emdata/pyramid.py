@@ -18,7 +18,8 @@ Factors = tuple[int, int, int]
 # How each method is described in the multiscales ``metadata`` (NGFF: "description", "method", "version").
 DESCRIPTIONS: dict[str, str] = {
     "mean": "mean of each cell of factor voxels (border cells edge-padded), integers rounded half to even",
-    "mode": "most frequent label of each cell (tinybrain mode pooling; ties and all-distinct cells as tinybrain)",
+    "mode": "most frequent label of each cell (tinybrain countless mode pooling; a two-voxel cell keeps its "
+            "first voxel)",
     "nearest": "the first voxel of each cell (strided sampling)",
 }
 
@@ -140,12 +141,26 @@ def mean(block: np.ndarray, factors: Sequence[int]) -> np.ndarray:
 
 
 def mode(block: np.ndarray, factors: Sequence[int]) -> np.ndarray:
-    """Most frequent value of each cell (tinybrain's mode pooling, on the x, y, z Fortran view of z, y, x)."""
+    """Most frequent value of each cell: tinybrain's mode pooling (countless) for 2x2x2 and 2x2 cells.
+
+    A cell of two voxels has a majority only if they agree, so it is the first voxel (nearest). A 2x2 cell in
+    another plane is turned into the y, x plane first. tinybrain works on x, y, z (the Fortran view).
+    """
     f = tuple(int(v) for v in factors)
-    if f == (1, 1, 1):
-        return block.copy()
-    out = tinybrain.downsample_segmentation(np.asarray(block).T, f[::-1], num_mips=1)[0]
-    result = np.ascontiguousarray(np.asarray(out).T)
+    if any(v not in (1, 2) for v in f):
+        raise InvalidParameterError(f"factors must be 1 or 2 per axis, got {f}")
+    halved = [a for a in range(3) if f[a] == 2]
+    if len(halved) <= 1:
+        return nearest(block, f)
+    if len(halved) == 3:
+        out = tinybrain.downsample_segmentation(np.asarray(block).T, (2, 2, 2), num_mips=1)[0]
+        result = np.ascontiguousarray(np.asarray(out).T)
+    else:
+        keep = next(a for a in range(3) if f[a] == 1)
+        perm = (keep, *halved)
+        view = np.asfortranarray(np.asarray(block).transpose(perm).T)
+        out = tinybrain.downsample_segmentation(view, (2, 2, 1), num_mips=1)[0]
+        result = np.ascontiguousarray(np.asarray(out).T.transpose(np.argsort(perm)))
     expected = tuple(math.ceil(s / fa) for s, fa in zip(block.shape, f, strict=True))
     if result.shape != expected or result.dtype != block.dtype:  # guard against a library change
         raise RuntimeError(f"tinybrain mode pooling of {block.shape} {block.dtype} by {f} gave "

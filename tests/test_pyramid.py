@@ -1,0 +1,184 @@
+"""Pyramids: near-isotropic factors, exact integer mean, mode and nearest, streaming equal to a second pass."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from emdata import ngff, pyramid
+from emdata.errors import InvalidParameterError
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16"])
+@pytest.mark.parametrize("factors", [(2, 2, 2), (1, 2, 2), (2, 1, 1), (1, 1, 2)])
+def test_integer_mean_is_identical_to_the_float32_rint_mean(dtype, factors):
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(7)
+    # Extremes and small ranges: exact halves (ties) are frequent, negative sums round toward even too.
+    for lo, hi in ((info.min, info.max), (info.min, info.min + 3), (-2, 3) if info.min < 0 else (0, 3)):
+        block = rng.integers(lo, hi, (9, 14, 11), endpoint=True).astype(dtype)
+        padded = np.pad(block, [(0, s % f) for s, f in zip(block.shape, factors, strict=True)], mode="edge")
+        expected = pyramid._mean_float32(padded, factors)
+        got = pyramid.mean(block, factors)
+        assert got.dtype == block.dtype
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_mean_rounds_half_to_even():
+    block = np.array([1, 2, 1, 2, 1, 2, 1, 2], np.uint8).reshape(2, 2, 2)  # mean 1.5 -> 2
+    assert pyramid.mean(block, (2, 2, 2)).item() == 2
+    block = np.array([2, 3] * 4, np.uint8).reshape(2, 2, 2)  # 2.5 -> 2
+    assert pyramid.mean(block, (2, 2, 2)).item() == 2
+    block = np.array([-3, -2] * 4, np.int16).reshape(2, 2, 2)  # -2.5 -> -2
+    assert pyramid.mean(block, (2, 2, 2)).item() == -2
+
+
+def test_mode_takes_the_majority_label_and_nearest_the_first_voxel():
+    cell = np.array([7, 7, 7, 7, 7, 3, 3, 3], np.uint64).reshape(2, 2, 2)
+    block = np.tile(cell, (2, 3, 2))
+    block[2:4, 0:2, 0:2] = np.array([0, 9, 9, 9, 0, 0, 9, 0], np.uint64).reshape(2, 2, 2)  # 9 wins over 0: 4-4?
+    out = pyramid.mode(block, (2, 2, 2))
+    assert out.shape == (2, 3, 2) and out.dtype == np.uint64
+    assert (out[0] == 7).all() and out[1, 0, 0] in (0, 9) and (out[1, 1:] == 7).all()
+    assert (pyramid.nearest(block, (2, 2, 2)) == block[::2, ::2, ::2]).all()
+    # Anisotropic (1, 2, 2): majority in each 2x2 of a slice.
+    sl = np.array([[5, 5], [5, 1]], np.uint32)[None]
+    assert pyramid.mode(sl, (1, 2, 2)).item() == 5
+    assert pyramid.mode(sl.transpose(1, 0, 2), (2, 1, 2)).item() == 5
+    assert pyramid.mode(sl.transpose(1, 2, 0), (2, 2, 1)).item() == 5
+    pair = np.array([4, 6], np.uint8).reshape(2, 1, 1)  # no majority in a pair: the first voxel
+    assert pyramid.mode(pair, (2, 1, 1)).item() == 4
+
+
+def test_anisotropic_plan_keeps_z_until_the_plane_is_as_coarse():
+    # EMPIAR-11759: 16 sections of 50 nm, 8 nm pixels.
+    factors = pyramid.plan_factors((16, 4096, 4096), (50.0, 8.0, 8.0))
+    voxel = np.array([50.0, 8.0, 8.0])
+    sizes = []
+    for cum in pyramid.cumulative(factors):
+        v = voxel * cum
+        sizes.append(tuple(v))
+        if v[1] < 50:
+            assert cum[0] == 1, f"z halved at {v} nm before y/x reached z"
+    assert sizes[:5] == [(50, 8, 8), (50, 16, 16), (50, 32, 32), (50, 64, 64), (100, 128, 128)]
+    assert max(pyramid.shapes((16, 4096, 4096), factors)[-1]) <= 64
+    # Isotropic volumes keep today's levels: 2 on every axis, default_n_levels of them.
+    iso = pyramid.plan_factors((165, 768, 1024), (5.0, 5.0, 5.0))
+    assert iso == [(1, 1, 1)] + [(2, 2, 2)] * (ngff.default_n_levels((165, 768, 1024)) - 1)
+    # A one-voxel axis never halves; asking for more levels than exist is refused with the shape.
+    assert all(f[0] == 1 for f in pyramid.plan_factors((1, 300, 300), (4.0, 4.0, 4.0)))
+    with pytest.raises(InvalidParameterError, match=r"cannot make 5 levels of shape \(1, 2, 2\)"):
+        pyramid.plan_factors((1, 2, 2), (1.0, 1.0, 1.0), n_levels=5)
+
+
+def test_per_axis_scale_and_translation_in_the_multiscales(tmp_path):
+    data = np.random.default_rng(0).integers(0, 255, (6, 40, 40), dtype=np.uint8)
+    g = ngff.Geometry((50.0, 8.0, 8.0), (100.0, 0.0, 0.0))
+    root = zarr.open_group(str(tmp_path / "a.zarr"), mode="w", zarr_format=3)
+    mask = (data > 128).astype(np.uint8)
+    figures = ngff.write_image(root, name="a", source=data, geometry=g, chunks=(8, 8, 8), shards=(16, 16, 16),
+                               n_levels=4, labels=[ngff.Label("m", mask, method="nearest")], what="a")
+    assert figures["factors"] == [[1, 1, 1], [1, 2, 2], [1, 2, 2], [1, 2, 2]]
+    ms = ngff.multiscales(root)
+    t = [d["coordinateTransformations"] for d in ms["datasets"]]
+    assert t[1] == [{"type": "scale", "scale": [50.0, 16.0, 16.0]},
+                    {"type": "translation", "translation": [100.0, 4.0, 4.0]}]
+    assert t[3][0]["scale"] == [50.0, 64.0, 64.0] and t[3][1]["translation"] == [100.0, 28.0, 28.0]
+    lms, larrays = ngff.open_multiscale(tmp_path / "a.zarr", label="m")
+    assert lms["datasets"][3]["coordinateTransformations"][1]["translation"] == [100.0, 0.0, 0.0]  # nearest
+    assert [a.shape for a in larrays] == [(6, 40, 40), (6, 20, 20), (6, 10, 10), (6, 5, 5)]
+    np.testing.assert_array_equal(larrays[3][...], mask[:, ::8, ::8])
+
+
+@pytest.mark.parametrize("method,dtype", [("mean", "uint16"), ("mode", "uint64"), ("nearest", "uint8")])
+def test_streaming_pyramid_equals_a_second_pass(tmp_path, method, dtype):
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 4 if method != "mean" else 60000, (37, 70, 53)).astype(dtype)
+    g = ngff.Geometry((30.0, 10.0, 10.0))
+    root = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    figures = ngff.write_image(root, name="s", source=data, geometry=g, chunks=(8, 8, 8), shards=(16, 16, 16),
+                               method=method, n_levels=4, what="s")
+    factors = figures["factors"]
+    assert factors == [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 1, 1]]  # 30 x 20 x 20, 30 x 40 x 40, 60 x 40 x 40 nm
+    ref = zarr.open_group(str(tmp_path / "r.zarr"), mode="w", zarr_format=3)
+    rarrays = ngff.create_multiscale(ref, name="r", shape=data.shape, dtype=data.dtype, geometry=g, chunks=(8, 8, 8),
+                                     shards=(16, 16, 16), downsampling=method, factors=factors)
+    rarrays[0][...] = data
+    ngff.write_pyramid(rarrays, method, factors)
+    arrays = [root[str(i)] for i in range(4)]
+    for a, r in zip(arrays, rarrays, strict=True):
+        np.testing.assert_array_equal(a[...], r[...])
+
+
+def test_pyramid_memory_does_not_grow_with_the_volume(tmp_path):
+    peaks = []
+    for n in (64, 128):  # one volume twice the other
+        data = np.random.default_rng(n).integers(0, 255, (64, 64, n), dtype=np.uint8)
+        root = zarr.open_group(str(tmp_path / f"m{n}.zarr"), mode="w", zarr_format=3)
+        figures = ngff.write_image(root, name="m", source=data, geometry=ngff.Geometry((4, 4, 4)), chunks=(8, 8, 8),
+                                   shards=(16, 16, 16), n_levels=3, what="m")
+        peaks.append(figures["pyramid_peak_bytes"])
+    assert peaks[0] == peaks[1] <= 2 * 16**3  # at most one unfinished shard per upper level
+    assert peaks[0] > 0
+
+
+def _tree(path):
+    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_tensorstore_backend_writes_what_zarr_python_reads_identically(tmp_path):
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 255, (40, 72, 50), dtype=np.uint8)
+    seg = (data // 64).astype(np.uint64)
+    seg[:, :30] = 0  # whole zero chunks: neither backend stores them
+    outs = {}
+    for name, backend in (("z", "zarr"), ("t1", "tensorstore"), ("t2", "tensorstore")):
+        root = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w", zarr_format=3)
+        fig = ngff.write_image(root, name="x", source=data, geometry=ngff.Geometry((4, 4, 4)), chunks=(8, 8, 8),
+                               shards=(16, 16, 16), labels=[ngff.Label("seg", seg)], backend=backend, what="x")
+        assert fig["backend"] == backend
+        outs[name] = _tree(tmp_path / f"{name}.zarr")
+    assert outs["t1"] == outs["t2"]  # deterministic
+    assert sorted(outs["z"]) == sorted(outs["t1"])
+    # Same metadata; shards hold the same chunk bytes, in C order (tensorstore) instead of Morton (zarr-python).
+    assert {k: v for k, v in outs["z"].items() if k.endswith("zarr.json")} == \
+        {k: v for k, v in outs["t1"].items() if k.endswith("zarr.json")}
+    z = zarr.open_group(str(tmp_path / "z.zarr"), mode="r")
+    t = zarr.open_group(str(tmp_path / "t1.zarr"), mode="r")
+    for key in [d["path"] for d in ngff.multiscales(z)["datasets"]]:
+        np.testing.assert_array_equal(z[key][...], t[key][...])
+        np.testing.assert_array_equal(z[f"labels/seg/{key}"][...], t[f"labels/seg/{key}"][...])
+    assert json.loads((tmp_path / "t1.zarr" / "0" / "zarr.json").read_text())["codecs"][0]["name"] == "sharding_indexed"
+
+
+def test_bad_method_backend_and_factors_are_named(tmp_path):
+    root = zarr.open_group(str(tmp_path / "b.zarr"), mode="w", zarr_format=3)
+    data = np.zeros((4, 4, 4), np.uint8)
+    with pytest.raises(InvalidParameterError, match="'median'"):
+        ngff.write_image(root, name="b", source=data, geometry=ngff.Geometry((1, 1, 1)), method="median", what="b")
+    with pytest.raises(InvalidParameterError, match="'zarrita'"):
+        ngff.write_image(root, name="b", source=data, geometry=ngff.Geometry((1, 1, 1)), backend="zarrita", what="b")
+    with pytest.raises(InvalidParameterError, match=r"\(1, 3, 1\)"):
+        ngff.write_image(root, name="b", source=data, geometry=ngff.Geometry((1, 1, 1)),
+                         factors=[(1, 1, 1), (1, 3, 1)], what="b")
+
+
+@pytest.mark.parametrize("factors", [(2, 2, 2), (1, 2, 2), (2, 1, 2), (2, 2, 1)])
+def test_mode_agrees_with_brute_force_wherever_the_majority_is_unique(factors):
+    rng = np.random.default_rng(11)
+    block = rng.integers(0, 3, (8, 10, 12)).astype(np.uint64)
+    out = pyramid.mode(block, factors)
+    fz, fy, fx = factors
+    checked = 0
+    for z, y, x in np.ndindex(out.shape):
+        cell = block[z * fz:(z + 1) * fz, y * fy:(y + 1) * fy, x * fx:(x + 1) * fx].ravel()
+        values, counts = np.unique(cell, return_counts=True)
+        if (counts == counts.max()).sum() == 1:
+            assert out[z, y, x] == values[counts.argmax()], (z, y, x, cell)
+            checked += 1
+    assert checked > out.size // 3
