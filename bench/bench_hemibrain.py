@@ -28,12 +28,14 @@ import time
 from pathlib import Path
 
 
-from emdata.formats.precomputed import open_scale
-from emdata.acquire.params import DownloadConfig, RunContext
+from emdata.acquire.context import MirrorConfig, RunContext
+from emdata.acquire.params import DownloadConfig
 from emdata.offline.replica import build_replica
-from emdata.sources.hemibrain import EM_URL, SOURCE, fetch_hemibrain_crop
-from emdata.acquire.tsio import tensorstore_context
-from emdata.acquire.urls import rewrite
+from emdata.sources.hemibrain import EM_URL, SOURCE, fetch_hemibrain_crop, open_scale
+
+
+def context(mirror: str, root: Path = Path(".")) -> RunContext:
+    return RunContext(MirrorConfig(mirror), DownloadConfig(), root)
 
 
 def start_server(profile: str, root: Path | None, latency: float) -> tuple[subprocess.Popen[str], str]:
@@ -51,25 +53,25 @@ def run_crop(mirror: str, crop: int, seed: int, concurrency: int) -> dict[str, f
                                   "min_tissue_fraction": 0.9, "concurrency": concurrency})
     with tempfile.TemporaryDirectory(prefix="bench-hemibrain-") as tmp:
         began = time.monotonic()
-        metrics = fetch_hemibrain_crop(params, RunContext(mirror, DownloadConfig(), Path(tmp)),
-                                       Path(tmp) / "crop.zarr")
+        metrics = fetch_hemibrain_crop(params, context(mirror, Path(tmp)), Path(tmp) / "crop.zarr")
         total = time.monotonic() - began
-    em = metrics["arrays"]["em"]
+    em = metrics["write"]
     return {"origin": metrics["crop_origin_voxels"], "stream_MBps": em["MBps"],
             "end_to_end_MBps": crop**3 / 1e6 / total, "seconds": total, "stream_seconds": em["seconds"]}
 
 
 def read_concurrent(mirror: str, origin: list[int], crop: int, concurrency: int) -> float:
-    context = tensorstore_context(DownloadConfig(), concurrency=concurrency, cache_bytes=64 * 2**20)
-    view = open_scale(rewrite(EM_URL, mirror), 0, context)
+    ctx = context(mirror)
+    view = open_scale(ctx, EM_URL, 0, ctx.tensorstore_context(concurrency=concurrency, cache_bytes=64 * 2**20), "EM")
     began = time.monotonic()
     view[tuple(slice(o, o + crop) for o in origin)].read().result()
     return crop**3 / 1e6 / (time.monotonic() - began)
 
 
 def read_one_at_a_time(mirror: str, origin: list[int], crop: int, chunk: int = 64) -> float:
-    context = tensorstore_context(DownloadConfig(), concurrency=1, cache_bytes=64 * 2**20, copy_threads=1)
-    view = open_scale(rewrite(EM_URL, mirror), 0, context)
+    ctx = context(mirror)
+    view = open_scale(ctx, EM_URL, 0, ctx.tensorstore_context(concurrency=1, cache_bytes=64 * 2**20, copy_threads=1),
+                      "EM")
     began = time.monotonic()
     for start in itertools.product(*(range(o, o + crop, chunk) for o in origin)):
         view[tuple(slice(s, min(s + chunk, o + crop)) for s, o in zip(start, origin, strict=True))].read().result()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,18 +14,36 @@ from emdata.offline.replica import ReplicaServer, build_replica, serve_in_thread
 
 
 @pytest.fixture(scope="session")
-def replica_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("replica-cache")
+def replica_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every source's small replica (``HOST/PATH`` folders), built once per session and shared: read-only.
+
+    A test that tampers with documents or files uses ``replica_copy`` instead.
+    """
+    return build_replica("small", None, tmp_path_factory.mktemp("replica-cache"))
 
 
 @pytest.fixture(scope="session")
-def epfl_tree(replica_cache: Path) -> Path:
-    return build_replica("small", ["epfl"], replica_cache)
+def _replica_session_server(replica_tree: Path) -> Iterator[ReplicaServer]:
+    with serve_in_thread(replica_tree) as server:
+        yield server
 
 
 @pytest.fixture()
-def epfl_replica(epfl_tree: Path) -> Iterator[ReplicaServer]:
-    with serve_in_thread(epfl_tree) as server:
+def replica(_replica_session_server: ReplicaServer) -> ReplicaServer:
+    """The shared replica on loopback, its faults off and its request log empty for this test."""
+    _replica_session_server.reset_faults()
+    return _replica_session_server
+
+
+@pytest.fixture()
+def replica_copy(replica_tree: Path, tmp_path: Path) -> Path:
+    """A private copy of the small replica (13 MB) that a test may tamper with."""
+    return Path(shutil.copytree(replica_tree, tmp_path / "replica"))
+
+
+@pytest.fixture()
+def replica_copy_server(replica_copy: Path) -> Iterator[ReplicaServer]:
+    with serve_in_thread(replica_copy) as server:
         yield server
 
 

@@ -29,12 +29,12 @@ def ranges_seen(server, name, probes=False):
 def test_plain_download_verifies_and_records_hash(file_server, tmp_path):
     server, tree = file_server
     url = tree.add("a.bin", 300_000)
-    registry = ChecksumRegistry(tmp_path / "checksums.json", "mirror")
+    registry = ChecksumRegistry(tmp_path / "checksums.json", "replica")
     result = make(server, registry=registry).download(Download(url, tmp_path / "out" / "a.bin"))
     assert Path(result.dest).read_bytes() == tree.files["a.bin"]
     assert result.sha256 == tree.sha256("a.bin") and result.fetched_bytes == 300_000
     saved = json.loads((tmp_path / "checksums.json").read_text())
-    assert saved["mirror"][url] == {"size": 300_000, "sha256": tree.sha256("a.bin")}
+    assert saved["replica"][url] == {"size": 300_000, "sha256": tree.sha256("a.bin")}
     assert saved["live"] == {}
     assert not (tmp_path / "out" / "a.bin.partial").exists()
 
@@ -85,10 +85,10 @@ def test_recorded_hash_is_verified_on_the_next_run(file_server, tmp_path):
     server, tree = file_server
     url = tree.add("a.bin", 50_000)
     registry_path = tmp_path / "checksums.json"
-    make(server, registry=ChecksumRegistry(registry_path, "mirror")).download(Download(url, tmp_path / "1.bin"))
+    make(server, registry=ChecksumRegistry(registry_path, "replica")).download(Download(url, tmp_path / "1.bin"))
     server.faults.corrupt_count = 1
     with pytest.raises(IntegrityError):
-        make(server, registry=ChecksumRegistry(registry_path, "mirror")).download(Download(url, tmp_path / "2.bin"))
+        make(server, registry=ChecksumRegistry(registry_path, "replica")).download(Download(url, tmp_path / "2.bin"))
     assert not (tmp_path / "2.bin").exists()
 
 

@@ -18,7 +18,7 @@ from emdata.offline.replica.epfl import HOST_PATH
 from emdata.stage import run_stage
 
 PARAMS = """
-mirror: "{mirror}"
+mirror: {{url: "{mirror}", serves: replica}}
 download: {{workers: 2, retries: 1, backoff_s: 0}}
 epfl:
   splits: [training, testing]
@@ -33,13 +33,13 @@ def workspace(tmp_path: Path, mirror: str, volumedata: bool = False, keep: bool 
     return tmp_path
 
 
-def test_epfl_stage_writes_ome_zarr_with_labels(epfl_replica, epfl_tree, tmp_path):
-    ws = workspace(tmp_path, epfl_replica.base_url)
+def test_epfl_stage_writes_ome_zarr_with_labels(replica, replica_tree, tmp_path):
+    ws = workspace(tmp_path, replica.base_url)
     metrics = run_stage("epfl", repo_root=ws)
     out = ws / "data" / "epfl.zarr"
     for split in ("training", "testing"):
-        source = tifffile.imread(epfl_tree / HOST_PATH / f"{split}.tif")
-        truth = tifffile.imread(epfl_tree / HOST_PATH / f"{split}_groundtruth.tif")
+        source = tifffile.imread(replica_tree / HOST_PATH / f"{split}.tif")
+        truth = tifffile.imread(replica_tree / HOST_PATH / f"{split}_groundtruth.tif")
         nodes = list(Reader(parse_url(str(out / split)))())
         image = next(n for n in nodes if any(isinstance(s, Multiscales) for s in n.specs))
         assert image.data[0].shape == source.shape
@@ -61,35 +61,35 @@ def test_epfl_stage_writes_ome_zarr_with_labels(epfl_replica, epfl_tree, tmp_pat
     assert all(f["url"].startswith("https://documents.epfl.ch/") for f in prov["files"])  # the live URL
     # Raw TIFFs are deleted after the verified conversion; their hashes are kept for the next run.
     assert not (ws / "data" / ".downloads" / "epfl").exists()
-    recorded = json.loads((ws / "checksums.json").read_text())["mirror"]
+    recorded = json.loads((ws / "checksums.json").read_text())["replica"]
     assert {f["url"]: f["sha256"] for f in prov["files"]} == {u: v["sha256"] for u, v in recorded.items()}
     assert json.loads((ws / "metrics" / "epfl.json").read_text())["files"] == 4
 
 
-def test_volumedata_goes_through_parallel_ranges(epfl_replica, epfl_tree, tmp_path):
+def test_volumedata_goes_through_parallel_ranges(replica, replica_tree, tmp_path):
     (tmp_path / "params.yaml").write_text(
-        f'mirror: "{epfl_replica.base_url}"\n'
+        f'mirror: {{url: "{replica.base_url}", serves: replica}}\n'
         "download: {workers: 2, backoff_s: 0, range_threshold_mb: 0.5, range_part_mb: 0.25}\n"
         "epfl: {splits: [], include_volumedata: true, keep_downloads: true}\n")
     run_stage("epfl", repo_root=tmp_path)
-    source = tifffile.imread(epfl_tree / HOST_PATH / "volumedata.tif")
+    source = tifffile.imread(replica_tree / HOST_PATH / "volumedata.tif")
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "data/epfl.zarr/volumedata/0"), mode="r")[...],
                                   source)
     assert (tmp_path / "data/.downloads/epfl/volumedata.tif").exists()  # keep_downloads: true
     size, part = (tmp_path / "data/.downloads/epfl/volumedata.tif").stat().st_size, int(0.25 * 2**20)
-    ranges = [r.split(" ", 2)[2] for r in epfl_replica.faults.requests_seen if "volumedata" in r]
+    ranges = [r.split(" ", 2)[2] for r in replica.faults.requests_seen if "volumedata" in r]
     # The stream that found a large file (abandoned after its headers), then every part exactly once.
     assert sorted(ranges) == sorted(["bytes=0-"] + [f"bytes={s}-{min(s + part, size) - 1}"
                                                      for s in range(0, size, part)])
     assert len(ranges) > 4
 
 
-def test_failed_download_keeps_the_old_output_and_partial_bytes(epfl_replica, tmp_path):
-    ws = workspace(tmp_path, epfl_replica.base_url)
+def test_failed_download_keeps_the_old_output_and_partial_bytes(replica, tmp_path):
+    ws = workspace(tmp_path, replica.base_url)
     run_stage("epfl", repo_root=ws)
     before = sorted(p.relative_to(ws) for p in (ws / "data/epfl.zarr").rglob("*"))
-    epfl_replica.faults.path_contains = "testing.tif"
-    epfl_replica.faults.drop_after_bytes, epfl_replica.faults.drop_count = 100_000, 10
+    replica.faults.path_contains = "testing.tif"
+    replica.faults.drop_after_bytes, replica.faults.drop_count = 100_000, 10
     with pytest.raises(DownloadError, match="testing.tif"):
         run_stage("epfl", repo_root=ws)
     assert sorted(p.relative_to(ws) for p in (ws / "data/epfl.zarr").rglob("*")) == before
@@ -97,8 +97,8 @@ def test_failed_download_keeps_the_old_output_and_partial_bytes(epfl_replica, tm
     assert partial.exists() and partial.stat().st_size > 0  # what was downloaded is not lost
 
 
-def test_pinned_checksum_mismatch_fails_without_output(epfl_replica, tmp_path):
-    ws = workspace(tmp_path, epfl_replica.base_url, extra="  sha256: {training.tif: " + "ab" * 32 + "}\n")
+def test_pinned_checksum_mismatch_fails_without_output(replica, tmp_path):
+    ws = workspace(tmp_path, replica.base_url, extra="  sha256: {training.tif: " + "ab" * 32 + "}\n")
     with pytest.raises(IntegrityError, match="training.tif.*sha256"):
         run_stage("epfl", repo_root=ws)
     assert not (ws / "data" / "epfl.zarr").exists()
@@ -113,29 +113,40 @@ def test_pinned_checksum_mismatch_fails_without_output(epfl_replica, tmp_path):
     ("epfl:\n  colour: red\n", r"unknown key.*colour"),
     ("epfl:\n  sha256: {training.tif: 0}\n", r"sha256\['training.tif'\].*got 0"),
     ("download:\n  retries: -2\nepfl: {}\n", r"download.retries.*-2"),
-    ("mirror: ftp://nowhere\nepfl: {}\n", r"mirror.*ftp://nowhere"),
+    ("mirror: {url: 'ftp://nowhere'}\nepfl: {}\n", r"mirror.url.*ftp://nowhere"),
+    ("mirror: http://127.0.0.1:1\nepfl: {}\n", r"mirror must be a mapping.*serves"),
+    ("mirror: {url: 'http://127.0.0.1:1', serves: copy}\nepfl: {}\n", r"mirror.serves.*'copy'"),
+    ("mirror: {url: 'http://127.0.0.1:1', kind: cache}\nepfl: {}\n", r"unknown key.*kind.*'mirror'"),
 ])
-def test_bad_params_fail_before_any_network_call(epfl_replica, tmp_path, section, message):
-    (tmp_path / "params.yaml").write_text(f'mirror: "{epfl_replica.base_url}"\n' + section
+def test_bad_params_fail_before_any_network_call(replica, tmp_path, section, message):
+    (tmp_path / "params.yaml").write_text(f'mirror: {{url: "{replica.base_url}", serves: replica}}\n' + section
                                           if not section.startswith("mirror") else section)
     with pytest.raises(InvalidParameterError, match=message):
         run_stage("epfl", repo_root=tmp_path)
-    assert epfl_replica.faults.requests_seen == []
+    assert replica.faults.requests_seen == []
     assert not (tmp_path / "data").exists()
 
 
-def test_unknown_dataset_names_the_value_and_lists_valid_ones(epfl_replica, tmp_path):
-    workspace(tmp_path, epfl_replica.base_url)
+def test_mirror_credentials_are_refused_without_echoing_them(replica, tmp_path):
+    (tmp_path / "params.yaml").write_text("mirror: {url: 'http://someone:s3cr3t-pw@127.0.0.1:1'}\nepfl: {}\n")
+    with pytest.raises(InvalidParameterError, match=r"must not hold credentials.*netrc") as err:
+        run_stage("epfl", repo_root=tmp_path)
+    assert "s3cr3t-pw" not in str(err.value)
+    assert replica.faults.requests_seen == []
+
+
+def test_unknown_dataset_names_the_value_and_lists_valid_ones(replica, tmp_path):
+    workspace(tmp_path, replica.base_url)
     with pytest.raises(InvalidParameterError, match=r"unknown dataset 'epfll'.*'epfl'"):
         run_stage("epfll", repo_root=tmp_path)
-    assert epfl_replica.faults.requests_seen == []
+    assert replica.faults.requests_seen == []
 
 
-def test_stage_script_is_thin_and_runs(epfl_replica, tmp_path):
+def test_stage_script_is_thin_and_runs(replica, tmp_path):
     import subprocess
     import sys
 
-    ws = workspace(tmp_path, epfl_replica.base_url)
+    ws = workspace(tmp_path, replica.base_url)
     shutil.copytree(Path(__file__).parents[1] / "stages", ws / "stages")
     proc = subprocess.run([sys.executable, "stages/epfl.py"], cwd=ws, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,38 +17,23 @@ from ome_zarr.reader import Multiscales, Reader
 
 from emdata import ngff
 from emdata.errors import DownloadError, InvalidParameterError
-from emdata.acquire.params import DownloadConfig, RunContext
-from emdata.offline.replica import ReplicaServer, build_replica, serve_in_thread
+from emdata.acquire.context import MirrorConfig, RunContext
+from emdata.acquire.params import DownloadConfig
+from emdata.offline.replica import ReplicaServer
 from emdata.offline.replica.hemibrain import BUCKET_DIR, EM_PATH, SEG_PATH
+from emdata.catalog import find
 from emdata.sources.hemibrain import EM_URL, SOURCE
 
 CROP = [96, 112, 128]  # z, y, x: not a cube, so an axis mix-up cannot pass
 FAST_DOWNLOAD = DownloadConfig(retries=1, backoff_s=0.0)
 
 
-@pytest.fixture(scope="module")
-def hb_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_replica("small", ["hemibrain"], root=tmp_path_factory.mktemp("hemibrain-replica"))
-
-
-@pytest.fixture(scope="module")
-def hb_module_server(hb_tree: Path) -> Iterator[ReplicaServer]:
-    with serve_in_thread(hb_tree) as server:
-        yield server
-
-
-@pytest.fixture()
-def hb_server(hb_module_server: ReplicaServer) -> ReplicaServer:
-    hb_module_server.reset_faults()
-    return hb_module_server
-
-
 def run_crop(server: ReplicaServer, repo: Path, download: DownloadConfig = FAST_DOWNLOAD,
              **params: Any) -> tuple[dict[str, Any], Path]:
     section = {"seed": 7, "crop_size": CROP, "min_tissue_fraction": 0.9, **params}
-    ctx = RunContext(mirror=server.base_url, download=download, repo_root=repo)
+    ctx = RunContext(mirror=MirrorConfig(server.base_url), download=download, repo_root=repo)
     metrics = SOURCE.run(SOURCE.parse_params(section), ctx)
-    return metrics, repo / SOURCE.output
+    return metrics, repo / find("hemibrain").output
 
 
 def replica_view(tree: Path, path: str, scale: int) -> ts.TensorStore:
@@ -72,8 +56,8 @@ def voxel_requests(server: ReplicaServer) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------- the crop itself
-def test_crop_is_ome_zarr_at_its_true_position(hb_server, tmp_path):
-    metrics, out = run_crop(hb_server, tmp_path)
+def test_crop_is_ome_zarr_at_its_true_position(replica, tmp_path):
+    metrics, out = run_crop(replica, tmp_path)
     origin = metrics["crop_origin_voxels"]
     ms, arrays = ngff.open_multiscale(out)
     assert [a["name"] for a in ms["axes"]] == ["z", "y", "x"]
@@ -100,14 +84,14 @@ def test_crop_is_ome_zarr_at_its_true_position(hb_server, tmp_path):
     assert "segmentation" in zarr.open_group(str(out / "labels"), mode="r").attrs["ome"]["labels"]
 
 
-def test_crop_equals_replica_voxels_and_segmentation_at_the_origin(hb_server, hb_tree, tmp_path):
-    metrics, out = run_crop(hb_server, tmp_path)
+def test_crop_equals_replica_voxels_and_segmentation_at_the_origin(replica, replica_tree, tmp_path):
+    metrics, out = run_crop(replica, tmp_path)
     origin = metrics["crop_origin_voxels"]
     _, arrays = ngff.open_multiscale(out)
-    expected_em = crop_of(replica_view(hb_tree, EM_PATH, 0), origin, CROP)
+    expected_em = crop_of(replica_view(replica_tree, EM_PATH, 0), origin, CROP)
     np.testing.assert_array_equal(arrays[0][:], expected_em)
     _, labels = ngff.open_multiscale(out, label="segmentation")
-    expected_seg = crop_of(replica_view(hb_tree, SEG_PATH, 0), origin, CROP)
+    expected_seg = crop_of(replica_view(replica_tree, SEG_PATH, 0), origin, CROP)
     assert labels[0].dtype == np.uint64
     np.testing.assert_array_equal(labels[0][:], expected_seg)
     # Voxel-aligned: tissue has body ids, background has none (up to JPEG ringing at the tissue's edge).
@@ -115,62 +99,62 @@ def test_crop_equals_replica_voxels_and_segmentation_at_the_origin(hb_server, hb
     assert ((seg > 0) == (em > 10)).mean() > 0.99
 
 
-def test_unaligned_origin_reads_chunks_that_straddle_blocks(hb_server, hb_tree, tmp_path):
-    metrics, out = run_crop(hb_server, tmp_path, origin_step=1, seed=3)
+def test_unaligned_origin_reads_chunks_that_straddle_blocks(replica, replica_tree, tmp_path):
+    metrics, out = run_crop(replica, tmp_path, origin_step=1, seed=3)
     origin = metrics["crop_origin_voxels"]
     assert any(o % 64 for o in origin)  # not on the chunk grid
     _, arrays = ngff.open_multiscale(out)
-    np.testing.assert_array_equal(arrays[0][:], crop_of(replica_view(hb_tree, EM_PATH, 0), origin, CROP))
+    np.testing.assert_array_equal(arrays[0][:], crop_of(replica_view(replica_tree, EM_PATH, 0), origin, CROP))
     _, labels = ngff.open_multiscale(out, label="segmentation")
-    np.testing.assert_array_equal(labels[0][:], crop_of(replica_view(hb_tree, SEG_PATH, 0), origin, CROP))
+    np.testing.assert_array_equal(labels[0][:], crop_of(replica_view(replica_tree, SEG_PATH, 0), origin, CROP))
 
 
-def test_coarser_unsharded_scale(hb_server, hb_tree, tmp_path):
+def test_coarser_unsharded_scale(replica, replica_tree, tmp_path):
     # The replica's EM scale 2 is unsharded; its segmentation scale 2 is sharded: both layouts in one run.
-    info = json.loads((hb_tree / BUCKET_DIR / EM_PATH / "info").read_text())
+    info = json.loads((replica_tree / BUCKET_DIR / EM_PATH / "info").read_text())
     assert "sharding" not in info["scales"][2] and "sharding" in info["scales"][0]
     crop = [48, 56, 64]
-    metrics, out = run_crop(hb_server, tmp_path, scale=2, crop_size=crop, origin_step=1)
+    metrics, out = run_crop(replica, tmp_path, level=2, crop_size=crop, origin_step=1)
     ms, arrays = ngff.open_multiscale(out)
     assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [32.0, 32.0, 32.0]
     origin = metrics["crop_origin_voxels"]
-    np.testing.assert_array_equal(arrays[0][:], crop_of(replica_view(hb_tree, EM_PATH, 2), origin, crop))
+    np.testing.assert_array_equal(arrays[0][:], crop_of(replica_view(replica_tree, EM_PATH, 2), origin, crop))
     _, labels = ngff.open_multiscale(out, label="segmentation")
-    np.testing.assert_array_equal(labels[0][:], crop_of(replica_view(hb_tree, SEG_PATH, 2), origin, crop))
+    np.testing.assert_array_equal(labels[0][:], crop_of(replica_view(replica_tree, SEG_PATH, 2), origin, crop))
 
 
-def test_crop_lands_in_tissue(hb_server, tmp_path):
-    metrics, out = run_crop(hb_server, tmp_path, min_tissue_fraction=0.95, origin_step=8, seed=11)
+def test_crop_lands_in_tissue(replica, tmp_path):
+    metrics, out = run_crop(replica, tmp_path, min_tissue_fraction=0.95, origin_step=8, seed=11)
     assert metrics["tissue_fraction"] >= 0.95
     _, arrays = ngff.open_multiscale(out)
     assert (arrays[0][:] > 10).mean() > 0.9  # at full resolution too, not only in the coarse check
 
 
-def test_without_segmentation_fetches_none(hb_server, tmp_path):
-    _, out = run_crop(hb_server, tmp_path, with_segmentation=False)
+def test_without_segmentation_fetches_none(replica, tmp_path):
+    _, out = run_crop(replica, tmp_path, with_segmentation=False)
     assert not (out / "labels").exists()
-    assert not [r for r in hb_server.faults.requests_seen if "segmentation" in r]
+    assert not [r for r in replica.faults.requests_seen if "segmentation" in r]
 
 
 # --------------------------------------------------------------------------------------------- determinism
-def test_same_seed_gives_byte_identical_output(hb_server, tmp_path):
-    m1, out1 = run_crop(hb_server, tmp_path / "a", seed=5, origin_step=8)
-    m2, out2 = run_crop(hb_server, tmp_path / "b", seed=5, origin_step=8)
+def test_same_seed_gives_byte_identical_output(replica, tmp_path):
+    m1, out1 = run_crop(replica, tmp_path / "a", seed=5, origin_step=8)
+    m2, out2 = run_crop(replica, tmp_path / "b", seed=5, origin_step=8)
     assert m1["crop_origin_voxels"] == m2["crop_origin_voxels"]
     files1, files2 = all_files(out1), all_files(out2)
     assert files1.keys() == files2.keys() and len(files1) > 10
     assert all(files1[k] == files2[k] for k in files1)
 
 
-def test_different_seed_gives_different_origin(hb_server, tmp_path):
-    origins = {seed: run_crop(hb_server, tmp_path / str(seed), seed=seed, origin_step=8,
+def test_different_seed_gives_different_origin(replica, tmp_path):
+    origins = {seed: run_crop(replica, tmp_path / str(seed), seed=seed, origin_step=8,
                               with_segmentation=False)[0]["crop_origin_voxels"] for seed in (1, 2)}
     assert origins[1] != origins[2]
 
 
-def test_rerun_replaces_output_whole(hb_server, tmp_path):
-    _, out = run_crop(hb_server, tmp_path, seed=1, origin_step=8, with_segmentation=False)
-    _, out = run_crop(hb_server, tmp_path, seed=2, origin_step=8, with_segmentation=False)
+def test_rerun_replaces_output_whole(replica, tmp_path):
+    _, out = run_crop(replica, tmp_path, seed=1, origin_step=8, with_segmentation=False)
+    _, out = run_crop(replica, tmp_path, seed=2, origin_step=8, with_segmentation=False)
     assert zarr.open_group(str(out), mode="r").attrs["emdata"]["seed"] == 2
     assert [p.name for p in tmp_path.joinpath("data").iterdir()] == ["hemibrain_crop.zarr"]
 
@@ -183,9 +167,9 @@ def test_rerun_replaces_output_whole(hb_server, tmp_path):
     ({"crop_size": [64, 64, 64.5]}, "64.5"),
     ({"seed": True}, "True"),
     ({"seed": -3}, "-3"),
-    ({"scale": -1}, "-1"),
+    ({"level": -1}, "-1"),
     ({"min_tissue_fraction": 1.5}, "1.5"),
-    ({"selection_scale": "coarsest"}, "coarsest"),
+    ({"selection_level": "coarsest"}, "coarsest"),
     ({"origin_step": 0}, "0"),
     ({"concurrency": 0}, "0"),
     ({"with_segmentation": "yes"}, "yes"),
@@ -200,35 +184,35 @@ def test_static_param_errors_name_the_value(section, named):
 @pytest.mark.parametrize(("params", "named"), [
     ({"crop_size": [10000, 64, 64]}, "[10000, 64, 64]"),
     ({"crop_size": [64, 64, 385]}, "[64, 64, 385]"),  # x is one voxel larger than the replica's 384
-    ({"scale": 9}, "scale 9"),
-    ({"scale": 3, "crop_size": [64, 64, 64]}, "[64, 64, 64]"),  # fits scale 0, not scale 3
-    ({"selection_scale": 7}, "selection_scale 7"),
+    ({"level": 9}, "level 9"),
+    ({"level": 3, "crop_size": [64, 64, 64]}, "[64, 64, 64]"),  # fits level 0, not level 3
+    ({"selection_level": 7}, "selection_level 7"),
 ])
-def test_info_dependent_errors_come_before_any_voxel_request(hb_server, tmp_path, params, named):
+def test_info_dependent_errors_come_before_any_voxel_request(replica, tmp_path, params, named):
     with pytest.raises(InvalidParameterError) as err:
-        run_crop(hb_server, tmp_path, **params)
+        run_crop(replica, tmp_path, **params)
     assert named in str(err.value)
-    assert [r for r in hb_server.faults.requests_seen if r.split()[1].endswith("/info")]
-    assert voxel_requests(hb_server) == []
+    assert [r for r in replica.faults.requests_seen if r.split()[1].endswith("/info")]
+    assert voxel_requests(replica) == []
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
 
 
-def test_unreachable_tissue_fraction_fails_clearly_without_output(hb_server, tmp_path):
+def test_unreachable_tissue_fraction_fails_clearly_without_output(replica, tmp_path):
     with pytest.raises(InvalidParameterError, match="min_tissue_fraction 1.0") as err:
-        run_crop(hb_server, tmp_path, crop_size=[320, 352, 384], min_tissue_fraction=1.0, max_attempts=5)
+        run_crop(replica, tmp_path, crop_size=[320, 352, 384], min_tissue_fraction=1.0, max_attempts=5)
     assert "best" in str(err.value)
     assert not (tmp_path / "data" / "hemibrain_crop.zarr").exists()
     # Only the coarse selection scale was read, never a chunk of scale 0.
-    assert not [r for r in voxel_requests(hb_server) if "/8.0x8.0x8.0/" in r]
+    assert not [r for r in voxel_requests(replica) if "/8.0x8.0x8.0/" in r]
 
 
-def test_failure_mid_crop_keeps_previous_output_and_leaves_no_partial(hb_server, tmp_path):
-    _, out = run_crop(hb_server, tmp_path, seed=1, origin_step=8, with_segmentation=False)
+def test_failure_mid_crop_keeps_previous_output_and_leaves_no_partial(replica, tmp_path):
+    _, out = run_crop(replica, tmp_path, seed=1, origin_step=8, with_segmentation=False)
     before = all_files(out)
-    hb_server.faults.path_contains = "/8.0x8.0x8.0/"
-    hb_server.faults.status, hb_server.faults.status_count = 500, 10**6
+    replica.faults.path_contains = "/8.0x8.0x8.0/"
+    replica.faults.status, replica.faults.status_count = 500, 10**6
     with pytest.raises(DownloadError, match="HTTP code 500"):
-        run_crop(hb_server, tmp_path, DownloadConfig(retries=0, backoff_s=0.0), seed=2, origin_step=8,
+        run_crop(replica, tmp_path, DownloadConfig(retries=0, backoff_s=0.0), seed=2, origin_step=8,
                  with_segmentation=False)
     assert all_files(out) == before
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["hemibrain_crop.zarr"]
@@ -259,8 +243,8 @@ def test_window_fraction_equals_brute_force(seed, shape, data):
 
     coarse_em = np.random.default_rng(seed).integers(0, 30, shape, dtype=np.uint8)
     offset = (3, 5, 7)
-    coarse = ScaleInfo(5, "c", (32.0, 32.0, 32.0), offset, shape, (64, 64, 64), "jpeg", False)
-    fine = ScaleInfo(0, "f", (8.0, 8.0, 8.0), (0, 0, 0), (1000, 1000, 1000), (64, 64, 64), "jpeg", True)
+    coarse = ScaleInfo(5, "c", (32.0, 32.0, 32.0), offset, shape, (64, 64, 64), "jpeg")
+    fine = ScaleInfo(0, "f", (8.0, 8.0, 8.0), (0, 0, 0), (1000, 1000, 1000), (64, 64, 64), "jpeg")
     origin = [data.draw(st.integers(4 * o - 8, 4 * (o + n) + 4)) for o, n in zip(offset, shape, strict=True)]
     crop = [data.draw(st.integers(1, 40)) for _ in range(3)]
     got = tissue_window_fraction(tissue_integral(coarse_em, 10), coarse, fine, origin, crop)

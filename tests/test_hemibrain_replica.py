@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from emdata.offline.replica import build_replica
 from emdata.offline.replica.hemibrain import BUCKET_DIR, EM_PATH, PROFILES, SEG_PATH, build, em_info, segmentation_info
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference" / "sources"
-
-
-@pytest.fixture(scope="module")
-def small_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_replica("small", ["hemibrain"], root=tmp_path_factory.mktemp("hemibrain-replica"))
 
 
 def open_scale(tree: Path, path: str, scale: int) -> ts.TensorStore:
@@ -25,16 +19,16 @@ def open_scale(tree: Path, path: str, scale: int) -> ts.TensorStore:
                     "kvstore": {"driver": "file", "path": str(tree / BUCKET_DIR / path)}}).result()
 
 
-def test_volumes_are_at_the_real_paths(small_tree):
-    bucket = small_tree / "storage.googleapis.com" / "neuroglancer-janelia-flyem-hemibrain"
+def test_volumes_are_at_the_real_paths(replica_tree):
+    bucket = replica_tree / "storage.googleapis.com" / "neuroglancer-janelia-flyem-hemibrain"
     assert (bucket / "emdata" / "clahe_yz" / "jpeg" / "info").is_file()
     assert (bucket / "v1.0" / "segmentation" / "info").is_file()
     assert list((bucket / "emdata" / "clahe_yz" / "jpeg" / "8.0x8.0x8.0").glob("*.shard"))
 
 
-def test_info_is_shaped_like_the_real_ones(small_tree):
-    em = json.loads((small_tree / BUCKET_DIR / EM_PATH / "info").read_text())
-    seg = json.loads((small_tree / BUCKET_DIR / SEG_PATH / "info").read_text())
+def test_info_is_shaped_like_the_real_ones(replica_tree):
+    em = json.loads((replica_tree / BUCKET_DIR / EM_PATH / "info").read_text())
+    seg = json.loads((replica_tree / BUCKET_DIR / SEG_PATH / "info").read_text())
     assert (em["data_type"], em["type"], em["num_channels"]) == ("uint8", "image", 1)
     assert {s["encoding"] for s in em["scales"]} == {"jpeg"}
     assert em["scales"][0]["sharding"]["@type"] == "neuroglancer_uint64_sharded_v1"
@@ -52,13 +46,13 @@ def test_info_is_shaped_like_the_real_ones(small_tree):
         assert (a["size"], a["voxel_offset"], a["resolution"]) == (b["size"], b["voxel_offset"], b["resolution"])
 
 
-def test_tissue_blob_in_empty_background_and_labels_match(small_tree):
-    coarse = open_scale(small_tree, EM_PATH, 2)[..., 0].read().result()
+def test_tissue_blob_in_empty_background_and_labels_match(replica_tree):
+    coarse = open_scale(replica_tree, EM_PATH, 2)[..., 0].read().result()
     tissue = coarse > 10
     assert 0.2 < tissue.mean() < 0.8
     assert not tissue[0].any() and not tissue[-1].any()  # the x faces are background
-    em = open_scale(small_tree, EM_PATH, 0)
-    seg = open_scale(small_tree, SEG_PATH, 0)
+    em = open_scale(replica_tree, EM_PATH, 0)
+    seg = open_scale(replica_tree, SEG_PATH, 0)
     assert em.domain.inclusive_min[:3] == tuple(PROFILES["small"].voxel_offset_xyz)
     box = tuple(slice(lo + 96, lo + 224) for lo in em.domain.inclusive_min[:3])
     e, s = em[box][..., 0].read().result(), seg[box][..., 0].read().result()

@@ -59,8 +59,8 @@ def test_missing_file_and_path_escape_are_404(file_server):
     assert requests.get(f"{server.base_url}/../../etc/passwd", timeout=5).status_code == 404
 
 
-def test_percent_encoded_space_maps_to_folder_with_space(epfl_replica):
-    url = (f"{epfl_replica.base_url}/documents.epfl.ch/groups/c/cv/cvlab-unit/www/data/"
+def test_percent_encoded_space_maps_to_folder_with_space(replica):
+    url = (f"{replica.base_url}/documents.epfl.ch/groups/c/cv/cvlab-unit/www/data/"
            "%20ElectronMicroscopy_Hippocampus/training.tif")
     r = requests.get(url, headers={"Range": "bytes=0-3"}, timeout=5)
     assert r.status_code == 206 and r.content[:2] in (b"II", b"MM")

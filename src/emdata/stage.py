@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from emdata import __version__
+from emdata.acquire.context import run_context
 from emdata.acquire.fsutil import write_json_atomic
-from emdata.acquire.params import load_params, run_context
+from emdata.acquire.params import load_params
+from emdata.catalog import find
 from emdata.sources import get_source
 
 log = logging.getLogger(__name__)
@@ -25,8 +30,24 @@ def run_stage(name: str, params_path: Path | str = "params.yaml", repo_root: Pat
     began = time.monotonic()
     metrics = source.run(section, ctx)
     metrics.setdefault("seconds", round(time.monotonic() - began, 2))
-    write_json_atomic(root / "metrics" / f"{name}.json", metrics)
+    # When and by what the output was made: in the metrics (not the output, which stays reproducible).
+    metrics["run"] = {"acquired_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                      "emdata_version": __version__, "commit": _commit(root), "origin": ctx.origin}
+    write_json_atomic(root / find(name).metrics, metrics)
     return metrics
+
+
+def _commit(root: Path) -> str | None:
+    """The repository's HEAD commit (with ``-dirty`` when tracked files differ), or None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
 def main(name: str) -> None:

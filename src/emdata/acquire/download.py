@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -93,28 +93,39 @@ def make_session(config: DownloadConfig) -> requests.Session:
 
 
 class ChecksumRegistry:
-    """sha256 and size per live URL, kept in a JSON file: ``{"live": {url: {...}}, "mirror": {url: {...}}}``.
+    """sha256 and size per live URL, kept in a JSON file: ``{"live": {url: {...}}, "replica": {url: {...}}}``.
 
-    Live and mirror bytes differ (the replica is synthetic), so each origin has its own section.
-    Entries not pinned by hand are recorded on first download so the next run verifies them.
+    The replica's voxels are synthetic, so its bytes have a section of their own; the live hosts and a cache of
+    their bytes share ``live``. Entries not pinned by hand are recorded on first download so the next run
+    verifies them.
     """
 
-    def __init__(self, path: Path | None, origin: str) -> None:
+    SECTIONS = ("live", "replica")
+
+    def __init__(self, path: Path | None, section: str) -> None:
+        if section not in self.SECTIONS:
+            raise ValueError(f"checksum section must be one of {self.SECTIONS}, got {section!r}")
         self.path = path
-        self.origin = origin
+        self.section = section
         self._lock = threading.Lock()
-        self._data: dict[str, dict[str, dict[str, Any]]] = {"live": {}, "mirror": {}}
+        self._data: dict[str, dict[str, dict[str, Any]]] = {key: {} for key in self.SECTIONS}
         if path is not None and path.is_file():
-            loaded = json.loads(path.read_text())
+            try:
+                loaded = json.loads(path.read_text())
+            except ValueError as exc:
+                raise IntegrityError(f"{path}: not a JSON checksum file ({exc})") from exc
+            unknown = sorted(set(loaded) - set(self.SECTIONS)) if isinstance(loaded, dict) else ["<not a mapping>"]
+            if unknown:
+                raise IntegrityError(f"{path}: unknown section(s) {unknown}; valid: {list(self.SECTIONS)}")
             for key in self._data:
                 self._data[key].update(loaded.get(key, {}))
 
     def get(self, url: str) -> dict[str, Any] | None:
-        return self._data[self.origin].get(url)
+        return self._data[self.section].get(url)
 
     def record(self, url: str, size: int, sha256: str) -> None:
         with self._lock:
-            self._data[self.origin][url] = {"size": size, "sha256": sha256}
+            self._data[self.section][url] = {"size": size, "sha256": sha256}
             if self.path is not None:
                 write_json_atomic(self.path, self._data)
 
@@ -135,7 +146,7 @@ class Downloader:
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.config = config
         self.mirror = mirror
-        self.registry = registry or ChecksumRegistry(None, "mirror" if mirror else "live")
+        self.registry = registry or ChecksumRegistry(None, "live")  # in memory only
         self.session = session or make_session(config)
         self.progress = progress  # None = a bar only on a terminal
         self._sleep = sleep
@@ -459,10 +470,3 @@ def discard_downloads(results: Sequence[DownloadResult], folder: Path) -> None:
         folder.rmdir()
     except OSError:  # not empty (other files) or already gone
         pass
-
-
-def download_files(items: Iterable[Download], config: DownloadConfig, *, mirror: str = "",
-                   checksums: Path | None = None, progress: bool | None = None) -> list[DownloadResult]:
-    """Download ``items`` with a fresh :class:`Downloader` (registry at ``checksums``)."""
-    registry = ChecksumRegistry(checksums, "mirror" if mirror else "live")
-    return Downloader(config, mirror=mirror, registry=registry, progress=progress).download_all(list(items))

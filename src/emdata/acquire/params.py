@@ -1,4 +1,4 @@
-"""params.yaml: loading, validation into frozen dataclasses, and the run context shared by every source."""
+"""params.yaml: loading, and validation of sections into frozen dataclasses naming any bad value."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 import yaml
 
 from emdata.errors import InvalidParameterError
-from emdata.acquire.urls import validate_mirror
 
 T = TypeVar("T")
 
@@ -92,34 +91,3 @@ class DownloadConfig:
             raise InvalidParameterError(f"download.retries must be an integer >= 0, got {self.retries!r}")
         if not isinstance(self.backoff_s, (int, float)) or self.backoff_s < 0:
             raise InvalidParameterError(f"download.backoff_s must be >= 0, got {self.backoff_s!r}")
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What every source needs besides its own params: where to fetch from and where to keep things."""
-
-    mirror: str  # '' = live
-    download: DownloadConfig
-    repo_root: Path
-
-    @property
-    def downloads_dir(self) -> Path:
-        """Raw downloads (kept until a verified conversion; never a DVC output)."""
-        return self.repo_root / "data" / ".downloads"
-
-    @property
-    def checksums_path(self) -> Path:
-        return self.repo_root / self.download.checksums_file
-
-
-def run_context(params: Mapping[str, Any], repo_root: Path | None = None) -> RunContext:
-    """The context from the top-level ``mirror`` and ``download`` params.
-
-    The mirror comes only from params.yaml, never from the environment, so that ``dvc.lock`` always records
-    where a run's bytes came from.
-    """
-    return RunContext(
-        mirror=validate_mirror(params.get("mirror") or ""),
-        download=dataclass_from_section(DownloadConfig, params.get("download"), "download"),
-        repo_root=(repo_root or Path.cwd()).resolve(),
-    )

@@ -1,48 +1,24 @@
-"""Tensorstore over HTTP for the sources that read chunked volumes remotely (precomputed, zarr v2).
+"""Tensorstore reads for the sources that read chunked volumes remotely (precomputed, zarr v2).
 
-One context per run (request concurrency, the run's retry policy, a bounded cache), and one streaming copy
-from a remote array into a local zarr array, shard by shard, with reads in flight and progress logged.
+Stores are opened through the run context (``RunContext.open_tensorstore``); this module reads boxes of an
+opened store for ``ngff.write_image``, several reads in flight, and turns tensorstore's errors into ours.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
-import zarr
 
 from emdata import ngff
-from emdata.errors import DownloadError, SourceMismatchError
-from emdata.acquire.params import DownloadConfig
+from emdata.errors import DownloadError
 
 log = logging.getLogger(__name__)
-
-PROGRESS_EVERY_S = 10.0
-
-
-def tensorstore_context(download: DownloadConfig, *, concurrency: int, cache_bytes: int,
-                        copy_threads: int | None = None) -> ts.Context:
-    """Shared tensorstore resources: ``concurrency`` HTTP requests in flight, the run's retry policy.
-
-    The cache pool holds shard and minishard indices (without it every chunk would fetch its index again)
-    and decoded chunks that straddle two blocks of a read.
-    """
-    spec: dict[str, Any] = {
-        "http_request_concurrency": {"limit": int(concurrency)},
-        "http_request_retries": {"max_retries": int(download.retries),
-                                 "initial_delay": f"{max(download.backoff_s, 0.001)}s",
-                                 "max_delay": f"{download.backoff_max_s}s"},
-        "cache_pool": {"total_bytes_limit": int(cache_bytes)},
-    }
-    if copy_threads is not None:
-        spec["data_copy_concurrency"] = {"limit": int(copy_threads)}
-    return ts.Context(spec)
 
 
 def ts_result(future: Any, what: str) -> Any:
@@ -53,50 +29,44 @@ def ts_result(future: Any, what: str) -> Any:
         raise DownloadError(f"reading {what} failed (after the configured retries): {exc}") from exc
 
 
-def stream_to_zarr(source: ts.TensorStore, dest: zarr.Array, origin: Sequence[int], *, max_inflight_bytes: float,
-                   what: str, verify: bool = False) -> dict[str, float]:
-    """Copy ``source[origin : origin + dest.shape]`` (z, y, x) into ``dest`` one output shard at a time.
+def remote_blocks(source: ts.TensorStore, shape: Sequence[int], origin: Sequence[int], *, dtype: Any,
+                  max_inflight_bytes: float, what: str) -> ngff.Blocks:
+    """``source[origin : origin + shape]`` (z, y, x) as ``ngff.Blocks``: read box by box, several reads in flight."""
 
-    Reads of the next shards are in flight (up to ``max_inflight_bytes`` of decoded voxels) while one is being
-    compressed and written, so the link stays busy and memory is bounded by that budget. With ``verify``,
-    each shard is read back and compared (SourceMismatchError on a difference). ``what`` names the source in
-    progress lines and errors (never a URL with credentials).
+    def read(boxes: Sequence[tuple[slice, ...]]) -> Iterator[np.ndarray]:
+        return read_boxes(source, boxes, origin, dtype=np.dtype(dtype), max_inflight_bytes=max_inflight_bytes,
+                          what=what)
+
+    return ngff.Blocks(tuple(shape), np.dtype(dtype), read)  # type: ignore[arg-type]
+
+
+def read_boxes(source: ts.TensorStore, boxes: Sequence[tuple[slice, ...]], origin: Sequence[int], *,
+               dtype: np.dtype, max_inflight_bytes: float, what: str) -> Iterator[np.ndarray]:
+    """Yield ``source[origin + box]`` for each box (z, y, x), in order, with the next reads in flight.
+
+    Reads are issued ahead up to ``max_inflight_bytes`` of decoded voxels while the caller handles one, so the
+    link stays busy and memory is bounded by that budget. ``what`` names the source in errors (never a URL
+    with credentials). Leaving the generator early cancels the reads still in flight.
     """
-    block = dest.shards or dest.chunks
-    slices = list(ngff.block_slices(dest.shape, block))
-    depth = max(1, int(max_inflight_bytes // (math.prod(block) * dest.dtype.itemsize)))
+    largest = max((math.prod(s.stop - s.start for s in box) for box in boxes), default=1)
+    depth = max(1, int(max_inflight_bytes // (largest * np.dtype(dtype).itemsize)))
     pending: deque[tuple[tuple[slice, ...], Any]] = deque()
-    total_bytes = math.prod(dest.shape) * dest.dtype.itemsize
-    began = last_log = time.monotonic()
-    done = done_bytes = 0
-    it = iter(slices)
+    it = iter(boxes)
 
     def submit() -> None:
-        sl = next(it, None)
-        if sl is not None:
-            src = tuple(slice(o + s.start, o + s.stop) for o, s in zip(origin, sl, strict=True))
-            pending.append((sl, source[src].read()))
+        box = next(it, None)
+        if box is not None:
+            src = tuple(slice(o + s.start, o + s.stop) for o, s in zip(origin, box, strict=True))
+            pending.append((box, source[src].read()))
 
     for _ in range(depth):
         submit()
     try:
         while pending:
-            sl, future = pending.popleft()
-            data = ts_result(future, f"{what} at {sl}")
+            box, future = pending.popleft()
+            data = ts_result(future, f"{what} at {box}")
             submit()
-            dest[sl] = data
-            if verify and not np.array_equal(dest[sl], data):
-                raise SourceMismatchError(f"the output does not read back equal to {what} at {sl}")
-            done += 1
-            done_bytes += data.nbytes
-            now = time.monotonic()
-            if now - last_log >= PROGRESS_EVERY_S or done == len(slices):
-                rate = done_bytes / max(now - began, 1e-9)
-                log.info("%s: %d/%d shards, %.0f of %.0f MB, %.1f MB/s, ETA %.0f s", what, done, len(slices),
-                         done_bytes / 1e6, total_bytes / 1e6, rate / 1e6, (total_bytes - done_bytes) / max(rate, 1e-9))
-                last_log = now
+            yield data
     finally:
-        for _, future in pending:  # on an error: stop the reads still in flight
+        for _, future in pending:
             future.cancel()
-    seconds = time.monotonic() - began
-    return {"bytes": done_bytes, "seconds": round(seconds, 3), "MBps": round(done_bytes / 1e6 / max(seconds, 1e-9), 1)}

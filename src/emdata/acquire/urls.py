@@ -13,7 +13,14 @@ def validate_mirror(mirror: str | None) -> str:
         return ""
     parts = urlsplit(mirror)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise InvalidParameterError(f"mirror must be empty (live) or an http(s) base URL, got {mirror!r}")
+        raise InvalidParameterError(f"mirror.url must be empty (live) or an http(s) base URL, got {redact(mirror)!r}")
+    if parts.username is not None or parts.password is not None:
+        # A password in a param would reach dvc.lock, logs and errors: credentials come from ~/.netrc.
+        raise InvalidParameterError(f"mirror.url must not hold credentials ({redact(mirror)!r}): put them in "
+                                    "~/.netrc for the mirror's host")
+    if parts.query or parts.fragment:
+        raise InvalidParameterError(f"mirror.url must be a plain base URL without query or fragment, "
+                                    f"got {redact(mirror)!r}")
     return mirror.rstrip("/")
 
 

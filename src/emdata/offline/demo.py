@@ -76,7 +76,7 @@ class Demo:
     def write_params(self, mirror: str) -> None:
         path = self.ws / "params.yaml"
         params = yaml.safe_load(path.read_text())
-        params["mirror"] = mirror
+        params["mirror"] = {"url": mirror, "serves": "replica"}
         for dotted, value in self.overrides.items():
             section, _, key = dotted.partition(".")
             if section not in params or (key and key not in params[section]):

@@ -12,7 +12,6 @@ import hashlib
 import html
 import logging
 import re
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,26 +23,26 @@ import zarr
 from ncempy.io import dm
 
 from emdata import ngff
-from emdata.acquire.download import (
-    ChecksumRegistry,
-    Download,
-    Downloader,
-    DownloadResult,
-    discard_downloads,
-    transfer_figures,
-)
+from emdata.acquire.context import RunContext
+from emdata.acquire.download import Downloader
+from emdata.acquire.params import check_chunks_and_shards, check_sha256_pins, dataclass_from_section
 from emdata.errors import IntegrityError, InvalidParameterError, SourceMismatchError
-from emdata.acquire.fsutil import atomic_dir
-from emdata.acquire.params import RunContext, check_chunks_and_shards, check_sha256_pins, dataclass_from_section
+from emdata.sources.base import About, Converted, FileSource
 
 log = logging.getLogger(__name__)
 
 ENTRY = "EMPIAR-11759"
 API_URL = "https://www.ebi.ac.uk/empiar/api/entry/11759/"
-PAGE_URL = "https://www.ebi.ac.uk/empiar/EMPIAR-11759/"
 DATA_URL = "https://ftp.ebi.ac.uk/empiar/world_availability/11759/data/"
 XML_NAME = "F57-8_test1.xml.gz"
-LICENCE = "CC0 1.0 (all EMPIAR entries are released under CC0)"
+ABOUT = About(
+    title=f"{ENTRY}: Developing retina in zebrafish 55 hpf larval eye (SBF-SEM)",
+    page="https://www.ebi.ac.uk/empiar/EMPIAR-11759/",
+    licence="CC0 1.0 (all EMPIAR entries are released under CC0)",
+    citation="EMPIAR-11759, Electron Microscopy Public Image Archive (EMBL-EBI). Iudin et al., EMPIAR: the Electron "
+             "Microscopy Public Image Archive, Nucleic Acids Research 51(D1), 2023.",
+    doi=("10.6019/EMPIAR-11759",),
+)
 SLICE_PATTERN = re.compile(r"^F57-8_test1_3VBSED_slice_(\d{4})\.dm3$")
 # The API says 5628 x 5632 pixels; every live slice decodes to 5496 x 5500 (checked twice, SOURCES.md).
 KNOWN_SIZE_DISAGREEMENT = {"api_width_height": (5628, 5632), "files_width_height": (5496, 5500)}
@@ -223,7 +222,7 @@ class SliceStack:
         return np.stack([np.asarray(s.data[y, x]) for s in self.slices[z]])
 
 
-def check_slices(slices: Sequence[Slice], api: ApiFacts) -> list[dict[str, Any]]:
+def check_slices(slices: Sequence[Slice], api: ApiFacts) -> list[str]:
     """Slices agree with one another and with the API; returns the known disagreements (logged, recorded)."""
     first = slices[0]
     for s in slices[1:]:
@@ -237,7 +236,7 @@ def check_slices(slices: Sequence[Slice], api: ApiFacts) -> list[dict[str, Any]]
         if abs(api_nm - file_nm) > PIXEL_TOLERANCE * file_nm:
             raise SourceMismatchError(f"pixel size in {axis}: the API says {api_nm * 10} Å = {api_nm} nm, the DM3 "
                                       f"calibration {file_nm} nm (more than {PIXEL_TOLERANCE:.0%} apart)")
-    known: list[dict[str, Any]] = []
+    known: list[str] = []
     height, width = first.data.shape
     if (api.image_width, api.image_height) != (width, height):
         api_wh, files_wh = (api.image_width, api.image_height), (width, height)
@@ -245,8 +244,8 @@ def check_slices(slices: Sequence[Slice], api: ApiFacts) -> list[dict[str, Any]]
             raise SourceMismatchError(f"image size: the API says width x height {api_wh}, the DM3 slices are {files_wh}")
         log.warning("the API says %d x %d pixels, the slices are %d x %d: a known disagreement, the files win",
                     *api_wh, *files_wh)
-        known.append({"field": "image_width/image_height", "api": list(api_wh), "files": list(files_wh),
-                      "resolution": "known disagreement of the live entry; the DM3 files are used"})
+        known.append(f"{API_URL}: image_width x image_height {api_wh[0]} x {api_wh[1]}, the DM3 slices are "
+                     f"{files_wh[0]} x {files_wh[1]} (a known disagreement of the live entry; the files are used)")
     return known
 
 
@@ -263,83 +262,50 @@ def verify_decoded_sha256(slices: Sequence[Slice], pins: Mapping[str, str]) -> l
 
 
 # ---------------------------------------------------------------------------------------------- the stage
-class EmpiarSource:
+@dataclass(frozen=True)
+class EmpiarPlan:
+    api: ApiFacts
+    slices: tuple[str, ...]  # file names of the slices, in z order
+    others: tuple[str, ...]  # the listing's other entries
+    listing_attempts: int
+
+
+class EmpiarSource(FileSource[EmpiarParams, EmpiarPlan]):
     name = "empiar"
-    output = "data/empiar_11759.zarr"
+    about = ABOUT
 
     def parse_params(self, section: Mapping[str, Any] | None) -> EmpiarParams:
         return dataclass_from_section(EmpiarParams, section, "empiar")
 
-    def run(self, params: EmpiarParams, ctx: RunContext) -> dict[str, Any]:
-        registry = ChecksumRegistry(ctx.checksums_path, "mirror" if ctx.mirror else "live")
-        downloader = Downloader(ctx.download, mirror=ctx.mirror, registry=registry)
-        api = parse_api(downloader.fetch_json(API_URL))
-        names, others, listing_attempts = fetch_listing(downloader.fetch_bytes, api.num_images,
-                                                        params.listing_attempts)
+    def plan(self, params: EmpiarParams, ctx: RunContext, fetch: Downloader) -> tuple[EmpiarPlan, dict[str, str]]:
+        api = parse_api(fetch.fetch_json(API_URL))
+        names, others, attempts = fetch_listing(fetch.fetch_bytes, api.num_images, params.listing_attempts)
         if XML_NAME not in others:
             log.warning("%s does not list %s; fetching the slices only", DATA_URL, XML_NAME)
-        fetch_names = names + ([XML_NAME] if XML_NAME in others else [])
+        wanted = names + ([XML_NAME] if XML_NAME in others else [])
+        return EmpiarPlan(api, tuple(names), tuple(others), attempts), {n: DATA_URL + n for n in wanted}
 
-        downloads = ctx.downloads_dir / self.name
-        items = [Download(DATA_URL + n, downloads / n, sha256=params.sha256.get(n)) for n in fetch_names]
-        began = time.monotonic()
-        results = downloader.download_all(items)
-        download_s = time.monotonic() - began
-
-        began = time.monotonic()
-        slices = [read_slice(r.dest) for r in results if Path(r.dest).name in names]
-        known = check_slices(slices, api)
-        decoded_checked = verify_decoded_sha256(slices, LIVE_DECODED_SHA256) if not ctx.mirror else []
+    def convert(self, params: EmpiarParams, plan: EmpiarPlan, files: Mapping[str, Path], root: zarr.Group,
+                ctx: RunContext) -> Converted:
+        slices = [read_slice(files[name]) for name in plan.slices]
+        known = check_slices(slices, plan.api)
+        # The third party's decoded hashes describe the live pixels: checked unless the bytes are the replica's.
+        decoded_checked = [] if ctx.is_replica else verify_decoded_sha256(slices, LIVE_DECODED_SHA256)
         stack = SliceStack(slices)
-        voxel = (api.z_nm, *slices[0].pixel_size_nm)
-        out = ctx.repo_root / self.output
-        with atomic_dir(out) as tmp:
-            root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            arrays = ngff.create_multiscale(root, name="empiar_11759", shape=stack.shape, dtype=stack.dtype,
-                                            geometry=ngff.Geometry(voxel), chunks=params.chunks,
-                                            shards=params.shards)
-            ngff.write_block_aligned(arrays[0], stack)
-            ngff.write_pyramid(arrays, "mean")
-            ngff.check_read_back(arrays[0], stack, "the DM3 slices")
-            root.attrs["emdata"] = provenance(api, voxel, results, names, others, known, decoded_checked)
-        convert_s = time.monotonic() - began
+        voxel = (plan.api.z_nm, *slices[0].pixel_size_nm)
+        written = ngff.write_image(root, name="empiar_11759", source=stack, geometry=ngff.Geometry(voxel),
+                                   chunks=params.chunks, shards=params.shards, method="mean", what="the DM3 slices")
         mean = float(np.mean([float(np.asarray(s.data).mean()) for s in slices]))
-        del stack, slices  # close the memory maps before the files go
-        # Downloads go only after the converted output is verified and in place (see README).
-        if not params.keep_downloads:
-            discard_downloads(results, downloads)
-        return {
-            **transfer_figures(results, download_s),
-            "convert_seconds": round(convert_s, 2),
-            "listing_attempts": listing_attempts,
-            "known_disagreements": len(known),
-            "decoded_sha256_checked": len(decoded_checked),
-            "shape": list(arrays[0].shape),
-            "levels": len(arrays),
-            "mean_intensity": round(mean, 2),
-        }
-
-
-def provenance(api: ApiFacts, voxel: tuple[float, float, float], results: Sequence[DownloadResult],
-               slice_names: Sequence[str], others: Sequence[str], known: list[dict[str, Any]],
-               decoded_checked: list[str]) -> dict[str, Any]:
-    return {
-        "source": "empiar",
-        "title": f"{ENTRY}: {api.title}",
-        "page": PAGE_URL,
-        "source_url": DATA_URL,
-        "doi": api.doi,
-        "licence": LICENCE,
-        "axes": list(ngff.AXES),
-        "voxel_size_nm": list(voxel),
-        "voxel_size_note": "z from the API entry's details text ('50nm per section'); y, x from the DM3 "
-                           "calibration (µm), cross-checked against the API pixel_width/pixel_height (Å)",
-        "api": {"url": API_URL, **api.to_dict()},
-        "listing": {"url": DATA_URL, "slices": list(slice_names), "other_entries": list(others)},
-        "known_disagreements": known,
-        "decoded_sha256_checked": decoded_checked,
-        "files": [{"url": r.url, "name": Path(r.dest).name, "size": r.size, "sha256": r.sha256} for r in results],
-    }
+        return Converted(
+            voxel_size_nm=voxel,
+            figures={"listing_attempts": plan.listing_attempts, "decoded_sha256_checked": len(decoded_checked),
+                     "shape": list(stack.shape), "levels": written["levels"], "mean_intensity": round(mean, 2)},
+            voxel_size_note="z from the API entry's details text ('50nm per section'); y, x from the DM3 "
+                            "calibration (µm), cross-checked against the API pixel_width/pixel_height (Å)",
+            discrepancies=known,
+            details={"source_url": DATA_URL, "api": {"url": API_URL, **plan.api.to_dict()},
+                     "listing": {"url": DATA_URL, "slices": list(plan.slices), "other_entries": list(plan.others)},
+                     "decoded_sha256_checked": decoded_checked})
 
 
 SOURCE = EmpiarSource()

@@ -9,7 +9,6 @@ an OME-Zarr 0.5 multiscale image (z, y, x, nm) with its ground truth as NGFF lab
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,24 +19,24 @@ import tifffile
 import zarr
 
 from emdata import ngff
-from emdata.acquire.download import (
-    ChecksumRegistry,
-    Download,
-    Downloader,
-    DownloadResult,
-    discard_downloads,
-    transfer_figures,
-)
+from emdata.acquire.context import RunContext
+from emdata.acquire.download import Downloader
+from emdata.acquire.params import check_chunks_and_shards, check_sha256_pins, dataclass_from_section
 from emdata.errors import InvalidParameterError, SourceMismatchError
-from emdata.acquire.fsutil import atomic_dir
-from emdata.acquire.params import RunContext, check_chunks_and_shards, check_sha256_pins, dataclass_from_section
+from emdata.sources.base import About, Converted, FileSource
 
 log = logging.getLogger(__name__)
 
 BASE_URL = "https://documents.epfl.ch/groups/c/cv/cvlab-unit/www/data/%20ElectronMicroscopy_Hippocampus/"
-PAGE_URL = "https://www.epfl.ch/labs/cvlab/data/data-em/"
 SPLITS = ("training", "testing")
-LICENCE = "not stated (research use; cite Lucchi et al. 2012)"
+ABOUT = About(
+    title="EPFL CVLab electron microscopy dataset, hippocampus CA1 (mitochondria)",
+    page="https://www.epfl.ch/labs/cvlab/data/data-em/",
+    licence="not stated (research use; cite Lucchi et al.)",
+    citation="A. Lucchi, K. Smith, R. Achanta, G. Knott, P. Fua. Supervoxel-Based Segmentation of Mitochondria in "
+             "EM Image Stacks with Learned Shape Features. IEEE Transactions on Medical Imaging 31(2), 2012.",
+    doi=("10.1109/TMI.2011.2171705",),
+)
 MITO_LABEL = 1
 
 
@@ -71,39 +70,28 @@ class EpflParams:
         return names + (["volumedata.tif"] if self.include_volumedata else [])
 
 
-class EpflSource:
+class EpflSource(FileSource[EpflParams, None]):
     name = "epfl"
-    output = "data/epfl.zarr"
+    about = ABOUT
 
     def parse_params(self, section: Mapping[str, Any] | None) -> EpflParams:
         return dataclass_from_section(EpflParams, section, "epfl")
 
-    def run(self, params: EpflParams, ctx: RunContext) -> dict[str, Any]:
-        downloads = ctx.downloads_dir / self.name
-        items = [Download(BASE_URL + n, downloads / n, sha256=params.sha256.get(n)) for n in params.files]
-        registry = ChecksumRegistry(ctx.checksums_path, "mirror" if ctx.mirror else "live")
-        began = time.monotonic()
-        results = Downloader(ctx.download, mirror=ctx.mirror, registry=registry).download_all(items)
-        download_s = time.monotonic() - began
-        by_name = {Path(r.dest).name: r for r in results}
+    def plan(self, params: EpflParams, ctx: RunContext, fetch: Downloader) -> tuple[None, dict[str, str]]:
+        return None, {name: BASE_URL + name for name in params.files}  # no documents: the files are all there is
 
-        began = time.monotonic()
-        out = ctx.repo_root / self.output
+    def convert(self, params: EpflParams, plan: None, files: Mapping[str, Path], root: zarr.Group,
+                ctx: RunContext) -> Converted:
         figures: dict[str, Any] = {}
-        with atomic_dir(out) as tmp:
-            root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            for split in params.splits:
-                figures[split] = convert_split(root, split, by_name[f"{split}.tif"].dest,
-                                               by_name[f"{split}_groundtruth.tif"].dest, params)
-            if params.include_volumedata:
-                figures["volumedata"] = convert_split(root, "volumedata", by_name["volumedata.tif"].dest,
-                                                      None, params)
-            root.attrs["emdata"] = provenance(params, results)
-        convert_s = time.monotonic() - began
-        # Downloads go only after the converted output is verified and in place (see README).
-        if not params.keep_downloads:
-            discard_downloads(results, downloads)
-        return {**transfer_figures(results, download_s), "convert_seconds": round(convert_s, 2), "arrays": figures}
+        for split in params.splits:
+            figures[split] = convert_split(root, split, files[f"{split}.tif"], files[f"{split}_groundtruth.tif"],
+                                           params)
+        if params.include_volumedata:
+            figures["volumedata"] = convert_split(root, "volumedata", files["volumedata.tif"], None, params)
+        return Converted(
+            voxel_size_nm=params.voxel_size_nm, figures={"arrays": figures},
+            voxel_size_note="about 5 nm isotropic, from the web page; the TIFFs carry no resolution tags",
+            labels={"mito": {"from": "*_groundtruth.tif", "values": {"0": "background", "1": "mitochondrion"}}})
 
 
 def read_tiff(path: Path) -> np.ndarray:
@@ -116,20 +104,13 @@ def read_tiff(path: Path) -> np.ndarray:
 
 def convert_split(root: zarr.Group, split: str, image_path: Path, mask_path: Path | None,
                   params: EpflParams) -> dict[str, Any]:
-    """Write one split as an image (+ mito labels) group, then check every voxel against the TIFFs."""
+    """Write one split as an image (+ mito labels) group, each read back and compared with its TIFF."""
     image = read_tiff(image_path)
     if image.ndim != 3 or image.dtype != np.uint8:
         raise SourceMismatchError(f"{image_path.name}: expected a 3-D uint8 stack, got {image.shape} {image.dtype}")
-    geometry = ngff.Geometry(tuple(params.voxel_size_nm))  # type: ignore[arg-type]
-    group = root.create_group(split)
-    arrays = ngff.create_multiscale(group, name=split, shape=image.shape, dtype=image.dtype, geometry=geometry,
-                                    chunks=params.chunks, shards=params.shards)
-    ngff.write_block_aligned(arrays[0], image)
-    ngff.write_pyramid(arrays, "mean")
-    ngff.check_read_back(arrays[0], image, image_path.name)
     # Metrics are numbers (DVC tabulates them); dtype and source live in the output's attributes.
-    figures: dict[str, Any] = {"shape": list(image.shape),
-                               "levels": len(arrays), "mean_intensity": round(float(image.mean()), 2)}
+    figures: dict[str, Any] = {"shape": list(image.shape), "mean_intensity": round(float(image.mean()), 2)}
+    labels = []
     if mask_path is not None:
         mask = read_tiff(mask_path)
         if mask.shape != image.shape:
@@ -138,30 +119,17 @@ def convert_split(root: zarr.Group, split: str, image_path: Path, mask_path: Pat
         if not set(values.tolist()) <= {0, 255}:
             log.warning("%s holds values %s, not only 0/255; > 127 counts as mitochondria", mask_path.name,
                         values[:10].tolist())
-        labels = (mask > 127).astype(np.uint8) * MITO_LABEL
-        larrays = ngff.create_label(group, "mito", shape=labels.shape, dtype=np.uint8, geometry=geometry,
-                                    chunks=params.chunks, shards=params.shards,
-                                    colors={MITO_LABEL: [255, 64, 64, 255]})
-        ngff.write_block_aligned(larrays[0], labels)
-        ngff.write_pyramid(larrays, "nearest")
-        ngff.check_read_back(larrays[0], labels, mask_path.name)
-        figures["mito_fraction"] = round(float(labels.mean()), 5)
+        mito = (mask > 127).astype(np.uint8) * MITO_LABEL
+        labels.append(ngff.Label("mito", mito, colors={MITO_LABEL: [255, 64, 64, 255]},
+                                 properties={MITO_LABEL: {"name": "mitochondrion"}}, method="nearest"))
+        figures["mito_fraction"] = round(float(mito.mean()), 5)
         figures["mask_values"] = values[:10].tolist()
+    written = ngff.write_image(root.create_group(split), name=split, source=image,
+                               geometry=ngff.Geometry(tuple(params.voxel_size_nm)),  # type: ignore[arg-type]
+                               chunks=params.chunks, shards=params.shards, method="mean", labels=labels,
+                               what=image_path.name)
+    figures["levels"] = written["levels"]
     return figures
-
-
-def provenance(params: EpflParams, results: Sequence[DownloadResult]) -> dict[str, Any]:
-    return {
-        "source": "epfl",
-        "title": "EPFL CVLab electron microscopy dataset, hippocampus CA1 (mitochondria)",
-        "page": PAGE_URL,
-        "licence": LICENCE,
-        "axes": list(ngff.AXES),
-        "voxel_size_nm": list(params.voxel_size_nm),
-        "voxel_size_note": "about 5 nm isotropic, from the web page; the TIFFs carry no resolution tags",
-        "files": [{"url": r.url, "name": Path(r.dest).name, "size": r.size, "sha256": r.sha256} for r in results],
-        "labels": {"mito": {"from": "*_groundtruth.tif", "values": {"0": "background", "1": "mitochondrion"}}},
-    }
 
 
 SOURCE = EpflSource()

@@ -32,15 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tensorstore as ts
+import zarr
 
 from emdata import ngff
-from emdata.acquire.download import Downloader
-from emdata.errors import InvalidParameterError, SourceMismatchError
+from emdata.acquire.context import RunContext
 from emdata.acquire.fsutil import atomic_dir
-from emdata.formats.precomputed import ScaleInfo, VolumeInfo, open_scale, parse_info
-from emdata.acquire.params import RunContext, dataclass_from_section
-from emdata.acquire.tsio import stream_to_zarr, tensorstore_context, ts_result
-from emdata.acquire.urls import redact, rewrite
+from emdata.acquire.params import dataclass_from_section
+from emdata.acquire.tsio import remote_blocks, ts_result
+from emdata.errors import InvalidParameterError, SourceMismatchError
+from emdata.formats.precomputed import ScaleInfo, VolumeInfo, parse_info
+from emdata.sources.base import About, Provenance, output_path
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,15 @@ OUTPUT_SHARDS = (128, 128, 128)
 MIN_SELECTION_VOXELS = 4  # auto selection scale: the coarsest where the crop spans at least this per axis
 MAX_SELECTION_VOXELS = 2**26  # the coarse volume read whole for tissue selection (64 Mi voxels)
 CACHE_BYTES = 64 * 2**20  # tensorstore cache: shard indices and chunks shared by neighbouring blocks
-# Janelia releases the hemibrain under CC BY 4.0 (FlyEM release page; not restated in the bucket itself).
-LICENCE = "CC BY 4.0 (cite Scheffer et al. 2020, eLife)"
+ABOUT = About(
+    title="Janelia FlyEM hemibrain v1.0/v1.2 grayscale (CLAHE, JPEG)",
+    page="https://www.janelia.org/project-team/flyem/hemibrain",
+    # Janelia releases the hemibrain under CC BY 4.0 (FlyEM release page; not restated in the bucket itself).
+    licence="CC BY 4.0",
+    citation="L. K. Scheffer et al. A connectome and analysis of the adult Drosophila central brain. eLife 9, "
+             "e57443, 2020.",
+    doi=("10.7554/eLife.57443",),
+)
 
 
 def _is_int(v: Any) -> bool:
@@ -71,10 +80,10 @@ class HemibrainParams:
 
     seed: int
     crop_size: Sequence[int] = (1000, 1000, 1000)  # voxels at ``scale``
-    scale: int = 0  # index into the EM info's scales (0 = 8 nm)
+    level: int = 0  # index into the EM info's scales (0 = 8 nm)
     min_tissue_fraction: float = 0.9
     with_segmentation: bool = True
-    selection_scale: int | str = "auto"  # EM scale index for the tissue check
+    selection_level: int | str = "auto"  # EM scale index for the tissue check
     background_max_value: int = 10  # coarse grey values at or below this are background
     origin_step: int = 64  # origins are voxel_offset + multiples of this (64 = chunk-aligned)
     max_attempts: int = 10000
@@ -89,12 +98,12 @@ class HemibrainParams:
             raise InvalidParameterError(
                 f"hemibrain.crop_size must be three positive integers (z, y, x voxels), got {crop!r}")
         object.__setattr__(self, "crop_size", tuple(crop))
-        if not _is_int(self.scale) or self.scale < 0:
-            raise InvalidParameterError(f"hemibrain.scale must be an integer >= 0, got {self.scale!r}")
-        sel = self.selection_scale
+        if not _is_int(self.level) or self.level < 0:
+            raise InvalidParameterError(f"hemibrain.level must be an integer >= 0, got {self.level!r}")
+        sel = self.selection_level
         if sel != "auto" and not (_is_int(sel) and sel >= 0):  # type: ignore[operator]
             raise InvalidParameterError(
-                f"hemibrain.selection_scale must be 'auto' or an integer >= 0, got {sel!r}")
+                f"hemibrain.selection_level must be 'auto' or an integer >= 0, got {sel!r}")
         f = self.min_tissue_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
             raise InvalidParameterError(f"hemibrain.min_tissue_fraction must be a number in [0, 1], got {f!r}")
@@ -141,11 +150,11 @@ def plan_crop(params: HemibrainParams, em_doc: Mapping[str, Any], seg_doc: Mappi
     if em.data_type != "uint8" or em.num_channels != 1:
         raise SourceMismatchError(f"{EM_URL}/info: expected 1-channel uint8, got {em.num_channels} x {em.data_type}")
     n = len(em.scales)
-    if params.scale >= n:
+    if params.level >= n:
         raise InvalidParameterError(
-            f"hemibrain.scale {params.scale} does not exist: the EM volume has scales 0..{n - 1} "
+            f"hemibrain.level {params.level} does not exist: the EM volume has scales 0..{n - 1} "
             f"({', '.join(s.key for s in em.scales)})")
-    scale = em.scales[params.scale]
+    scale = em.scales[params.level]
     crop = tuple(params.crop_size)
     if any(c > s for c, s in zip(crop, scale.size, strict=True)):
         raise InvalidParameterError(
@@ -162,7 +171,7 @@ def plan_crop(params: HemibrainParams, em_doc: Mapping[str, Any], seg_doc: Mappi
         if seg_scale is None:
             raise SourceMismatchError(
                 f"{SEGMENTATION_URL}/info has no scale at {list(scale.resolution_nm)} nm (z, y, x) to match EM "
-                f"{scale.describe()}; set hemibrain.with_segmentation: false or another hemibrain.scale")
+                f"{scale.describe()}; set hemibrain.with_segmentation: false or another hemibrain.level")
         lo = tuple(max(a, b) for a, b in zip(lo, seg_scale.voxel_offset, strict=True))
         hi = tuple(min(a, e - c) for a, e, c in zip(hi, seg_scale.end, crop, strict=True))
         if any(a > b for a, b in zip(lo, hi, strict=True)):
@@ -180,25 +189,25 @@ def plan_crop(params: HemibrainParams, em_doc: Mapping[str, Any], seg_doc: Mappi
 
 
 def _selection_scale(params: HemibrainParams, em: VolumeInfo, scale: ScaleInfo) -> ScaleInfo:
-    if params.selection_scale == "auto":
+    if params.selection_level == "auto":
         candidates = [s for s in em.scales
                       if all(c * r / rc >= MIN_SELECTION_VOXELS for c, r, rc in
                              zip(params.crop_size, scale.resolution_nm, s.resolution_nm, strict=True))
                       and math.prod(s.size) <= MAX_SELECTION_VOXELS]
         if not candidates:
             raise InvalidParameterError(
-                f"hemibrain.selection_scale 'auto': no EM scale is both coarse enough to read whole "
+                f"hemibrain.selection_level 'auto': no EM scale is both coarse enough to read whole "
                 f"(<= {MAX_SELECTION_VOXELS} voxels) and fine enough for crop_size {list(params.crop_size)} to "
-                f"span {MIN_SELECTION_VOXELS} voxels per axis; set hemibrain.selection_scale")
+                f"span {MIN_SELECTION_VOXELS} voxels per axis; set hemibrain.selection_level")
         return max(candidates, key=lambda s: math.prod(s.resolution_nm))
-    index = int(params.selection_scale)
+    index = int(params.selection_level)
     if index >= len(em.scales):
         raise InvalidParameterError(
-            f"hemibrain.selection_scale {index} does not exist: the EM volume has scales 0..{len(em.scales) - 1}")
+            f"hemibrain.selection_level {index} does not exist: the EM volume has scales 0..{len(em.scales) - 1}")
     chosen = em.scales[index]
     if math.prod(chosen.size) > MAX_SELECTION_VOXELS:
         raise InvalidParameterError(
-            f"hemibrain.selection_scale {index} is too large to read whole ({math.prod(chosen.size)} voxels > "
+            f"hemibrain.selection_level {index} is too large to read whole ({math.prod(chosen.size)} voxels > "
             f"{MAX_SELECTION_VOXELS}); choose a coarser scale or 'auto'")
     return chosen
 
@@ -257,32 +266,33 @@ def choose_origin(params: HemibrainParams, plan: CropPlan, integral: np.ndarray)
         f"or raise max_attempts")
 
 
-def provenance(params: HemibrainParams, plan: CropPlan, sel: Selection) -> dict[str, Any]:
+def provenance(params: HemibrainParams, plan: CropPlan, sel: Selection, origin: str) -> Provenance:
     """The output's ``emdata`` attributes: live URLs only (never the mirror), nothing time-dependent."""
     scale = plan.em_scale
     origin_nm = [o * r for o, r in zip(sel.origin, scale.resolution_nm, strict=True)]
-    attrs: dict[str, Any] = {
-        "source": "hemibrain",
-        "title": "Janelia FlyEM hemibrain v1.0/v1.2 grayscale (CLAHE, JPEG)",
+    labels = None
+    if plan.segmentation is not None and plan.segmentation_scale is not None:
+        labels = {"segmentation": {
+            "layer": SEGMENTATION_LAYER, "source_url": SEGMENTATION_URL, "level": plan.segmentation_scale.index,
+            "scale_key": plan.segmentation_scale.key, "info": plan.segmentation_info,
+            "values": "neuron body ids of the v1.0 segmentation (uint64); 0 = no body",
+        }}
+    details = {
         "layer": EM_LAYER,
         "source_url": EM_URL,
-        "page": "https://www.janelia.org/project-team/flyem/hemibrain",
-        "licence": LICENCE,
-        "axes": list(ngff.AXES),
         "seed": params.seed,
-        "scale": scale.index,
+        "level": scale.index,
         "scale_key": scale.key,
-        "voxel_size_nm": list(scale.resolution_nm),
         "crop_size_voxels": list(params.crop_size),
         "crop_origin_voxels": list(sel.origin),
         "crop_origin_nm": origin_nm,
-        "crop_origin_note": "global voxel index (z, y, x) of the crop's first voxel at `scale`, including the "
+        "crop_origin_note": "global voxel index (z, y, x) of the crop's first voxel at `level`, including the "
                             "scale's voxel_offset; nm = index x resolution (Neuroglancer's convention, also the "
                             "OME-Zarr translation)",
         "crop_origin_xyz_voxels": list(reversed(sel.origin)),
         "selection": {
             "method": "coarse EM tissue fraction, origins drawn with numpy.random.default_rng(seed)",
-            "scale": plan.selection_scale.index,
+            "level": plan.selection_scale.index,
             "scale_key": plan.selection_scale.key,
             "background_max_value": params.background_max_value,
             "min_tissue_fraction": params.min_tissue_fraction,
@@ -291,44 +301,48 @@ def provenance(params: HemibrainParams, plan: CropPlan, sel: Selection) -> dict[
             "origin_step": params.origin_step,
         },
         "info": plan.em_info,
-        "labels": None,
     }
-    if plan.segmentation is not None and plan.segmentation_scale is not None:
-        attrs["labels"] = {"segmentation": {
-            "layer": SEGMENTATION_LAYER, "source_url": SEGMENTATION_URL, "scale": plan.segmentation_scale.index,
-            "scale_key": plan.segmentation_scale.key, "info": plan.segmentation_info,
-            "values": "neuron body ids of the v1.0 segmentation (uint64); 0 = no body",
-        }}
-    return attrs
+    return Provenance(dataset="hemibrain", about=ABOUT, origin=origin, voxel_size_nm=scale.resolution_nm,
+                      labels=labels, details=details)
 
 
 class HemibrainSource:
     name = "hemibrain"
-    output = "data/hemibrain_crop.zarr"
 
     def parse_params(self, section: Mapping[str, Any] | None) -> HemibrainParams:
         return dataclass_from_section(HemibrainParams, section, "hemibrain")
 
     def run(self, params: HemibrainParams, ctx: RunContext) -> dict[str, Any]:
-        return fetch_hemibrain_crop(params, ctx, ctx.repo_root / self.output)
+        return fetch_hemibrain_crop(params, ctx, output_path(self.name, ctx))
+
+
+def open_scale(ctx: RunContext, live_url: str, scale: int, context: ts.Context, what: str) -> ts.TensorStore:
+    """Scale ``scale`` of the precomputed volume at ``live_url`` as a read-only z, y, x view.
+
+    Indices of the view are global voxel coordinates, like the ``info``: the first voxel is at
+    ``voxel_offset``. Sharded and unsharded scales read the same way (tensorstore resolves shard and minishard
+    indices with HTTP Range requests).
+    """
+    store = ctx.open_tensorstore({"driver": "neuroglancer_precomputed", "scale_index": int(scale)}, live_url,
+                                 context, f"{what} scale {scale}")
+    return store[ts.d["channel"][0]].T  # x, y, z, channel -> z, y, x
 
 
 def fetch_hemibrain_crop(params: HemibrainParams, ctx: RunContext, out: Path) -> dict[str, Any]:
     """Choose the crop from the seed and write it (and its segmentation) to ``out`` atomically."""
     began = time.monotonic()
-    downloader = Downloader(ctx.download, mirror=ctx.mirror, progress=False)
-    em_doc = downloader.fetch_json(f"{EM_URL}/info")
-    seg_doc = downloader.fetch_json(f"{SEGMENTATION_URL}/info") if params.with_segmentation else None
+    fetch = ctx.downloader(progress=False)
+    em_doc = fetch.fetch_json(f"{EM_URL}/info")
+    seg_doc = fetch.fetch_json(f"{SEGMENTATION_URL}/info") if params.with_segmentation else None
     plan = plan_crop(params, em_doc, seg_doc)  # every check against the info: before any voxel is read
     scale = plan.em_scale
     log.info("hemibrain: crop %s (z, y, x) of EM %s; tissue check at %s", list(params.crop_size),
              scale.describe(), plan.selection_scale.describe())
 
-    context = tensorstore_context(ctx.download, concurrency=params.concurrency, cache_bytes=CACHE_BYTES)
-    em_http = rewrite(EM_URL, ctx.mirror)
+    context = ctx.tensorstore_context(concurrency=params.concurrency, cache_bytes=CACHE_BYTES)
     t0 = time.monotonic()
-    coarse = ts_result(open_scale(em_http, plan.selection_scale.index, context).read(),
-                       f"hemibrain EM selection scale {plan.selection_scale.index} at {redact(em_http)}")
+    coarse = ts_result(open_scale(ctx, EM_URL, plan.selection_scale.index, context, "hemibrain EM").read(),
+                       f"hemibrain EM selection level {plan.selection_scale.index}")
     integral = tissue_integral(coarse, params.background_max_value)
     del coarse
     sel = choose_origin(params, plan, integral)
@@ -339,42 +353,36 @@ def fetch_hemibrain_crop(params: HemibrainParams, ctx: RunContext, out: Path) ->
 
     geometry = ngff.Geometry(scale.resolution_nm, tuple(origin_nm))  # type: ignore[arg-type]
     budget = params.max_inflight_mb * 2**20
-    figures: dict[str, Any] = {}
+
+    def blocks(live_url: str, level: int, dtype: Any, what: str) -> ngff.Blocks:
+        view = open_scale(ctx, live_url, level, context, what)
+        return remote_blocks(view, params.crop_size, sel.origin, dtype=dtype, max_inflight_bytes=budget, what=what)
+
+    labels = []
+    if plan.segmentation_scale is not None:
+        labels.append(ngff.Label("segmentation", blocks(SEGMENTATION_URL, plan.segmentation_scale.index,
+                                                         np.uint64, "hemibrain segmentation"), method="mode"))
     with atomic_dir(out) as tmp:
-        root, arrays = ngff.create_image_group(
-            tmp, name="hemibrain_crop", shape=params.crop_size, dtype=np.uint8, geometry=geometry,
-            chunks=OUTPUT_CHUNKS, shards=OUTPUT_SHARDS, downsampling="mean",
-            extra_attrs={"emdata": provenance(params, plan, sel)})
-        em_view = open_scale(em_http, scale.index, context)
-        figures["em"] = stream_to_zarr(em_view, arrays[0], sel.origin, max_inflight_bytes=budget,
-                                       what=f"hemibrain EM {redact(em_http)}")
-        t1 = time.monotonic()
-        ngff.write_pyramid(arrays, "mean")
-        figures["em"]["pyramid_seconds"] = round(time.monotonic() - t1, 3)
-        if plan.segmentation_scale is not None:
-            larrays = ngff.create_label(root, "segmentation", shape=params.crop_size, dtype=np.uint64,
-                                        geometry=geometry, chunks=OUTPUT_CHUNKS, shards=OUTPUT_SHARDS)
-            seg_http = rewrite(SEGMENTATION_URL, ctx.mirror)
-            seg_view = open_scale(seg_http, plan.segmentation_scale.index, context)
-            figures["segmentation"] = stream_to_zarr(seg_view, larrays[0], sel.origin, max_inflight_bytes=budget,
-                                                     what=f"hemibrain segmentation {redact(seg_http)}")
-            t1 = time.monotonic()
-            ngff.write_pyramid(larrays, "nearest")
-            figures["segmentation"]["pyramid_seconds"] = round(time.monotonic() - t1, 3)
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        written = ngff.write_image(
+            root, name="hemibrain_crop", source=blocks(EM_URL, scale.index, np.uint8, "hemibrain EM"),
+            geometry=geometry, chunks=OUTPUT_CHUNKS, shards=OUTPUT_SHARDS,
+            method="mean", labels=labels, what="hemibrain EM")
+        root.attrs["emdata"] = provenance(params, plan, sel, ctx.origin).to_dict()
     seconds = time.monotonic() - began
     em_bytes = math.prod(params.crop_size)
     return {
         "seed": params.seed,
-        "scale": scale.index,
+        "level": scale.index,
         "crop_size_voxels": list(params.crop_size),
         "crop_origin_voxels": list(sel.origin),
         "crop_origin_nm": origin_nm,
         "tissue_fraction": round(sel.tissue_fraction, 6),
         "selection_attempts": sel.attempts,
-        "selection_scale": plan.selection_scale.index,
+        "selection_level": plan.selection_scale.index,
         "selection_seconds": round(selection_s, 3),
         "with_segmentation": plan.segmentation_scale is not None,
-        "arrays": figures,
+        "write": written,
         "em_MBps_end_to_end": round(em_bytes / 1e6 / max(seconds, 1e-9), 1),
         "seconds": round(seconds, 2),
     }

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,17 +21,11 @@ import tifffile
 import zarr
 
 from emdata import ngff
-from emdata.acquire.download import (
-    ChecksumRegistry,
-    Download,
-    Downloader,
-    DownloadResult,
-    discard_downloads,
-    transfer_figures,
-)
+from emdata.acquire.context import RunContext
+from emdata.acquire.download import Downloader
+from emdata.acquire.params import check_chunks_and_shards, check_sha256_pins, dataclass_from_section
 from emdata.errors import InvalidParameterError, SourceMismatchError
-from emdata.acquire.fsutil import atomic_dir
-from emdata.acquire.params import RunContext, check_chunks_and_shards, check_sha256_pins, dataclass_from_section
+from emdata.sources.base import About, Converted, FileSource
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +38,14 @@ TIFF_URL = ("https://ftp.ebi.ac.uk/pub/databases/IDR/idr0086-miron-micrographs/2
             f"Miron_FIB-SEM/Miron_FIB-SEM_processed/{FILE_NAME}")
 API_URL = f"https://idr.openmicroscopy.org/api/v0/m/images/{IMAGE_ID}/"
 IMGDATA_URL = f"https://idr.openmicroscopy.org/webclient/imgData/{IMAGE_ID}/"
-PAGE_URL = f"https://idr.openmicroscopy.org/webclient/img_detail/{IMAGE_ID}/"
-LICENCE = "CC BY 4.0"
-TITLE = "IDR idr0086 experimentD: FIB-SEM of chromatin in a U2OS cell (Miron et al. 2020, Figure S3B)"
+ABOUT = About(
+    title="IDR idr0086 experimentD: FIB-SEM of chromatin in a U2OS cell (Miron et al. 2020, Figure S3B)",
+    page=f"https://idr.openmicroscopy.org/webclient/img_detail/{IMAGE_ID}/",
+    licence="CC BY 4.0",
+    citation="E. Miron et al. Chromatin arranges in chains of mesoscale domains with nanoscale functional topography "
+             "independent of cohesin. Science Advances 6(39), eaba8811, 2020. Data: Image Data Resource idr0086.",
+    doi=("10.1126/sciadv.aba8811",),
+)
 
 # Length units -> nanometres. ImageJ writes µm as the escape "\u00B5m" (six characters) in its description;
 # OMERO names units by enum ("MICROMETER") and symbol ("µm").
@@ -91,53 +89,51 @@ class ImageFacts:
                 "channels": self.channels, "timepoints": self.timepoints}
 
 
-class IdrSource:
+@dataclass(frozen=True)
+class IdrPlan:
+    """What IDR's two OMERO documents say, checked against each other before the TIFF is fetched."""
+
+    api: ImageFacts
+    imgdata: ImageFacts
+    documents: tuple[dict[str, Any], dict[str, Any]]
+    discrepancies: tuple[str, ...]
+
+
+class IdrSource(FileSource[IdrParams, IdrPlan]):
     name = "idr"
-    output = "data/idr_9846137.zarr"
+    about = ABOUT
 
     def parse_params(self, section: Mapping[str, Any] | None) -> IdrParams:
         return dataclass_from_section(IdrParams, section, "idr")
 
-    def run(self, params: IdrParams, ctx: RunContext) -> dict[str, Any]:
-        registry = ChecksumRegistry(ctx.checksums_path, "mirror" if ctx.mirror else "live")
-        downloader = Downloader(ctx.download, mirror=ctx.mirror, registry=registry)
-        notes: list[str] = []
+    def plan(self, params: IdrParams, ctx: RunContext, fetch: Downloader) -> tuple[IdrPlan, dict[str, str]]:
         # The documents first: a source that changed is caught before 152 MB are fetched.
-        api_doc, imgdata_doc = downloader.fetch_json(API_URL), downloader.fetch_json(IMGDATA_URL)
-        api, api_info = parse_api_image(api_doc, notes)
-        imgdata, imgdata_info = parse_imgdata(imgdata_doc, notes)
+        notes: list[str] = []
+        api, api_info = parse_api_image(fetch.fetch_json(API_URL), notes)
+        imgdata, imgdata_info = parse_imgdata(fetch.fetch_json(IMGDATA_URL), notes)
         check_identity(api_info, imgdata_info)
         cross_check(api, imgdata)
+        return IdrPlan(api, imgdata, (api_info, imgdata_info), tuple(notes)), {FILE_NAME: TIFF_URL}
 
-        downloads = ctx.downloads_dir / self.name
-        began = time.monotonic()
-        result = downloader.download_all([Download(TIFF_URL, downloads / FILE_NAME,
-                                                   sha256=params.sha256.get(FILE_NAME))])[0]
-        download_s = time.monotonic() - began
-
-        began = time.monotonic()
-        image, tiff = read_imagej_tiff(result.dest)
-        for doc in (api, imgdata):
+    def convert(self, params: IdrParams, plan: IdrPlan, files: Mapping[str, Path], root: zarr.Group,
+                ctx: RunContext) -> Converted:
+        image, tiff = read_imagej_tiff(files[FILE_NAME])
+        for doc in (plan.api, plan.imgdata):
             cross_check(tiff, doc)
         voxel_size = tuple(v for v in tiff.voxel_size_nm if v is not None)
         if len(voxel_size) != 3:  # the TIFF always states all three (read_imagej_tiff raises otherwise)
             raise SourceMismatchError(f"{FILE_NAME}: voxel size {tiff.voxel_size_nm} is incomplete")
-        out = ctx.repo_root / self.output
-        with atomic_dir(out) as tmp:
-            root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            figures = convert(root, image, ngff.Geometry(voxel_size), params)  # type: ignore[arg-type]
-            root.attrs["emdata"] = provenance(result, tiff, api, imgdata, api_info, imgdata_info, notes)
-        convert_s = time.monotonic() - began
-        del image  # release the memory map before the file goes
-        # The raw TIFF goes only after the converted output is verified and in place.
-        if not params.keep_downloads:
-            discard_downloads([result], downloads)
-        return {
-            **transfer_figures([result], download_s),
-            "convert_seconds": round(convert_s, 2),
-            "known_discrepancies": len(notes),
-            **figures,
-        }
+        written = ngff.write_image(root, name=f"idr_{IMAGE_ID}", source=image,
+                                   geometry=ngff.Geometry(voxel_size),  # type: ignore[arg-type]
+                                   chunks=params.chunks, shards=params.shards, method="mean", what=FILE_NAME)
+        figures = {"shape": list(image.shape), "levels": written["levels"],
+                   "mean_intensity": round(float(image.mean()), 2)}
+        return Converted(
+            voxel_size_nm=voxel_size, figures=figures, discrepancies=plan.discrepancies,
+            voxel_size_note="from the TIFF (ImageJ spacing and X/YResolution, µm -> nm), agreeing with IDR's "
+                            "JSON API and imgData",
+            details={"study": STUDY, "experiment": EXPERIMENT, "idr_dataset": DATASET, "image_id": IMAGE_ID,
+                     "image_name": FILE_NAME, "metadata_documents": list(plan.documents), "tiff": tiff.to_dict()})
 
 
 # ----------------------------------------------------------------------------- metadata documents
@@ -306,40 +302,6 @@ def read_imagej_tiff(path: Path) -> tuple[np.ndarray, ImageFacts]:
                                   f"{meta.get('images')!r}), read shape {image.shape}")
     facts = ImageFacts("the TIFF", image.shape, str(image.dtype), voxel, 1, 1)  # type: ignore[arg-type]
     return image, facts
-
-
-# ----------------------------------------------------------------------------- conversion
-def convert(root: zarr.Group, image: np.ndarray, geometry: ngff.Geometry, params: IdrParams) -> dict[str, Any]:
-    """Write the image as the root multiscale (mean pyramid), then check every voxel against the TIFF."""
-    arrays = ngff.create_multiscale(root, name=f"idr_{IMAGE_ID}", shape=image.shape, dtype=image.dtype,
-                                    geometry=geometry, chunks=params.chunks, shards=params.shards)
-    ngff.write_block_aligned(arrays[0], image)
-    ngff.write_pyramid(arrays, "mean")
-    ngff.check_read_back(arrays[0], image, FILE_NAME)
-    return {"shape": list(image.shape), "levels": len(arrays), "mean_intensity": round(float(image.mean()), 2)}
-
-
-def provenance(result: DownloadResult, tiff: ImageFacts, api: ImageFacts, imgdata: ImageFacts,
-               api_info: Mapping[str, Any], imgdata_info: Mapping[str, Any], notes: Sequence[str]) -> dict[str, Any]:
-    return {
-        "source": "idr",
-        "title": TITLE,
-        "page": PAGE_URL,
-        "licence": LICENCE,
-        "axes": list(ngff.AXES),
-        "voxel_size_nm": list(tiff.voxel_size_nm),
-        "voxel_size_note": "from the TIFF (ImageJ spacing and X/YResolution, µm -> nm), agreeing with IDR's "
-                           "JSON API and imgData",
-        "study": STUDY,
-        "experiment": EXPERIMENT,
-        "dataset": DATASET,
-        "image_id": IMAGE_ID,
-        "image_name": FILE_NAME,
-        "files": [{"url": result.url, "name": Path(result.dest).name, "size": result.size, "sha256": result.sha256}],
-        "metadata_documents": [dict(api_info), dict(imgdata_info)],
-        "tiff": tiff.to_dict(),
-        "known_discrepancies": list(notes),
-    }
 
 
 SOURCE = IdrSource()

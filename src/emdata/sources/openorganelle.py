@@ -7,7 +7,7 @@ Steps:
 1. GET the group's ``.zattrs`` and the chosen level's ``.zarray`` and check them against what we know (int16,
    3-D, chunks 64^3, zstd, fill 0, C order, axes z, y, x in nanometer, the level's scale and translation, the
    published shape); an ROI is checked against the level's shape. All of this before any chunk is read.
-2. Stream one level (``scale_level``), or an ROI of it, with tensorstore's ``zarr`` (v2) driver over an
+2. Stream one level (``level``), or an ROI of it, with tensorstore's ``zarr`` (v2) driver over an
    ``http`` kvstore, one output shard at a time (several in flight, bounded memory), each shard read back and
    compared voxel for voxel before the next one is written; progress is logged with MB/s and ETA.
 3. Write an OME-Zarr 0.5 image (int16, z, y, x, nm): voxel size and translation from the source's transforms
@@ -31,15 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorstore as ts
+import zarr
 
 from emdata import ngff
+from emdata.acquire.context import RunContext
 from emdata.acquire.download import ChecksumRegistry, Downloader
-from emdata.errors import DownloadError, InvalidParameterError, SourceMismatchError
 from emdata.acquire.fsutil import atomic_dir
-from emdata.acquire.params import RunContext, check_chunks_and_shards, dataclass_from_section
-from emdata.acquire.tsio import stream_to_zarr, tensorstore_context
-from emdata.acquire.urls import redact, rewrite
+from emdata.acquire.params import check_chunks_and_shards, dataclass_from_section
+from emdata.acquire.tsio import remote_blocks
+from emdata.errors import InvalidParameterError, SourceMismatchError
+from emdata.sources.base import About, FileRecord, Provenance, output_path
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,15 @@ STORE_S3 = f"s3://janelia-cosem-datasets/{DATASET}/{DATASET}.zarr"
 GROUP_PATH = "recon-2/em/fibsem-int16"
 GROUP_URL = f"{STORE_URL}/{GROUP_PATH}"
 LAYER = f"zarr://{STORE_S3}/{GROUP_PATH}"  # the layer link of the dataset's web page
-PAGE_URL = f"https://openorganelle.janelia.org/datasets/{DATASET}"
-LICENCE = "CC BY 4.0 (Janelia COSEM open data; cite doi:10.25378/janelia.24222898)"
-DOIS = {
-    "reconstructed_FIB-SEM_data": "https://doi.org/10.25378/janelia.24222898",
-    "nuclei_segmentations": "https://doi.org/10.25378/janelia.26513209",
-}
+ABOUT = About(
+    title=f"Janelia OpenOrganelle {DATASET} (mouse nucleus accumbens) FIB-SEM, {GROUP_PATH}",
+    page=f"https://openorganelle.janelia.org/datasets/{DATASET}",
+    licence="CC BY 4.0 (Janelia COSEM open data)",
+    citation=f"Janelia COSEM Project Team, OpenOrganelle {DATASET}: reconstructed FIB-SEM data, Janelia Research "
+             "Campus (figshare), doi:10.25378/janelia.24222898.",
+    doi=("10.25378/janelia.24222898",),
+)
+NUCLEI_DOI = "10.25378/janelia.26513209"  # the nucleus segmentation (not fetched: its path is unverified)
 
 # What we know of the store (reference/sources/openorganelle_*: the zarr metadata dump and the web page).
 N_LEVELS = 9
@@ -82,7 +86,7 @@ def _is_int(v: Any) -> bool:
 class OpenOrganelleParams:
     """params.yaml section ``openorganelle``; every vector is z, y, x."""
 
-    scale_level: int = 0  # source level s<scale_level> (0 = 2.96 x 4 x 4 nm)
+    level: int = 0  # source level s<level> (0 = 2.96 x 4 x 4 nm)
     roi_voxels: Sequence[Sequence[int]] | None = None  # [[z0, y0, x0], [z1, y1, x1]] half-open, at that level
     chunks: Sequence[int] = ngff.DEFAULT_CHUNKS
     shards: Sequence[int] = ngff.DEFAULT_SHARDS
@@ -90,10 +94,10 @@ class OpenOrganelleParams:
     max_inflight_mb: float = 256.0  # decoded voxels requested ahead of the writer
 
     def __post_init__(self) -> None:
-        if not _is_int(self.scale_level) or not 0 <= self.scale_level < N_LEVELS:
+        if not _is_int(self.level) or not 0 <= self.level < N_LEVELS:
             raise InvalidParameterError(
-                f"openorganelle.scale_level must be an integer in [0, {N_LEVELS - 1}] (s0..s{N_LEVELS - 1}), "
-                f"got {self.scale_level!r}")
+                f"openorganelle.level must be an integer in [0, {N_LEVELS - 1}] (s0..s{N_LEVELS - 1}), "
+                f"got {self.level!r}")
         roi = self.roi_voxels
         if roi is not None:
             ok = (isinstance(roi, (list, tuple)) and len(roi) == 2
@@ -125,7 +129,7 @@ class LevelPlan:
     dimension_separator: str
     roi_start: tuple[int, int, int]
     roi_stop: tuple[int, int, int]
-    notes: tuple[str, ...]  # known, accepted disagreements (logged and recorded)
+    discrepancies: tuple[str, ...]  # known, accepted disagreements (logged and recorded)
 
     @property
     def roi_shape(self) -> tuple[int, int, int]:
@@ -192,11 +196,11 @@ def check_group_attrs(doc: Any, level: int) -> tuple[str, tuple[float, ...], tup
     return f"s{level}", tuple(float(v) for v in scale), tuple(float(v) for v in (translation or [0.0] * 3))
 
 
-def check_zarray(doc: Any, level: int, *, live: bool) -> tuple[tuple[int, int, int], str, list[str]]:
+def check_zarray(doc: Any, level: int, *, strict: bool) -> tuple[tuple[int, int, int], str, list[str]]:
     """Check a level's ``.zarray``; return its shape, chunk key separator and notes of accepted differences.
 
-    The published shape is enforced against the live store; a mirror (the offline replica) serves smaller
-    stand-in shapes, which are logged and recorded instead.
+    The published shape is enforced (``strict``) against the live store and a cache of it; the offline replica
+    serves smaller stand-in shapes, which are logged and recorded instead.
     """
     where = f"{GROUP_URL}/s{level}/.zarray"
     if not isinstance(doc, Mapping) or doc.get("zarr_format") != 2:
@@ -226,48 +230,34 @@ def check_zarray(doc: Any, level: int, *, live: bool) -> tuple[tuple[int, int, i
         notes.append(f"s{level} compressor {dict(compressor)} differs from the known {COMPRESSOR} (decodes the same)")
     published = list(PUBLISHED_SHAPES[level])
     if shape != published:
-        if live:
+        if strict:
             raise SourceMismatchError(f"{where}: shape {shape} (z, y, x) differs from the published {published}")
         notes.append(f"s{level} shape {shape} is the replica's stand-in for the published {published}")
     return tuple(shape), separator, notes  # type: ignore[return-value]
 
 
-def plan_level(params: OpenOrganelleParams, zattrs: Any, zarray_doc: Any, *, live: bool) -> LevelPlan:
+def plan_level(params: OpenOrganelleParams, zattrs: Any, zarray_doc: Any, *, strict: bool) -> LevelPlan:
     """Check the documents and the ROI; InvalidParameterError names an ROI that does not fit the level."""
-    path, scale, translation = check_group_attrs(zattrs, params.scale_level)
-    shape, separator, notes = check_zarray(zarray_doc, params.scale_level, live=live)
+    path, scale, translation = check_group_attrs(zattrs, params.level)
+    shape, separator, notes = check_zarray(zarray_doc, params.level, strict=strict)
     if params.roi_voxels is None:
         start, stop = (0, 0, 0), shape
     else:
         start, stop = (tuple(c) for c in params.roi_voxels)  # type: ignore[assignment]
         if any(b > n for b, n in zip(stop, shape, strict=True)):
             raise InvalidParameterError(
-                f"openorganelle.roi_voxels {[list(start), list(stop)]} does not fit s{params.scale_level} of shape "
+                f"openorganelle.roi_voxels {[list(start), list(stop)]} does not fit s{params.level} of shape "
                 f"{list(shape)} (z, y, x)")
     for note in notes:
         log.warning("openorganelle: %s", note)
-    return LevelPlan(level=params.scale_level, path=path, shape=shape, scale_nm=scale,  # type: ignore[arg-type]
+    return LevelPlan(level=params.level, path=path, shape=shape, scale_nm=scale,  # type: ignore[arg-type]
                      translation_nm=translation, dimension_separator=separator,  # type: ignore[arg-type]
-                     roi_start=start, roi_stop=stop, notes=tuple(notes))  # type: ignore[arg-type]
+                     roi_start=start, roi_stop=stop, discrepancies=tuple(notes))  # type: ignore[arg-type]
 
 
-def open_level(http_url: str, context: ts.Context) -> ts.TensorStore:
-    """Open a zarr v2 array at ``http_url`` (already rewritten onto a mirror) read-only, z, y, x.
-
-    tensorstore reads the array's ``.zarray`` itself, so either chunk key separator works; missing chunks
-    (404) read as the fill value.
-    """
-    spec = {"driver": "zarr", "kvstore": {"driver": "http", "base_url": http_url.rstrip("/") + "/"},
-            "open": True, "recheck_cached_data": "open", "recheck_cached_metadata": "open"}
-    try:
-        return ts.open(spec, context=context, read=True).result()
-    except ValueError as exc:  # tensorstore reports every failure (HTTP status, bad metadata) as ValueError
-        raise DownloadError(f"opening the zarr array {redact(http_url)} failed: {exc}") from exc
-
-
-def _document(downloader: Downloader, registry: ChecksumRegistry, url: str) -> tuple[Any, dict[str, Any]]:
-    """GET a JSON document; return it and its ``files`` entry (live URL, size, sha256), recorded in the registry."""
-    body = downloader.fetch_bytes(url)
+def _document(fetch: Downloader, registry: ChecksumRegistry, url: str) -> tuple[Any, FileRecord]:
+    """GET a JSON document; return it and its file record (live URL, size, sha256), recorded in the registry."""
+    body = fetch.fetch_bytes(url)
     try:
         doc = json.loads(body)
     except ValueError as exc:
@@ -278,93 +268,81 @@ def _document(downloader: Downloader, registry: ChecksumRegistry, url: str) -> t
         log.warning("openorganelle: %s changed since it was last recorded (sha256 %s -> %s)", url,
                     before.get("sha256"), digest)
     registry.record(url, len(body), digest)
-    return doc, {"url": url, "name": url[len(STORE_URL) + 1:], "size": len(body), "sha256": digest}
+    return doc, FileRecord(url, url[len(STORE_URL) + 1:], len(body), digest)
 
 
-def provenance(plan: LevelPlan, zattrs: Any, zarray_doc: Any, files: list[dict[str, Any]]) -> dict[str, Any]:
+def provenance(plan: LevelPlan, zattrs: Any, zarray_doc: Any, files: list[FileRecord], origin: str) -> Provenance:
     """The output's ``emdata`` attributes: live URLs only (never the mirror), nothing time-dependent."""
-    return {
-        "source": "openorganelle",
-        "title": f"Janelia OpenOrganelle {DATASET} (mouse nucleus accumbens) FIB-SEM, {GROUP_PATH}",
-        "page": PAGE_URL,
-        "source_url": f"{GROUP_URL}/{plan.path}",
-        "store": STORE_S3,
-        "layer": LAYER,
-        "licence": LICENCE,
-        "doi": DOIS,
-        "axes": list(ngff.AXES),
-        "voxel_size_nm": list(plan.scale_nm),
-        "translation_nm": list(plan.output_translation_nm),
-        "scale_level": plan.level,
-        "array_path": f"{GROUP_PATH}/{plan.path}",
-        "source_shape": list(plan.shape),
-        "roi_voxels": [list(plan.roi_start), list(plan.roi_stop)],
-        "roi_note": "half-open voxel box (z, y, x) of the source level; the translation includes its start",
-        "dtype": "int16",
-        "dimension_separator": plan.dimension_separator,
-        "notes": list(plan.notes),
-        "files": files,
-        "info": {".zattrs": zattrs, f"{plan.path}/.zarray": zarray_doc},
-        "labels": None,
-        "labels_note": "no labels: the nucleus segmentation (probably recon-2/labels/inference/segmentations/nuc, "
-                       "doi:10.25378/janelia.26513209) is at an unverified path and is not fetched",
-    }
+    return Provenance(
+        dataset="openorganelle", about=ABOUT, origin=origin, voxel_size_nm=plan.scale_nm, files=files,
+        discrepancies=plan.discrepancies, labels=None,
+        details={
+            "source_url": f"{GROUP_URL}/{plan.path}",
+            "store": STORE_S3,
+            "layer": LAYER,
+            "translation_nm": list(plan.output_translation_nm),
+            "level": plan.level,
+            "array_path": f"{GROUP_PATH}/{plan.path}",
+            "source_shape": list(plan.shape),
+            "roi_voxels": [list(plan.roi_start), list(plan.roi_stop)],
+            "roi_note": "half-open voxel box (z, y, x) of the source level; the translation includes its start",
+            "dtype": "int16",
+            "dimension_separator": plan.dimension_separator,
+            "info": {".zattrs": zattrs, f"{plan.path}/.zarray": zarray_doc},
+            "labels_note": "no labels: the nucleus segmentation (probably "
+                           f"recon-2/labels/inference/segmentations/nuc, doi:{NUCLEI_DOI}) is at an unverified "
+                           "path and is not fetched",
+        })
 
 
 class OpenOrganelleSource:
     name = "openorganelle"
-    output = f"data/{DATASET}.zarr"
 
     def parse_params(self, section: Mapping[str, Any] | None) -> OpenOrganelleParams:
         return dataclass_from_section(OpenOrganelleParams, section, "openorganelle")
 
     def run(self, params: OpenOrganelleParams, ctx: RunContext) -> dict[str, Any]:
-        return fetch_openorganelle(params, ctx, ctx.repo_root / self.output)
+        return fetch_openorganelle(params, ctx, output_path(self.name, ctx))
 
 
 def fetch_openorganelle(params: OpenOrganelleParams, ctx: RunContext, out: Path) -> dict[str, Any]:
     """Check the metadata, then stream one level (or an ROI of it) into ``out`` atomically, verified."""
     began = time.monotonic()
-    registry = ChecksumRegistry(ctx.checksums_path, "mirror" if ctx.mirror else "live")
-    downloader = Downloader(ctx.download, mirror=ctx.mirror, registry=registry, progress=False)
-    zattrs, zattrs_file = _document(downloader, registry, f"{GROUP_URL}/.zattrs")
+    fetch = ctx.downloader(progress=False)
+    zattrs, zattrs_file = _document(fetch, ctx.checksums, f"{GROUP_URL}/.zattrs")
     # The level is checked in the group's attributes before its .zarray is asked for.
-    path, _, _ = check_group_attrs(zattrs, params.scale_level)
-    zarray_doc, zarray_file = _document(downloader, registry, f"{GROUP_URL}/{path}/.zarray")
-    plan = plan_level(params, zattrs, zarray_doc, live=not ctx.mirror)
+    path, _, _ = check_group_attrs(zattrs, params.level)
+    zarray_doc, zarray_file = _document(fetch, ctx.checksums, f"{GROUP_URL}/{path}/.zarray")
+    plan = plan_level(params, zattrs, zarray_doc, strict=not ctx.is_replica)
     log.info("openorganelle: s%d %s (z, y, x) at %s nm, ROI %s..%s", plan.level, list(plan.shape),
              list(plan.scale_nm), list(plan.roi_start), list(plan.roi_stop))
 
-    context = tensorstore_context(ctx.download, concurrency=params.concurrency, cache_bytes=CACHE_BYTES)
-    level_http = rewrite(f"{GROUP_URL}/{plan.path}", ctx.mirror)
-    source = open_level(level_http, context)
+    context = ctx.tensorstore_context(concurrency=params.concurrency, cache_bytes=CACHE_BYTES)
+    what = f"openorganelle s{plan.level}"
+    # tensorstore reads the array's .zarray itself, so either chunk key separator works.
+    source = ctx.open_tensorstore({"driver": "zarr"}, f"{GROUP_URL}/{plan.path}", context, what)
     if tuple(source.shape) != plan.shape or source.dtype.numpy_dtype != np.int16:
         raise SourceMismatchError(
             f"{GROUP_URL}/{plan.path}: tensorstore opened {list(source.shape)} {source.dtype.name}, the .zarray "
             f"says {list(plan.shape)} int16")
 
     geometry = ngff.Geometry(plan.scale_nm, plan.output_translation_nm)  # type: ignore[arg-type]
+    blocks = remote_blocks(source, plan.roi_shape, plan.roi_start, dtype=np.int16,
+                           max_inflight_bytes=params.max_inflight_mb * 2**20, what=what)
     with atomic_dir(out) as tmp:
-        _, arrays = ngff.create_image_group(
-            tmp, name=DATASET, shape=plan.roi_shape, dtype=np.int16, geometry=geometry,
-            chunks=params.chunks, shards=params.shards, downsampling="mean",
-            extra_attrs={"emdata": provenance(plan, zattrs, zarray_doc, [zattrs_file, zarray_file])})
-        figures = stream_to_zarr(source, arrays[0], plan.roi_start, max_inflight_bytes=params.max_inflight_mb * 2**20,
-                                 what=f"openorganelle {redact(level_http)}", verify=True)
-        t1 = time.monotonic()
-        ngff.write_pyramid(arrays, "mean")
-        figures["pyramid_seconds"] = round(time.monotonic() - t1, 3)
-        levels = len(arrays)
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        written = ngff.write_image(root, name=DATASET, source=blocks, geometry=geometry, chunks=params.chunks,
+                                   shards=params.shards, method="mean", what=what)
+        root.attrs["emdata"] = provenance(plan, zattrs, zarray_doc, [zattrs_file, zarray_file], ctx.origin).to_dict()
     seconds = time.monotonic() - began
     return {
-        "scale_level": plan.level,
+        "level": plan.level,
         "shape": list(plan.roi_shape),
         "roi_start_voxels": list(plan.roi_start),
         "voxel_size_nm": list(plan.scale_nm),
-        "levels": levels,
-        "notes": len(plan.notes),
-        "stream": figures,
-        "MBps_end_to_end": round(figures["bytes"] / 1e6 / max(seconds, 1e-9), 1),
+        "discrepancies": len(plan.discrepancies),
+        "write": written,
+        "MBps_end_to_end": round(math.prod(plan.roi_shape) * 2 / 1e6 / max(seconds, 1e-9), 1),
         "seconds": round(seconds, 2),
     }
 
