@@ -7,6 +7,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -43,9 +44,11 @@ def chromium() -> str:
 
 
 def chromium_args(profile: Path, url: str) -> list[str]:
-    # Software WebGL (SwiftShader) so no GPU is needed; no sandbox as CI containers run as root.
+    # Software WebGL (SwiftShader) so no GPU is needed; no sandbox as CI containers run as root. No host name
+    # resolves and only loopback is reachable, so the view works fully offline or not at all.
     return [chromium(), "--headless", "--no-sandbox", "--disable-dev-shm-usage", "--use-angle=swiftshader",
             "--enable-unsafe-swiftshader", "--no-first-run", "--remote-debugging-port=0",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--proxy-server=direct://",
             f"--user-data-dir={profile}", "--window-size=800,600", url]
 
 
@@ -155,13 +158,20 @@ def test_view_in_headless_chromium_reaches_the_data(view_process, browser_profil
     assert proc.wait(15) == 0
 
 
-def test_view_unknown_group_and_unpulled(repo: Path) -> None:
+def test_view_unknown_group_unpulled_and_busy_port(repo: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "emdata", "view", "epfl", "--group", "validation"], cwd=repo,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no image group 'validation'" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "emdata", "view", "idr"], cwd=repo, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 3 and "emdata pull idr" in proc.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "emdata", "view", "hemibrain", "--port", str(port)], cwd=repo,
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"cannot serve on 127.0.0.1:{port}" in proc.stderr
 
 
 def test_screenshot_shows_the_image(repo: Path, browser_profile: Path, tmp_path: Path) -> None:

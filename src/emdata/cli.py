@@ -551,6 +551,8 @@ def cmd_view(args: argparse.Namespace) -> int:
                               log_requests=args.log_requests)
     except InvalidParameterError as e:
         raise CliError(str(e), EXIT_USAGE) from None
+    except OSError as e:
+        raise CliError(f"cannot serve on {viewer.LOOPBACK}:{args.port}: {e.strerror or e}", EXIT_USAGE) from None
     try:
         names = ", ".join(layer["name"] for layer in server.state["layers"])
         print(f"serving {dataset.output} on {server.base_url} (loopback only; Ctrl-C stops it); layers: {names}",
