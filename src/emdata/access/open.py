@@ -132,7 +132,8 @@ class Location:
         from zarr.storage._fsspec import _make_async
 
         fs = _dvc_filesystem(self.repo, self.rev, self.remote)
-        return FsspecStore(fs=_make_async(fs), path=self.path, read_only=True)
+        # Absolute: DVCFileSystem resolves relative paths against the working directory, not the repository.
+        return FsspecStore(fs=_make_async(fs), path="/" + self.path.lstrip("/"), read_only=True)
 
 
 @functools.lru_cache(maxsize=8)

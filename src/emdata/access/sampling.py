@@ -141,10 +141,10 @@ class RandomBlockSampler:
                     f"roi_voxels {roi} of the spec is outside the array {self.anchor!r} of shape {anchor.shape}")
         if border == "drop":
             # Keep the anchor's block *and halo* inside the array: nothing outside it is ever read.
-            halo = np.array(self.halos[self.anchor])
-            roi = Box(tuple(int(v) for v in np.maximum(roi.start, halo)),  # type: ignore[arg-type]
-                      tuple(int(v) for v in np.maximum(np.minimum(roi.stop, np.array(anchor.shape) - halo),
-                                                       np.maximum(roi.start, halo))))
+            lo = [max(a, h) for a, h in zip(roi.start, self.halos[self.anchor], strict=True)]
+            hi = [max(min(b, n - h), a) for a, b, n, h in zip(lo, roi.stop, anchor.shape, self.halos[self.anchor],
+                                                              strict=True)]
+            roi = Box((lo[0], lo[1], lo[2]), (hi[0], hi[1], hi[2]))
         shape = self.block_shapes[self.anchor]
         if any(b > s for b, s in zip(shape, roi.shape, strict=True)):
             raise InvalidParameterError(
