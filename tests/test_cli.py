@@ -287,11 +287,17 @@ def test_verify_unpulled(repo: Path, capsys: pytest.CaptureFixture[str]) -> None
 # --- pull ---------------------------------------------------------------------------------------------
 
 
-def test_pull_without_record_or_remote(dvc_repo: Path, repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pull_without_record_remote_or_dvc(dvc_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(dvc_repo, "pull", "idr", capsys=capsys)
     assert code == EXIT_FAILED and "dvc.lock records no hash for data/idr_9846137.zarr" in err
     code, _, err = run(dvc_repo, "pull", "hemibrain", capsys=capsys)
     assert code == EXIT_FAILED and "no default DVC remote" in err and "dvc remote add -d" in err
+    plain = dvc_repo.parent / "plain"  # dvc.yaml and dvc.lock, but no .dvc: not a DVC repository
+    plain.mkdir()
+    for name in ("dvc.yaml", "dvc.lock"):
+        shutil.copy(dvc_repo / name, plain / name)
+    code, _, err = run(plain, "pull", "hemibrain", capsys=capsys)
+    assert code == EXIT_USAGE and "not a DVC repository" in err
 
 
 def test_pull_from_a_remote_then_verify(dvc_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

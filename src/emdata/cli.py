@@ -131,6 +131,8 @@ def origin_of(attrs: dict[str, Any]) -> str:
     """``live``, ``replica`` or ``cache``, as the stage recorded it in ``attrs["emdata"]["origin"]``."""
     emdata = attrs.get("emdata")
     origin = emdata.get("origin") if isinstance(emdata, dict) else None
+    if isinstance(origin, dict):  # a structured record: its kind
+        origin = origin.get("kind") or origin.get("type") or origin.get("name")
     return str(origin) if origin else "unknown"
 
 
@@ -499,9 +501,15 @@ def _dvc_command() -> list[str]:
 
 def default_remote(repo: Path) -> str | None:
     """The name of the DVC remote ``dvc pull`` uses, or None when none is configured."""
+    from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
 
-    with Repo(str(repo)) as dvc_repo:
+    try:
+        dvc_repo = Repo(str(repo))
+    except NotDvcRepoError:
+        raise CliError(f"{repo} is not a DVC repository (no .dvc folder): clone the emdata repository with git",
+                       EXIT_USAGE) from None
+    with dvc_repo:
         config = dvc_repo.config
         name = config["core"].get("remote")
         if name and name in config["remote"]:
@@ -554,9 +562,13 @@ def cmd_view(args: argparse.Namespace) -> int:
     except OSError as e:
         raise CliError(f"cannot serve on {viewer.LOOPBACK}:{args.port}: {e.strerror or e}", EXIT_USAGE) from None
     try:
-        names = ", ".join(layer["name"] for layer in server.state["layers"])
-        print(f"serving {dataset.output} on {server.base_url} (loopback only; Ctrl-C stops it); layers: {names}",
-              file=sys.stderr, flush=True)
+        print(f"serving {dataset.output} on {server.base_url} (loopback only; Ctrl-C stops it)", file=sys.stderr)
+        for image in server.images:
+            labels = ", ".join(label.name for label in image.labels) or "none"
+            print(f"  {image.name or '.'}: {'x'.join(map(str, image.shape))} {image.dtype} (z,y,x), voxel "
+                  f"{'x'.join(map(_fmt_num, image.voxel_size_nm))} nm, translation "
+                  f"{', '.join(map(_fmt_num, image.translation_nm))} nm; labels: {labels}", file=sys.stderr)
+        sys.stderr.flush()
         print(server.url, flush=True)
         if args.open:
             import webbrowser

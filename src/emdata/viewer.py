@@ -213,6 +213,7 @@ class ViewerServer:
             raise RuntimeError("the Neuroglancer server did not start")
         # A per-viewer token in the path: a second viewer in the same process never serves the wrong folder.
         server.app.add_handlers(r".*", [(rf"{prefix}/(.*)", DataHandler, {"path": str(output)})])
+        self.images = tuple(images)
         self.base_url: str = server.server_url
         self.data_url = f"{self.base_url}{prefix}"
         self.state = viewer_state(dataset, images, self.data_url, layout)
