@@ -21,7 +21,7 @@ from emdata.catalog import DATASETS
 from emdata.errors import InvalidParameterError, SourceMismatchError
 from emdata.metadata import (
     INTENSITY_METRICS, PARQUET, PLOTS, SUMMARY, TABLE, THUMBNAILS, MetadataParams, build_metadata, intensity_stats,
-    tree_sha256,
+    tree_sha256, write_thumbnails,
 )
 from emdata.metadata.stats import APPROX_BINS
 from emdata.metadata.thumbnails import FOOTER_PX, MIN_WIDTH_PX
@@ -307,3 +307,15 @@ def test_params_yaml_section_is_valid():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     section = dataclass_from_section(MetadataParams, params["metadata"], "metadata")
     assert section.level == 0 and set(section.datasets) == set(DATASETS)
+
+
+def test_blank_mid_section_is_replaced_by_the_nearest_slice_with_contrast(tmp_path):
+    data = em_like((16, 48, 64), np.uint8, 4)
+    data[7:10] = 50  # missing sections around the centre (index 8 of 16 at level 0)
+    path = make_output(tmp_path, "idr", data, (20.0, 20.0, 20.0), n_levels=1)
+    thumbs = {t.plane: t for t in write_thumbnails(zarr.open_group(str(path), mode="r"), [], (0.0, 255.0), 64,
+                                                   tmp_path, "idr")}
+    assert thumbs["xy"].index in (6, 10) and thumbs["xy"].level == 0
+    assert thumbs["xz"].index == 24 and thumbs["yz"].index == 32  # their mid-slices have contrast
+    with Image.open(thumbs["xy"].path) as im:
+        assert np.asarray(im.convert("L"))[: thumbs["xy"].image_px[0]].std() > 20

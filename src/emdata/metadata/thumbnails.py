@@ -19,7 +19,13 @@ PLANES: dict[str, tuple[int, tuple[int, int]]] = {"xy": (0, (1, 2)), "xz": (1, (
 AXIS_NAMES = "zyx"
 FOOTER_PX = 22  # the band under the image holding the scale bar and the slice's position
 MIN_WIDTH_PX = 220  # narrower images are padded on the right so the footer stays legible
-LABEL_ALPHA = 0.45  # opacity of a fully opaque label colour over the EM
+LABEL_FILL_ALPHA = 0.25  # opacity of a label's inside over the EM (a dense segmentation must not hide it)
+LABEL_EDGE_ALPHA = 0.9  # opacity of the one-pixel outline of each labelled region
+# A slice whose grey values vary less than this (standard deviation after the contrast window, 0..255) shows
+# nothing (a blank or missing section): the nearest slice that does, at most MAX_SHIFT slices away, is shown
+# instead (and the caption says so).
+FLAT_STD = 2.0
+MAX_SHIFT = 16
 # Scale bar lengths tried, in nm (1, 2, 5 per decade), the longest that fits in a quarter of the width wins.
 NICE_STEPS = (1, 2, 5)
 
@@ -70,18 +76,52 @@ def _pick_level(levels: Sequence[_Level], axes: tuple[int, int], size: tuple[int
     return best
 
 
-def _mid_slice(levels: Sequence[_Level], plane: str, size: tuple[int, int]) -> tuple[np.ndarray, int, int]:
-    """The slice through level 0's physical centre, read from the level picked for ``size``: (2-D, level, index)."""
+def _read_slice(level: _Level, fixed: int, index: int) -> np.ndarray:
+    sl: list[Any] = [slice(None)] * 3
+    sl[fixed] = index
+    return np.asarray(level.array[tuple(sl)])
+
+
+def _mid_index(levels: Sequence[_Level], plane: str, size: tuple[int, int]) -> tuple[int, int]:
+    """(level, index) of the slice through level 0's physical centre, at the level picked for ``size``."""
     fixed, axes = PLANES[plane]
     base = levels[0]
     centre_nm = base.translation[fixed] + (base.array.shape[fixed] - 1) / 2 * base.scale[fixed]
     li = _pick_level(levels, axes, size)
     level = levels[li]
     n = level.array.shape[fixed]
-    index = min(n - 1, max(0, round((centre_nm - level.translation[fixed]) / level.scale[fixed])))
-    sl: list[Any] = [slice(None)] * 3
-    sl[fixed] = index
-    return np.asarray(level.array[tuple(sl)]), li, index
+    return li, min(n - 1, max(0, round((centre_nm - level.translation[fixed]) / level.scale[fixed])))
+
+
+def _shown_slice(levels: Sequence[_Level], plane: str, size: tuple[int, int],
+                 window: tuple[float, float] | None) -> tuple[np.ndarray, int, int, int]:
+    """The mid-slice, or the nearest one with contrast if it is blank: (windowed 2-D uint8, level, index, mid)."""
+    fixed, _ = PLANES[plane]
+    li, mid = _mid_index(levels, plane, size)
+    level = levels[li]
+    n = level.array.shape[fixed]
+    first = _window(_read_slice(level, fixed, mid), window)
+    if float(first.std()) >= FLAT_STD:
+        return first, li, mid, mid
+    for shift in range(1, MAX_SHIFT + 1):
+        for index in (mid - shift, mid + shift):
+            if 0 <= index < n:
+                grey = _window(_read_slice(level, fixed, index), window)
+                if float(grey.std()) >= FLAT_STD:
+                    return grey, li, index, mid
+    return first, li, mid, mid
+
+
+def _label_slice(levels: Sequence[_Level], plane: str, size: tuple[int, int], image_level: _Level,
+                 image_index: int) -> np.ndarray:
+    """The label slice at the physical position of the image slice shown."""
+    fixed, _ = PLANES[plane]
+    position_nm = image_level.translation[fixed] + image_index * image_level.scale[fixed]
+    li, _ = _mid_index(levels, plane, size)
+    level = levels[li]
+    n = level.array.shape[fixed]
+    index = min(n - 1, max(0, round((position_nm - level.translation[fixed]) / level.scale[fixed])))
+    return _read_slice(level, fixed, index)
 
 
 def _window(data: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
@@ -111,11 +151,17 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
 
 
 def _overlay(rgb: np.ndarray, labels: np.ndarray, colors: Mapping[int, tuple[int, int, int, int]]) -> np.ndarray:
+    """Each labelled region tinted in its colour, its outline drawn (0 is unlabelled)."""
     values, inverse = np.unique(labels, return_inverse=True)
     rgba = _palette(values, colors)
-    rgba[values == 0] = 0.0  # 0 is unlabelled
+    rgba[values == 0] = 0.0
     per_pixel = rgba[inverse.reshape(labels.shape)]
-    alpha = per_pixel[..., 3:4] * LABEL_ALPHA
+    edge = np.zeros(labels.shape, dtype=bool)
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    edge[1:, :] |= labels[1:, :] != labels[:-1, :]
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    alpha = per_pixel[..., 3:4] * np.where(edge, LABEL_EDGE_ALPHA, LABEL_FILL_ALPHA)[..., None]
     return rgb * (1 - alpha) + per_pixel[..., :3] * 255.0 * alpha
 
 
@@ -165,18 +211,19 @@ def write_thumbnails(image: zarr.Group, labels: Sequence[tuple[zarr.Group, Mappi
     for plane, (fixed, axes) in PLANES.items():
         extent = (base.array.shape[axes[0]] * base.scale[axes[0]], base.array.shape[axes[1]] * base.scale[axes[1]])
         size = output_size(extent, longest_px)
-        data, li, index = _mid_slice(levels, plane, size)
-        grey = np.asarray(Image.fromarray(_window(data, window), "L").resize(
-            (size[1], size[0]), Image.Resampling.LANCZOS))
+        shown, li, index, mid = _shown_slice(levels, plane, size, window)
+        grey = np.asarray(Image.fromarray(shown, "L").resize((size[1], size[0]), Image.Resampling.LANCZOS))
         overlays = []
         for llevels, colors in label_levels:
-            ldata, _, _ = _mid_slice(llevels, plane, size)
+            ldata = _label_slice(llevels, plane, size, levels[li], index)
             # Nearest keeps label values whole; resize through an index image so any integer type works.
             values, inverse = np.unique(ldata, return_inverse=True)
             idx = Image.fromarray(inverse.reshape(ldata.shape).astype(np.int32), "I").resize(
                 (size[1], size[0]), Image.Resampling.NEAREST)
             overlays.append((values[np.asarray(idx)], colors))
         caption = f"{plane}, {AXIS_NAMES[fixed]} {index + 1}/{levels[li].array.shape[fixed]}, level {li}"
+        if index != mid:
+            caption += " (mid blank)"
         canvas, bar = _render(grey, overlays, extent, caption)
         path = folder / f"{stem}.{plane}.png"
         canvas.save(path, optimize=True)
