@@ -273,6 +273,16 @@ def test_verify_without_dvc_uses_the_table_and_decodes(repo: Path, capsys: pytes
     assert f"{EPFL}/testing/0/c/0/1/1: does not decode" in out
 
 
+def test_damaged_metadata_is_reported_not_a_traceback(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (repo / EPFL / "training/zarr.json").write_text("{not json")
+    code, out, err = run(repo, "list", capsys=capsys)
+    assert code == EXIT_FAILED and "unreadable" in out and "epfl" in err and "emdata verify" in err
+    code, _, err = run(repo, "info", "epfl", capsys=capsys)
+    assert code == EXIT_FAILED and f"{repo / EPFL} is not a readable OME-Zarr" in err
+    code, out, err = run(repo, "verify", "epfl", capsys=capsys)
+    assert code == EXIT_FAILED and "zarr.json metadata does not parse" in out and "Zarr tree sha256" in out
+
+
 def test_verify_with_nothing_recorded_fails(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (repo / "metadata/datasets.csv").unlink()
     code, _, err = run(repo, "verify", "hemibrain", "--no-decode", capsys=capsys)

@@ -190,8 +190,11 @@ def list_entries(repo: Path) -> list[ListEntry]:
         path = repo / dataset.output
         if is_pulled(path):
             size, _ = disk_usage(path)
-            entries.append(ListEntry(dataset.name, dataset.output, True, size, "workspace",
-                                     origin_of(root_attrs(path)), _images_from_zarr(path)))
+            try:
+                origin, images = origin_of(root_attrs(path)), _images_from_zarr(path)
+            except Exception as e:  # noqa: BLE001 - shown in the listing, and list exits non-zero
+                origin, images = f"unreadable: {_short_error(e)}", []
+            entries.append(ListEntry(dataset.name, dataset.output, True, size, "workspace", origin, images))
         else:
             lock = lock_record(repo, dataset)
             remote_size = int(lock["size"]) if lock and "size" in lock else None
@@ -201,11 +204,16 @@ def list_entries(repo: Path) -> list[ListEntry]:
     return entries
 
 
+def _short_error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     repo = find_repo(args.repo)
     entries = list_entries(repo)
     if args.json:
         print(json.dumps([e.__dict__ | {"images": [i.__dict__ for i in e.images]} for e in entries], indent=2))
+        _fail_on_unreadable(entries)
         return EXIT_OK
     header = ("dataset", "output", "pulled", "image", "shape (z,y,x)", "voxel nm (z,y,x)", "size", "origin")
     rows: list[tuple[str, ...]] = []
@@ -224,7 +232,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not all(e.pulled for e in entries):
         print(f"\nnot pulled: images from {TABLE}, sizes from {DVC_LOCK} where recorded; "
               "get one with `emdata pull NAME`")
+    _fail_on_unreadable(entries)
     return EXIT_OK
+
+
+def _fail_on_unreadable(entries: list[ListEntry]) -> None:
+    bad = [e.dataset for e in entries if e.origin.startswith("unreadable")]
+    if bad:
+        raise CliError(f"unreadable output(s): {', '.join(bad)}; `emdata verify NAME` names the damaged files")
 
 
 # --- emdata info --------------------------------------------------------------------------------------
@@ -253,11 +268,21 @@ def info_record(repo: Path, dataset: Dataset) -> dict[str, Any]:
     }
     if not record["pulled"]:
         return record
+    size, nfiles = disk_usage(path)
+    try:
+        attrs, images = _read_output(path)
+    except Exception as e:  # noqa: BLE001 - a damaged output is reported, not a traceback
+        raise CliError(f"{path} is not a readable OME-Zarr ({_short_error(e)}); `emdata verify "
+                       f"{dataset.name}` names the damaged files") from None
+    record.update(size_bytes=size, files=nfiles, origin=origin_of(attrs), attributes=attrs, images=images)
+    return record
+
+
+def _read_output(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     import zarr
 
     from emdata.ngff import find_images, label_names, multiscales, ome_attrs
 
-    size, nfiles = disk_usage(path)
     root = zarr.open_group(str(path), mode="r")
     attrs = dict(root.attrs.asdict())
     images = []
@@ -269,8 +294,7 @@ def info_record(repo: Path, dataset: Dataset) -> dict[str, Any]:
             labels[label] = {"ome": ome_attrs(lgroup), **_array_record(lgroup, multiscales(lgroup))}
         images.append({"image": name or ".", "ome": ome_attrs(group), **_array_record(group, multiscales(group)),
                        "labels": labels})
-    record.update(size_bytes=size, files=nfiles, origin=origin_of(attrs), attributes=attrs, images=images)
-    return record
+    return attrs, images
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -447,10 +471,14 @@ def check_decode(dataset: Dataset, path: Path) -> Check:
 
     from emdata.ngff import block_slices
 
-    root = zarr.open_group(str(path), mode="r")
-    problems = []
+    problems: list[str] = []
     n_arrays = n_files = 0
-    for name, array in _arrays(root):
+    try:
+        arrays = list(_arrays(zarr.open_group(str(path), mode="r")))
+    except Exception as e:  # noqa: BLE001 - unreadable metadata is a verification failure, not a traceback
+        problems.append(f"{dataset.output}: its zarr.json metadata does not parse ({_short_error(e)})")
+        return Check("decode", "FAIL", "the Zarr hierarchy could not be opened", problems)
+    for name, array in arrays:
         n_arrays += 1
         step = array.shards or array.chunks
         for region in block_slices(array.shape, step):
