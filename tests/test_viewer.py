@@ -175,7 +175,11 @@ def test_view_unknown_group_unpulled_and_busy_port(repo: Path) -> None:
 
 
 def test_screenshot_shows_the_image(repo: Path, browser_profile: Path, tmp_path: Path) -> None:
-    """Chromium renders the view (software WebGL); Neuroglancer's screenshot waits for every visible chunk."""
+    """Chromium renders the view (software WebGL); Neuroglancer's screenshot waits for every visible chunk.
+
+    The view is centred on the image with its OME translation (800 nm = 100 slices in z, the image has 24):
+    had the client ignored the translation or the voxel size, the cross-section would be empty.
+    """
     from PIL import Image
 
     server = ViewerServer("hemibrain", repo / HEMIBRAIN, describe(repo / HEMIBRAIN), layout="xy")

@@ -615,7 +615,9 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    names = ", ".join(f"{d.name} ({d.output_name})" for d in DATASETS.values())
+    names = ", ".join(d.name if d.name == d.output_name else f"{d.name} ({d.output_name})"
+                      for d in DATASETS.values())
+    name_help = "stage name, output name or output path (hemibrain, hemibrain_crop, data/hemibrain_crop.zarr)"
     parser = argparse.ArgumentParser(
         prog="emdata", description="List, inspect, verify, pull and view the emdata datasets.",
         epilog=f"datasets: {names}. Exit codes: 0 ok, 1 verification or pull failed, 2 usage error or unknown "
@@ -629,21 +631,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("info", help="a dataset's full record: attributes, levels, labels, dvc.lock, table rows")
-    p.add_argument("name", help="stage name, output name or output path (epfl, hemibrain_crop, data/epfl.zarr)")
+    p.add_argument("name", help=name_help)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("verify", help="re-check an output against dvc.lock, the table's hash; decode every chunk")
-    p.add_argument("name")
+    p.add_argument("name", help=name_help)
     p.add_argument("--no-decode", action="store_true", help="skip decoding every chunk (hashes only)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("pull", help="dvc pull a dataset's output from the configured remote")
-    p.add_argument("name")
+    p.add_argument("name", help=name_help)
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("view", help="serve the OME-Zarr and Neuroglancer on loopback, print the viewer URL")
-    p.add_argument("name")
+    p.add_argument("name", help=name_help)
     p.add_argument("--group", action="append", metavar="GROUP",
                    help="an image group to show (repeatable; e.g. training for epfl); default: every image")
     p.add_argument("--port", type=int, default=0, help="loopback port (default: a free one)")
