@@ -32,7 +32,7 @@ def _g(values: Sequence[float]) -> str:
 
 
 def _num(value: float) -> str:
-    return f"{value:.4g}" if abs(value) < 1e6 else f"{value:.6g}"
+    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
 
 
 def summary_markdown(records: Sequence[ArrayRecord], thumbnails: Mapping[str, Sequence[Thumbnail]],
@@ -115,7 +115,7 @@ def summary_markdown(records: Sequence[ArrayRecord], thumbnails: Mapping[str, Se
         if s.source_url and s.source_url != s.page:
             lines.append(f"- Data: {s.source_url}")
         prov = json.loads(s.provenance)
-        notes = [f"{k} `{prov[k]}`" for k in PROVENANCE_NOTES if prov.get(k) is not None]
+        notes = [f"{k} `{prov[k]}`" for k in PROVENANCE_NOTES if prov.get(k) not in (None, "")]
         if notes:
             lines.append(f"- {', '.join(notes)}")
         if s.discrepancies:
