@@ -10,7 +10,7 @@ import pytest
 import zarr
 
 from emdata import ngff, pyramid
-from emdata.errors import InvalidParameterError
+from emdata.errors import InvalidParameterError, SourceMismatchError
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16"])
@@ -182,3 +182,36 @@ def test_mode_agrees_with_brute_force_wherever_the_majority_is_unique(factors):
             assert out[z, y, x] == values[counts.argmax()], (z, y, x, cell)
             checked += 1
     assert checked > out.size // 3
+
+
+def test_tensorstore_read_back_difference_is_reported_with_the_box(tmp_path, monkeypatch):
+    real_init = ngff._Sink.__init__
+
+    class Flipped:
+        def __init__(self, future):
+            self.future = future
+
+        def result(self):
+            out = np.array(self.future.result())
+            out.flat[0] ^= 1
+            return out
+
+    class Proxy:
+        def __init__(self, store):
+            self.store = store
+
+        def __getitem__(self, box):
+            view = self.store[box]
+            return type("View", (), {"write": lambda _, d: view.write(d), "read": lambda _: Flipped(view.read())})()
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        if self.store is not None and self.array.path.endswith("labels/seg/1"):
+            self.store = Proxy(self.store)
+
+    monkeypatch.setattr(ngff._Sink, "__init__", init)
+    data = np.ones((16, 16, 16), np.uint8)
+    root = zarr.open_group(str(tmp_path / "v.zarr"), mode="w", zarr_format=3)
+    with pytest.raises(SourceMismatchError, match=r"level 1 of label 'seg' of the volume does not read back equal"):
+        ngff.write_image(root, name="v", source=data, geometry=ngff.Geometry((1, 1, 1)), chunks=(4, 4, 4),
+                         shards=(8, 8, 8), n_levels=2, labels=[ngff.Label("seg", data)], what="the volume")

@@ -6,6 +6,7 @@ import itertools
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,14 +334,20 @@ class _Sink:
     """Writes whole shards of one level and (with ``verify``) reads each back and compares it.
 
     ``zarr``: zarr-python, synchronously. ``tensorstore``: the same zarr v3 array (created by zarr-python, so its
-    zarr.json is the same) written through tensorstore with up to ``depth`` shard writes in flight, so encoding
-    runs on tensorstore's threads while Python reduces and verifies; read-back goes to the file, not a cache.
+    zarr.json is the same) written through tensorstore, with shard writes and then their read-backs in flight
+    (up to ``INFLIGHT_BYTES`` of each), so encoding and decoding run on tensorstore's threads while Python
+    reduces the next shard. Read-backs come from the file: the context has no chunk cache.
     """
 
-    def __init__(self, array: zarr.Array, backend: Backend, verify: bool, what: str, context: Any,
-                 depth: int = 2) -> None:
-        self.array, self.backend, self.verify, self.what, self.depth = array, backend, verify, what, depth
-        self.pending: list[tuple[Box, np.ndarray, Any]] = []
+    INFLIGHT_BYTES = 128 * 2**20
+    MAX_DEPTH = 4
+
+    def __init__(self, array: zarr.Array, backend: Backend, verify: bool, what: str, context: Any) -> None:
+        self.array, self.backend, self.verify, self.what = array, backend, verify, what
+        shard_bytes = math.prod(array.shards or array.chunks) * array.dtype.itemsize
+        self.depth = max(1, min(self.MAX_DEPTH, self.INFLIGHT_BYTES // shard_bytes))
+        self.writes: deque[tuple[Box, np.ndarray, Any]] = deque()
+        self.reads: deque[tuple[Box, np.ndarray, Any]] = deque()
         self.seconds = 0.0
         self.store: Any = None
         if backend == "tensorstore":
@@ -361,30 +368,37 @@ class _Sink:
         began = time.monotonic()
         if self.store is None:
             self.array[box] = data
-            self._check(box, data, self.array[box])
+            if self.verify:
+                self._check(box, data, self.array[box])
         else:
-            self.pending.append((box, data, self.store[box].write(data)))
-            while len(self.pending) > self.depth:
-                self._finish_oldest()
+            self.writes.append((box, data, self.store[box].write(data)))
+            self._drain(self.depth)
         self.seconds += time.monotonic() - began
 
-    def _finish_oldest(self) -> None:
-        box, data, future = self.pending.pop(0)
-        future.result()
-        if self.verify:
-            self._check(box, data, self.store[box].read().result())
+    def _drain(self, limit: int) -> None:
+        while len(self.writes) > limit:
+            box, data, future = self.writes.popleft()
+            future.result()
+            if self.verify:
+                self.reads.append((box, data, self.store[box].read()))
+        while len(self.reads) > limit:
+            box, data, future = self.reads.popleft()
+            self._check(box, data, future.result())
 
     def _check(self, box: Box, data: np.ndarray, back: Any) -> None:
-        if self.verify and not np.array_equal(back, data):
+        if not np.array_equal(back, data):
             raise SourceMismatchError(f"conversion of {self.what} does not read back equal at {box}")
 
     def flush(self) -> None:
         began = time.monotonic()
         try:
-            while self.pending:
-                self._finish_oldest()
+            self._drain(0)
         finally:
             self.seconds += time.monotonic() - began
+
+    def cancel(self) -> None:
+        for _, _, future in (*self.writes, *self.reads):
+            future.cancel()
 
 
 class _StreamingPyramid:
@@ -481,37 +495,46 @@ def _stream_level0(arrays: Sequence[zarr.Array], source: Any, factors: Sequence[
     read_s = stats_s = 0.0
     done_bytes = 0
     total_sum = 0.0
-    for n, box in enumerate(boxes, 1):
-        t0 = time.monotonic()
-        data = next(datas, None)
-        read_s += time.monotonic() - t0
-        expected = tuple(b.stop - b.start for b in box)
-        if data is None:
-            raise SourceMismatchError(f"{what}: the source ended after {n - 1} of {len(boxes)} blocks")
-        if data.shape != expected or data.dtype != dtype:
-            raise SourceMismatchError(f"{what}: block {box} is {data.shape} {data.dtype}, expected {expected} {dtype}")
-        sinks[0].put(box, data)
-        t0 = time.monotonic()
-        if dtype.kind in "iub":
-            total_sum += float(data.sum(dtype=np.int64 if dtype.kind == "i" else np.uint64))
-        else:
-            total_sum += float(data.sum(dtype=np.float64))
-        stats_s += time.monotonic() - t0
-        builder.add(1, [b.start for b in box], data)
-        done_bytes += data.nbytes
-        if on_block is not None:
-            on_block(data.nbytes)
-        now = time.monotonic()
-        if now - last_log >= PROGRESS_EVERY_S or n == len(boxes):
-            rate = done_bytes / max(now - began, 1e-9)
-            log.info("%s: %d/%d shards, %.0f of %.0f MB, %.1f MB/s, ETA %.0f s", what, n, len(boxes),
-                     done_bytes / 1e6, total / 1e6, rate / 1e6, (total - done_bytes) / max(rate, 1e-9))
-            last_log = now
-    if next(datas, None) is not None:
-        raise SourceMismatchError(f"{what}: the source yielded more than the {len(boxes)} blocks asked for")
-    builder.finish(what)
-    for sink in sinks:
-        sink.flush()
+    try:
+        for n, box in enumerate(boxes, 1):
+            t0 = time.monotonic()
+            data = next(datas, None)
+            read_s += time.monotonic() - t0
+            expected = tuple(b.stop - b.start for b in box)
+            if data is None:
+                raise SourceMismatchError(f"{what}: the source ended after {n - 1} of {len(boxes)} blocks")
+            if data.shape != expected or data.dtype != dtype:
+                raise SourceMismatchError(f"{what}: block {box} is {data.shape} {data.dtype}, expected {expected} {dtype}")
+            sinks[0].put(box, data)
+            t0 = time.monotonic()
+            if dtype.kind in "iub":
+                total_sum += float(data.sum(dtype=np.int64 if dtype.kind == "i" else np.uint64))
+            else:
+                total_sum += float(data.sum(dtype=np.float64))
+            stats_s += time.monotonic() - t0
+            builder.add(1, [b.start for b in box], data)
+            done_bytes += data.nbytes
+            if on_block is not None:
+                on_block(data.nbytes)
+            now = time.monotonic()
+            if now - last_log >= PROGRESS_EVERY_S or n == len(boxes):
+                rate = done_bytes / max(now - began, 1e-9)
+                log.info("%s: %d/%d shards, %.0f of %.0f MB, %.1f MB/s, ETA %.0f s", what, n, len(boxes),
+                         done_bytes / 1e6, total / 1e6, rate / 1e6, (total - done_bytes) / max(rate, 1e-9))
+                last_log = now
+        if next(datas, None) is not None:
+            raise SourceMismatchError(f"{what}: the source yielded more than the {len(boxes)} blocks asked for")
+        builder.finish(what)
+        for sink in sinks:
+            sink.flush()
+    except BaseException:
+        for sink in sinks:  # stop the writes and reads still in flight
+            sink.cancel()
+        raise
+    finally:
+        close = getattr(datas, "close", None)
+        if close is not None:  # a generator reading ahead (Blocks) stops its reads
+            close()
     seconds = time.monotonic() - began
     return {
         "shape": list(shape), "dtype": str(dtype), "levels": len(arrays), "backend": backend,

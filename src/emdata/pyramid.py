@@ -121,23 +121,26 @@ def mean(block: np.ndarray, factors: Sequence[int]) -> np.ndarray:
     wide = _SUM_DTYPE.get(block.dtype)
     if wide is None:
         return _mean_float32(block, f)
+    if any(fa not in (1, 2) for fa in f):
+        raise InvalidParameterError(f"factors must be 1 or 2 per axis, got {tuple(factors)}")
+    n = math.prod(f)
+    if n == 1:
+        return block.copy()
     acc: np.ndarray = block
     for axis, fa in enumerate(f):
         if fa == 2:
             lo = acc[(slice(None),) * axis + (slice(0, None, 2),)]
             hi = acc[(slice(None),) * axis + (slice(1, None, 2),)]
-            acc = lo.astype(wide) + hi if acc.dtype != wide else lo + hi
-        elif fa != 1:
-            raise InvalidParameterError(f"factors must be 1 or 2 per axis, got {tuple(factors)}")
-    n = math.prod(f)
-    if n == 1:
-        return block.copy()
-    shift = n.bit_length() - 1
-    q = acc >> shift  # floor division, also for negative sums
-    r = acc & (n - 1)
-    half = n // 2
-    q += (r > half) | ((r == half) & ((q & 1) == 1))
-    return q.astype(block.dtype)
+            acc = np.add(lo, hi, dtype=wide)
+    # Round half to even of acc / n (n = 2**k), floor-based so negative sums round right too:
+    # acc = n*q + r rounds up iff r > n/2, or r == n/2 and q is odd, i.e. iff r + n/2 - 1 + (q & 1) >= n.
+    k = n.bit_length() - 1
+    odd = np.right_shift(acc, k)
+    odd &= 1
+    acc += odd
+    acc += n // 2 - 1
+    acc >>= k
+    return acc.astype(block.dtype)
 
 
 def mode(block: np.ndarray, factors: Sequence[int]) -> np.ndarray:
