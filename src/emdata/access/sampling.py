@@ -54,7 +54,8 @@ class RandomBlockSampler:
     per array. A spec's ``halo_voxels`` are read around each block as context (``Block.read_box`` =
     ``block_box`` grown by the halo, ``data`` covers the read box, ``block_in_read`` selects the block), and
     its ``border`` (``constant``/``reflect``/``edge`` pad like ``numpy.pad``; ``drop`` keeps the anchor's
-    block and halo inside the anchor array) and ROI apply; ``shrink`` makes variable shapes and is refused.
+    block and halo inside the anchor array) applies to its array, and its ROI to the sampling region;
+    ``shrink`` makes variable shapes and is refused.
 
     ``mask`` (an array, best a coarse level of a label) weights origins: each mask voxel is picked with
     weight 1 if foreground, ``mask_background_weight`` otherwise. ``min_foreground_fraction`` rejects samples
@@ -84,10 +85,7 @@ class RandomBlockSampler:
         if not arrays:
             raise InvalidParameterError("arrays must name at least one array")
         specs = _specs_by_key(block_shape_voxels, arrays)
-        if specs:
-            border, constant_value, roi_nm = _spec_settings(specs, arrays, border, constant_value, roi_nm)
-        elif border not in PAD_MODES:
-            raise InvalidParameterError(f"border must be one of {PAD_MODES} for sampling, got {border!r}")
+        self.pads, roi_nm = _spec_settings(specs, arrays, border, constant_value, roi_nm)
         if not 0.0 <= min_foreground_fraction <= 1.0:
             raise InvalidParameterError(f"min_foreground_fraction must be in [0, 1], got {min_foreground_fraction!r}")
         if min_foreground_fraction > 0 and foreground_key not in arrays:
@@ -139,7 +137,7 @@ class RandomBlockSampler:
             if not anchor.bounds.contains(roi):
                 raise InvalidParameterError(
                     f"roi_voxels {roi} of the spec is outside the array {self.anchor!r} of shape {anchor.shape}")
-        if border == "drop":
+        if self.pads[self.anchor][0] == "drop":
             # Keep the anchor's block *and halo* inside the array: nothing outside it is ever read.
             lo = [max(a, h) for a, h in zip(roi.start, self.halos[self.anchor], strict=True)]
             hi = [max(min(b, n - h), a) for a, b, n, h in zip(lo, roi.stop, anchor.shape, self.halos[self.anchor],
@@ -269,8 +267,8 @@ class RandomBlockSampler:
     def _read(self, key: str, box: Box, index: int) -> Block:
         array = self.arrays[key]
         read_box = box.grow(self.halos[key])
-        mode = "constant" if self.border == "drop" else self.border
-        data = array.read_padded(read_box, mode, self.constant_value)
+        mode, constant = self.pads[key]
+        data = array.read_padded(read_box, "constant" if mode == "drop" else mode, constant)
         return Block(index=(index,), read_box=read_box, block_box=box, core_box=box, level=array.level,
                      voxel_size_nm=array.voxel_size_nm, translation_nm=array.translation_nm, data=data)
 
@@ -284,29 +282,35 @@ def _specs_by_key(block_shape_voxels: Any, arrays: Mapping[str, EmArray]) -> dic
 
 
 def _spec_settings(specs: Mapping[str, BlockSpec], arrays: Mapping[str, EmArray], border: str,
-                   constant_value: float, roi_nm: RoiNm | None) -> tuple[str, float, RoiNm | None]:
-    """Border, constant and ROI from the block specs (which must agree), checked for sampling.
+                   constant_value: float, roi_nm: RoiNm | None
+                   ) -> tuple[dict[str, tuple[str, float]], RoiNm | None]:
+    """Each array's (border, constant) and the ROI from the block specs, checked for sampling.
 
-    A spec's ``overlap_voxels`` is a grid setting and is ignored: random samples have no neighbours.
+    Arrays without a spec use ``border``/``constant_value``. A spec's ``overlap_voxels`` is a grid setting
+    and is ignored: random samples have no neighbours.
     """
-    borders = {s.border for s in specs.values()}
-    if len(borders) > 1:
-        raise InvalidParameterError(f"the block specs disagree on border: {sorted(borders)}; give one")
-    spec_border = borders.pop()
-    if border != "constant" and border != spec_border:
-        raise InvalidParameterError(f"border={border!r} conflicts with the block spec's border {spec_border!r}")
-    if spec_border not in (*PAD_MODES, "drop"):
-        raise InvalidParameterError(
-            f"border {spec_border!r} makes blocks of different shapes, which cannot be batched; use one of "
-            f"{(*PAD_MODES, 'drop')} for sampling")
-    for key, spec in specs.items():
+    if border not in PAD_MODES:
+        raise InvalidParameterError(f"border must be one of {PAD_MODES} for sampling, got {border!r}")
+    pads: dict[str, tuple[str, float]] = {}
+    for key in arrays:
+        spec = specs.get(key)
+        if spec is None:
+            pads[key] = (border, constant_value)
+            continue
+        if border != "constant" and border != spec.border:
+            raise InvalidParameterError(f"border={border!r} conflicts with the block spec's border {spec.border!r}")
+        if spec.border not in (*PAD_MODES, "drop"):
+            raise InvalidParameterError(
+                f"border {spec.border!r} of {key!r} makes blocks of different shapes, which cannot be batched; use "
+                f"one of {(*PAD_MODES, 'drop')} for sampling")
         if spec.level is not None and spec.level != arrays[key].level:
             raise InvalidParameterError(
                 f"the spec for {key!r} asks for level {spec.level} but the array is opened at level "
                 f"{arrays[key].level}; open it with open_array(..., level={spec.level})")
+        pads[key] = (spec.border, spec.constant_value)
     rois = {s.roi_nm for s in specs.values() if s.roi_nm is not None}
     if len(rois) > 1:
         raise InvalidParameterError(f"the block specs disagree on roi_nm: {rois}")
     if roi_nm is None and rois:
         roi_nm = rois.pop()
-    return spec_border, next(iter(specs.values())).constant_value, roi_nm
+    return pads, roi_nm

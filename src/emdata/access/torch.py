@@ -165,7 +165,6 @@ class SamplerDataset(IterableDataset):  # type: ignore[type-arg]
             first = self._resume["next"]
             self._resume = None
         sampler = self.sampler
-        self._n_workers = n_workers
 
         def draw(k: int) -> tuple[int, dict[str, Block]]:
             return k, sampler.sample(self.global_index(k))
@@ -178,12 +177,10 @@ class SamplerDataset(IterableDataset):  # type: ignore[type-arg]
             yield item
 
     def state_dict(self) -> dict[str, int]:
-        n_workers = getattr(self, "_n_workers", 1)
-        if self._next is None:
-            info = get_worker_info()
-            nxt = self.start + (info.id if info is not None else 0)
-        else:
-            nxt = self._next
+        # Also asked before this worker's iterator has started (StatefulDataLoader's first snapshot).
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        nxt = self.start + worker if self._next is None else self._next
         return {"epoch": self.epoch, "next": nxt, "num_workers": n_workers, "rank": self.rank,
                 "world_size": self.world_size}
 
