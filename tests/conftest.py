@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emdata.offline.replica import ReplicaServer, build_replica, serve_in_thread
+from emdata.offline.replica import ReplicaServer, build_replica, replica_providers, serve_in_thread
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +24,7 @@ def replica_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def _replica_session_server(replica_tree: Path) -> Iterator[ReplicaServer]:
-    with serve_in_thread(replica_tree) as server:
+    with serve_in_thread(replica_tree, providers=replica_providers(replica_tree, "small")) as server:
         yield server
 
 
@@ -43,7 +43,7 @@ def replica_copy(replica_tree: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def replica_copy_server(replica_copy: Path) -> Iterator[ReplicaServer]:
-    with serve_in_thread(replica_copy) as server:
+    with serve_in_thread(replica_copy, providers=replica_providers(replica_copy, "small")) as server:
         yield server
 
 

@@ -255,3 +255,66 @@ def test_ranged_download_restarts_when_the_file_changed_upstream(file_server, tm
     parts.write_text(json.dumps({"total": 3 * MB, "part": MB, "done": [0, MB]}))
     result = make(server, range_threshold_mb=1, range_part_mb=1).download(Download(url, tmp_path / "big.bin"))
     assert result.sha256 == tree.sha256("big.bin") and not parts.exists()
+
+
+# ----------------------------------------------------------------------------- what real hosts do
+def _host_file(tree, host: str, name: str, data: bytes) -> str:
+    path = tree.root / host / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return f"https://{host}/{name}"
+
+
+def test_a_gz_file_labelled_gzip_encoded_is_stored_as_the_server_holds_it(file_server, tmp_path):
+    import gzip
+    import hashlib
+
+    server, tree = file_server
+    stored = gzip.compress(b"<xml>" + b"slice " * 5000 + b"</xml>", mtime=0)
+    url = _host_file(tree, "ftp.ebi.ac.uk", "entry/F57-8_test1.xml.gz", stored)  # EBI labels .gz gzip-encoded
+    result = make(server).download(Download(url, tmp_path / "x.xml.gz"))
+    assert (tmp_path / "x.xml.gz").read_bytes() == stored  # not the decoded XML
+    assert result.sha256 == hashlib.sha256(stored).hexdigest() and result.size == len(stored)
+
+
+def test_a_body_compressed_in_transit_is_refused_not_stored(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("volume.tif", 200_000)
+    server.behaviour.gzip_paths = ["volume.tif"]  # a server that compresses although identity was asked
+    with pytest.raises(DownloadError, match=r"volume.tif.*Content-Encoding 'gzip'.*identity"):
+        make(server, retries=0).download(Download(url, tmp_path / "volume.tif"))
+    assert not (tmp_path / "volume.tif").exists()
+
+
+def test_documents_labelled_gzip_are_decoded_within_a_bound(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("doc.json", 10)
+    (tree.root / "example.org" / "files" / "doc.json").write_text(json.dumps({"a": list(range(1000))}))
+    server.behaviour.gzip_paths = ["doc.json"]
+    assert make(server).fetch_json(url) == {"a": list(range(1000))}
+    with pytest.raises(DownloadError, match=r"doc.json.*larger than 100 bytes"):
+        make(server).fetch_bytes(url, max_bytes=100)
+
+
+@pytest.mark.parametrize("host", ["storage.googleapis.com", "janelia-cosem-datasets.s3.amazonaws.com"])
+def test_server_hashes_verify_a_first_download_without_a_pin(file_server, tmp_path, host):
+    import numpy as np
+
+    server, tree = file_server
+    data = np.random.default_rng(3).integers(0, 256, 400_000, dtype=np.uint8).tobytes()
+    url = _host_file(tree, host, "bucket/obj.bin", data)
+    assert make(server).download(Download(url, tmp_path / "ok.bin")).size == len(data)
+    server.faults.corrupt_count = 1  # one flipped byte; nothing pinned, but the server states the MD5
+    with pytest.raises(IntegrityError, match=r"obj.bin: md5 .* stated by the server"):
+        make(server, retries=0).download(Download(url, tmp_path / "bad.bin"))
+    assert not (tmp_path / "bad.bin").exists() and not (tmp_path / "bad.bin.partial").exists()
+
+
+def test_head_reports_existence_without_raising(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("there.bin", 10)
+    status, headers = make(server).head(url)
+    assert status == 200 and headers["Content-Length"] == "10"
+    assert make(server).head(url.replace("there", "absent"))[0] == 404
+    server.faults.path_contains, server.faults.status, server.faults.status_count = "there", 503, 1
+    assert make(server).head(url)[0] == 200  # a 503 is retried

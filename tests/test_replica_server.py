@@ -120,8 +120,10 @@ def test_a_new_builder_version_replaces_the_old_files(tmp_path, monkeypatch):
             (root / "example.org" / f"only-in-v{Builder.VERSION}.bin").write_bytes(b"x")
             (root / "example.org" / "both.bin").write_bytes(bytes([Builder.VERSION]))
 
-    monkeypatch.setitem(replica.SOURCE_MODULES, "fake", "fake_builder")
-    monkeypatch.setitem(__import__("sys").modules, "fake_builder", Builder)
+    from emdata.catalog import DATASETS, Dataset
+
+    monkeypatch.setitem(DATASETS, "fake", Dataset("fake", "data/fake.zarr", "fake_source"))
+    monkeypatch.setitem(__import__("sys").modules, "emdata.offline.replica.fake", Builder)
     tree = replica.build_replica("small", ["fake"], tmp_path)
     replica.build_replica("small", ["fake"], tmp_path)  # cached: not built again
     assert calls == [1]

@@ -8,6 +8,7 @@ Large files are fetched as parallel byte ranges written in place (``os.pwrite``)
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -15,14 +16,17 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 
@@ -38,6 +42,8 @@ USER_AGENT = f"emdata/{__version__} (+https://github.com/emdata/emdata; reproduc
 # Bytes still in a read buffer when a connection breaks are lost: small blocks bound what a resume refetches.
 STREAM_BLOCK = 64 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# Documents (JSON, index pages) larger than this are refused: none of the sources' documents comes close.
+MAX_DOCUMENT_BYTES = 16 * 2**20
 # Worth retrying: the server or the path may recover. Everything else (404, 403, ...) fails at once.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -89,6 +95,9 @@ def make_session(config: DownloadConfig) -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers["User-Agent"] = USER_AGENT
+    # The bytes on the server, not a transfer encoding of them: a body still labelled gzip is then the stored
+    # object itself (e.g. Apache's AddEncoding on a .gz file), and is kept as it is.
+    session.headers["Accept-Encoding"] = "identity"
     return session
 
 
@@ -131,11 +140,35 @@ class ChecksumRegistry:
 
 
 def sha256_file(path: Path, block: int = 8 * STREAM_BLOCK) -> str:
-    digest = hashlib.sha256()
+    return hash_file(path, block)[0]
+
+
+def hash_file(path: Path, block: int = 8 * STREAM_BLOCK) -> tuple[str, str]:
+    """(sha256, md5) of a file in one pass (md5 only to check the hash a server sends)."""
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
     with path.open("rb") as f:
         while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+            sha.update(chunk)
+            md5.update(chunk)
+    return sha.hexdigest(), md5.hexdigest()
+
+
+_ETAG_MD5 = re.compile(r'^(?:W/)?"?([0-9a-fA-F]{32})"?$')
+
+
+def server_md5(headers: Mapping[str, str]) -> str | None:
+    """The MD5 (hex) of the whole object a server states: GCS ``x-goog-hash: ..md5=<base64>``, or an S3 ``ETag``
+    that is a plain MD5 (single-part uploads; multipart ETags end in ``-N`` and are not an MD5)."""
+    for part in headers.get("x-goog-hash", "").split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "md5" and value:
+            try:
+                raw = base64.b64decode(value, validate=True)
+            except ValueError:
+                return None
+            return raw.hex() if len(raw) == 16 else None
+    m = _ETAG_MD5.match(headers.get("ETag", "").strip())
+    return m.group(1).lower() if m and not headers.get("ETag", "").startswith("W/") else None
 
 
 class Downloader:
@@ -151,17 +184,31 @@ class Downloader:
         self.progress = progress  # None = a bar only on a terminal
         self._sleep = sleep
         self._bar: tqdm | None = None
+        self._server_md5: dict[str, str] = {}  # fetched URL -> the MD5 its server stated for the whole object
+        self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- public API
-    def fetch_bytes(self, url: str) -> bytes:
-        """GET a small document (metadata JSON, an index page) with the same retries and timeouts."""
+    def fetch_bytes(self, url: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
+        """GET a small document (metadata JSON, an index page) with the same retries and timeouts.
+
+        At most ``max_bytes`` are read (a document is never allowed to fill memory); a gzip-encoded body is
+        decoded, within the same bound, since documents are parsed, not stored.
+        """
         target = rewrite(url, self.mirror)
 
         def attempt(_: int) -> bytes:
             with self._get(target, {}) as response:
-                return response.content
+                body = bytearray()
+                for block in response.raw.stream(STREAM_BLOCK, decode_content=False):
+                    body += block
+                    if len(body) > max_bytes:
+                        raise DownloadError(f"GET {redact(target)}: the document is larger than {max_bytes} bytes")
+                _check_length(response, len(body), target)
+                if response.headers.get("Content-Encoding", "identity").lower() in ("gzip", "x-gzip"):
+                    return _gunzip(bytes(body), max_bytes, target)
+                return bytes(body)
 
-        return self._with_retries(target, attempt)
+        return self._with_retries(target, attempt)  # type: ignore[no-any-return]
 
     def fetch_json(self, url: str) -> Any:
         return json.loads(self.fetch_bytes(url))
@@ -216,8 +263,12 @@ class Downloader:
             fetched = self._download_ranges(target, dest, switch.total)
         partial = _partial(dest)
         size = partial.stat().st_size
-        digest = sha256_file(partial)
+        digest, md5 = hash_file(partial)
+        with self._lock:
+            stated = self._server_md5.pop(target, None)
         self._verify(item.url, partial, size, digest, expected)
+        if stated is not None and stated != md5:
+            self._verify(item.url, partial, size, digest, {"server md5": stated, "md5": md5})
         os.replace(partial, dest)
         _parts_file(dest).unlink(missing_ok=True)
         if expected.get("sha256") is None:
@@ -242,6 +293,8 @@ class Downloader:
             problem = f"size {size} != expected {expected['size']}"
         elif expected.get("sha256") is not None and digest != expected["sha256"]:
             problem = f"sha256 {digest} != expected {expected['sha256']}"
+        elif "server md5" in expected:
+            problem = f"md5 {expected['md5']} != {expected['server md5']} stated by the server (x-goog-hash/ETag)"
         if problem:
             partial.unlink(missing_ok=True)
             _parts_file(partial.with_suffix("")).unlink(missing_ok=True)
@@ -262,7 +315,38 @@ class Downloader:
         if response.status_code >= 400:
             response.close()
             raise DownloadError(f"GET {redact(url)} failed: HTTP {response.status_code} {response.reason}")
+        md5 = server_md5(response.headers)
+        if md5 is not None:
+            with self._lock:
+                self._server_md5[url] = md5
         return response
+
+    def head(self, url: str) -> tuple[int, Mapping[str, str]]:
+        """HEAD a live URL (rewritten onto the mirror): its status and headers, with the same retries.
+
+        A 4xx answer is returned, not raised (the caller asks whether something exists); 5xx and 429 are retried.
+        """
+        target = rewrite(url, self.mirror)
+        timeout = (self.config.connect_timeout_s, self.config.read_timeout_s)
+
+        def attempt(_: int) -> tuple[int, Mapping[str, str]]:
+            response = self.session.head(target, timeout=timeout, allow_redirects=False)
+            response.close()
+            if response.status_code in RETRY_STATUSES:
+                raise _RetryableStatus(response.status_code, _retry_after_seconds(response.headers.get("Retry-After")))
+            return response.status_code, dict(response.headers)
+
+        return self._with_retries(target, attempt)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _refuse_recoding(response: requests.Response, url: str) -> None:
+        """A file body compressed in transit although identity was asked: its bytes are not the file's."""
+        encoding = response.headers.get("Content-Encoding", "identity").lower()
+        if encoding not in ("identity", "") and not (encoding in ("gzip", "x-gzip")
+                                                      and urlsplit(url).path.endswith((".gz", ".tgz"))):
+            response.close()
+            raise DownloadError(f"GET {redact(url)}: the server sent the body with Content-Encoding {encoding!r} "
+                                "although identity was asked; the bytes would not be the file's, so none are kept")
 
     def _with_retries(self, url: str, attempt: Callable[[int], Any]) -> Any:
         """Run ``attempt`` until it succeeds or ``config.retries`` retries are spent (exponential backoff)."""
@@ -274,7 +358,7 @@ class Downloader:
                 last = f"HTTP {exc.status}"
                 delay = exc.retry_after
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                    _ShortBody) as exc:
+                    urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError, _ShortBody) as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 delay = None
             if n == self.config.retries:
@@ -320,6 +404,7 @@ class Downloader:
                 partial.unlink()
                 self._advance(-have)
                 raise _ShortBody("resume offset beyond the end of the file") from None
+            self._refuse_recoding(response, url)
             with response:
                 start, total = _range_of(response, have)
                 if ranges_from is not None and not have and response.status_code == 206 \
@@ -347,7 +432,7 @@ class Downloader:
         return fetched
 
     def _copy(self, response: requests.Response, f: Any) -> None:
-        for block in response.iter_content(STREAM_BLOCK):
+        for block in response.raw.stream(STREAM_BLOCK, decode_content=False):
             f.write(block)
             self._advance(len(block))
 
@@ -386,11 +471,12 @@ class Downloader:
                     pos = start
                     try:
                         with self._get(url, {"Range": f"bytes={start}-{end}"}) as response:
+                            self._refuse_recoding(response, url)
                             got_start, _total = _range_of(response, start)
                             if got_start != start or response.status_code != 206:
                                 raise DownloadError(
                                     f"GET {redact(url)}: server did not honour Range bytes={start}-{end}")
-                            for block in response.iter_content(STREAM_BLOCK):
+                            for block in response.raw.stream(STREAM_BLOCK, decode_content=False):
                                 os.pwrite(fd, block, pos)
                                 pos += len(block)
                                 self._advance(len(block))
@@ -453,6 +539,25 @@ def _range_of(response: requests.Response, asked_from: int) -> tuple[int, int | 
         return int(m.group(1)), (None if m.group(3) == "*" else int(m.group(3)))
     length = response.headers.get("Content-Length")
     return 0, int(length) if length is not None else None
+
+
+def _check_length(response: requests.Response, got: int, url: str) -> None:
+    """A body shorter than its Content-Length is a broken transfer (retried), never a document."""
+    length = response.headers.get("Content-Length")
+    if length is not None and length.isdigit() and int(length) != got:
+        raise _ShortBody(f"GET {redact(url)}: body of {got} bytes, Content-Length {length}")
+
+
+def _gunzip(body: bytes, max_bytes: int, url: str) -> bytes:
+    """Decode a gzip-encoded document, at most ``max_bytes`` of it (a gzip bomb fails, it does not fill memory)."""
+    decoder = zlib.decompressobj(wbits=31)
+    try:
+        out = decoder.decompress(body, max_bytes + 1)
+    except zlib.error as exc:
+        raise DownloadError(f"GET {redact(url)}: body labelled gzip does not decode ({exc})") from exc
+    if len(out) > max_bytes or decoder.unconsumed_tail:
+        raise DownloadError(f"GET {redact(url)}: the decoded document is larger than {max_bytes} bytes")
+    return out
 
 
 def transfer_figures(results: Sequence[DownloadResult], seconds: float) -> dict[str, Any]:

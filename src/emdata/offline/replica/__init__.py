@@ -7,40 +7,52 @@ import logging
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import ModuleType
 from typing import Literal
 
+from emdata.catalog import DATASETS
 from emdata.errors import InvalidParameterError
-from emdata.offline.replica.server import Faults, ReplicaServer, cache_root, serve_in_thread
+from emdata.offline.replica.server import Behaviour, Faults, Provider, ReplicaServer, cache_root, serve_in_thread
 
 log = logging.getLogger(__name__)
 
 Profile = Literal["full", "small"]
 PROFILES: tuple[Profile, ...] = ("full", "small")
 
-# source name -> module under emdata.offline.replica that defines VERSION (int) and build(root: Path, profile) -> None.
-# "full" keeps the real shapes where the time budget allows; "small" is for the test suite.
-SOURCE_MODULES: dict[str, str] = {
-    "epfl": "emdata.offline.replica.epfl",
-    "hemibrain": "emdata.offline.replica.hemibrain",
-    "empiar": "emdata.offline.replica.empiar",
-    "idr": "emdata.offline.replica.idr",
-    "openorganelle": "emdata.offline.replica.openorganelle",
-}
+# Each dataset of emdata.catalog has a module emdata.offline.replica.<name> that defines VERSION (int) and
+# build(root: Path, profile) -> None, and may define providers(root: Path, profile) -> {path prefix: Provider}
+# for content generated on request. "full" keeps the real shapes where the time budget allows; "small" is for
+# the test suite.
+__all__ = ["Behaviour", "Faults", "ReplicaServer", "build_replica", "cache_root", "replica_providers",
+           "serve_in_thread"]
 
-__all__ = ["Faults", "ReplicaServer", "SOURCE_MODULES", "build_replica", "serve_in_thread", "cache_root"]
+
+def _module(source: str) -> ModuleType:
+    return importlib.import_module(f"{__name__}.{source}")
 
 
 def _builder(source: str) -> tuple[int, Callable[[Path, Profile], None]]:
-    module = importlib.import_module(SOURCE_MODULES[source])
+    module = _module(source)
     return module.VERSION, module.build
 
 
 def validate_sources(sources: Iterable[str] | None) -> list[str]:
-    names = list(SOURCE_MODULES) if sources is None else list(sources)
-    unknown = [s for s in names if s not in SOURCE_MODULES]
+    names = list(DATASETS) if sources is None else list(sources)
+    unknown = [s for s in names if s not in DATASETS]
     if unknown:
-        raise InvalidParameterError(f"unknown replica source(s) {unknown}; valid: {sorted(SOURCE_MODULES)}")
+        raise InvalidParameterError(f"unknown replica source(s) {unknown}; valid: {sorted(DATASETS)}")
     return names
+
+
+def replica_providers(tree: Path, profile: Profile = "full", sources: Iterable[str] | None = None
+                      ) -> dict[str, Provider]:
+    """The generated-on-request content of ``sources`` for a server of ``tree`` (built by ``build_replica``)."""
+    providers: dict[str, Provider] = {}
+    for name in validate_sources(sources):
+        make = getattr(_module(name), "providers", None)
+        if make is not None:
+            providers.update(make(tree, profile))
+    return providers
 
 
 def build_replica(profile: Profile = "full", sources: Iterable[str] | None = None,

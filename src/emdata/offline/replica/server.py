@@ -1,15 +1,25 @@
-"""The replica's HTTP server: serves ROOT/HOST/PATH as MIRROR/HOST/PATH with Range support and fault injection."""
+"""The replica's HTTP server: serves ROOT/HOST/PATH as MIRROR/HOST/PATH with Range support and fault injection.
+
+Besides faults (switched on by tests), the server has :class:`Behaviour`: how the real hosts behave, on by
+default where the evidence says so (``shared/reference/sources/live_behaviour_evidence.md``), each behind a
+switch: gzip ``Content-Encoding``, the status of a missing object per host, the autoindex style, server-side
+hashes (GCS ``x-goog-hash``, S3 ``ETag``) and host outages. Content can also be generated on request
+(``providers``: a real-size volume costs nothing until a chunk of it is read).
+"""
 
 from __future__ import annotations
 
+import base64
 import email.utils
+import gzip
+import hashlib
 import json
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from http import HTTPStatus
@@ -21,8 +31,40 @@ log = logging.getLogger(__name__)
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 COPY_BLOCK = 256 * 1024
-# Faults of a running replica are read (GET) and replaced (PUT, JSON) here; no source host has this path.
+# Faults and behaviour of a running replica are read (GET) and replaced (PUT, JSON) here; no host has these paths.
 CONTROL_PATH = "/_replica/faults"
+BEHAVIOUR_PATH = "/_replica/behaviour"
+AUTOINDEX_STYLES = ("apache-table", "pre", "nginx")
+
+# A provider answers a path relative to the root (HOST/PATH) with the bytes to serve, or None (not its path).
+Provider = Callable[[str], "bytes | None"]
+
+
+@dataclass
+class Behaviour:
+    """How the hosts behave. Defaults are the real hosts' ways (evidence in the reference folder); each can be
+    switched for a test (``ReplicaServer.set_behaviour`` or ``PUT /_replica/behaviour``)."""
+
+    # Stored ``.gz`` files under these hosts go out as they are, labelled ``Content-Encoding: gzip`` (Apache's
+    # AddEncoding): a client that decodes transparently sees other bytes and another length than the server's.
+    gz_as_encoding_hosts: list[str] = field(default_factory=lambda: ["ftp.ebi.ac.uk"])
+    # On demand: any path containing one of these is gzip-compressed on the fly (``Content-Encoding: gzip``).
+    gzip_paths: list[str] = field(default_factory=list)
+    # Status of a missing object per host (404 unless named: 403 is an S3 bucket without anonymous listing).
+    missing_status: dict[str, int] = field(default_factory=dict)
+    # Autoindex style of folder URLs: ``index.<style>.html`` is served where it exists, else ``index.html``.
+    autoindex: str = "apache-table"
+    # GCS sends ``x-goog-hash: crc32c=..,md5=..``; S3 an ``ETag`` that is the MD5 of a single-part object.
+    server_hashes: bool = True
+    # Hosts that answer 503 to everything (e.g. IDR's OMERO web app during an outage).
+    outage_hosts: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.autoindex not in AUTOINDEX_STYLES:
+            raise ValueError(f"autoindex must be one of {AUTOINDEX_STYLES}, got {self.autoindex!r}")
+        bad = {h: s for h, s in self.missing_status.items() if s not in (403, 404)}
+        if bad:
+            raise ValueError(f"missing_status must map hosts to 403 or 404, got {bad}")
 
 
 @dataclass
@@ -59,11 +101,14 @@ class ReplicaServer(ThreadingHTTPServer):
     # Many concurrent range readers (tensorstore, parallel downloads) connect at once.
     request_queue_size = 128
 
-    def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, root: Path, host: str = "127.0.0.1", port: int = 0,
+                 providers: Mapping[str, Provider] | None = None) -> None:
         self.root = Path(root).resolve()
         self.faults = Faults()
+        self.behaviour = Behaviour()
+        self.providers = dict(providers or {})  # path prefix (HOST/PATH) -> provider of generated content
         self.lock = threading.Lock()
-        self.bytes_served = 0
+        self._hashes: dict[tuple[str, int, float], tuple[str, str]] = {}
         super().__init__((host, port), ReplicaHandler)
 
     @property
@@ -95,8 +140,63 @@ class ReplicaServer(ThreadingHTTPServer):
         return state
 
     def reset_faults(self) -> None:
+        """Faults off and the request log empty; behaviour back to the real hosts' defaults."""
         with self.lock:
             self.faults = Faults()
+            self.behaviour = Behaviour()
+
+    def set_behaviour(self, settings: Mapping[str, object]) -> None:
+        """Change behaviour fields (names of ``Behaviour`` fields; the others keep their values)."""
+        known = {f.name for f in fields(Behaviour)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"unknown behaviour(s) {unknown}; valid: {sorted(known)}")
+        with self.lock:
+            self.behaviour = Behaviour(**{**asdict(self.behaviour), **settings})  # type: ignore[arg-type]
+
+    def object_hashes(self, resource: _Resource) -> tuple[str, str]:
+        """(md5 hex, crc32c base64) of a whole object, cached per path, size and mtime."""
+        import google_crc32c  # zarr's own dependency (pinned with zarr)
+
+        key = (resource.name, resource.size, resource.mtime)
+        with self.lock:
+            cached = self._hashes.get(key)
+        if cached is None:
+            md5, crc = hashlib.md5(usedforsecurity=False), google_crc32c.Checksum()
+            for block in resource.blocks(0, resource.size):
+                md5.update(block)
+                crc.update(block)
+            cached = (md5.hexdigest(), base64.b64encode(crc.digest()).decode())
+            with self.lock:
+                self._hashes[key] = cached
+        return cached
+
+
+@dataclass(frozen=True)
+class _Resource:
+    """What a URL resolves to: a file of the tree, or bytes generated by a provider."""
+
+    name: str  # HOST/PATH relative to the root
+    size: int
+    mtime: float
+    path: Path | None = None
+    data: bytes | None = None
+
+    def blocks(self, start: int, length: int) -> Iterator[bytes]:
+        if self.data is not None:
+            for i in range(start, start + length, COPY_BLOCK):
+                yield self.data[i:min(i + COPY_BLOCK, start + length)]
+            return
+        assert self.path is not None
+        with self.path.open("rb") as f:
+            f.seek(start)
+            left = length
+            while left > 0:
+                block = f.read(min(COPY_BLOCK, left))
+                if not block:
+                    return
+                left -= len(block)
+                yield block
 
 
 class ReplicaHandler(BaseHTTPRequestHandler):
@@ -107,37 +207,56 @@ class ReplicaHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s " + format, self.address_string(), *args)
 
-    def _resolve(self) -> Path | None:
+    def _resolve(self) -> _Resource | None:
         path = unquote(urlsplit(self.path).path)
-        target = (self.server.root / path.lstrip("/")).resolve()
-        if self.server.root not in target.parents and target != self.server.root:
+        root = self.server.root
+        target = (root / path.lstrip("/")).resolve()
+        if root not in target.parents and target != root:
             return None
         if target.is_dir():
-            index = target / "index.html"
-            return index if index.is_file() else None
-        return target if target.is_file() else None
+            styled = target / f"index.{self.server.behaviour.autoindex}.html"
+            target = styled if styled.is_file() else target / "index.html"
+        if target.is_file():
+            stat = target.stat()
+            return _Resource(target.relative_to(root).as_posix(), stat.st_size, stat.st_mtime, path=target)
+        name = path.lstrip("/")
+        for prefix, provider in self.server.providers.items():
+            if name.startswith(prefix):
+                data = provider(name)
+                if data is not None:
+                    return _Resource(name, len(data), 0.0, data=data)
+        return None
 
     def do_HEAD(self) -> None:
         self._serve(head=True)
 
     def do_GET(self) -> None:
-        if urlsplit(self.path).path == CONTROL_PATH:
+        path = urlsplit(self.path).path
+        if path == CONTROL_PATH:
             self._send_json(self.server.faults_state())
+            return
+        if path == BEHAVIOUR_PATH:
+            self._send_json(asdict(self.server.behaviour))
             return
         self._serve(head=False)
 
     def do_PUT(self) -> None:
-        """``PUT /_replica/faults`` with a JSON object of ``Faults`` fields replaces the faults ({} clears them)."""
-        if urlsplit(self.path).path != CONTROL_PATH:
+        """``PUT /_replica/faults`` with a JSON object of ``Faults`` fields replaces the faults ({} clears them);
+        ``PUT /_replica/behaviour`` changes the named ``Behaviour`` fields."""
+        path = urlsplit(self.path).path
+        if path not in (CONTROL_PATH, BEHAVIOUR_PATH):
             self._send_status(405)
             return
         try:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-            self.server.set_faults(body)
+            if path == CONTROL_PATH:
+                self.server.set_faults(body)
+            else:
+                self.server.set_behaviour(body)
         except (ValueError, TypeError) as exc:
             self._send_json({"error": str(exc)}, status=400)
             return
-        self._send_json(self.server.faults_state())
+        self._send_json(self.server.faults_state() if path == CONTROL_PATH else asdict(self.server.behaviour))
 
     def _send_json(self, data: object, status: int = 200) -> None:
         body = json.dumps(data).encode()
@@ -172,11 +291,29 @@ class ReplicaHandler(BaseHTTPRequestHandler):
             extra = {"Retry-After": f"{retry_after:g}"} if status == 429 and retry_after is not None else None
             self._send_status(status, extra)
             return
+        behaviour = server.behaviour
+        host = unquote(urlsplit(self.path).path).lstrip("/").split("/", 1)[0]
+        if host in behaviour.outage_hosts:
+            self._send_status(503)
+            return
         target = self._resolve()
         if target is None:
-            self._send_status(404)
+            self._send_status(behaviour.missing_status.get(host, 404))
             return
-        size = target.stat().st_size
+        headers: dict[str, str] = {}
+        if behaviour.server_hashes and host == "storage.googleapis.com":
+            md5, crc = server.object_hashes(target)
+            headers["x-goog-hash"] = f"crc32c={crc},md5={base64.b64encode(bytes.fromhex(md5)).decode()}"
+        elif behaviour.server_hashes and host.endswith(".s3.amazonaws.com"):
+            headers["ETag"] = f'"{server.object_hashes(target)[0]}"'
+        if any(p in self.path for p in behaviour.gzip_paths):
+            # Compressed on the fly: what is sent is the gzip stream, its length and ranges are the stream's.
+            data = gzip.compress(b"".join(target.blocks(0, target.size)), mtime=0)
+            target = _Resource(target.name, len(data), target.mtime, data=data)
+            headers["Content-Encoding"] = "gzip"
+        elif host in behaviour.gz_as_encoding_hosts and target.name.endswith(".gz"):
+            headers["Content-Encoding"] = "gzip"
+        size = target.size
         start, end = 0, size - 1
         status_code = 200
         range_header = self.headers.get("Range")
@@ -204,8 +341,10 @@ class ReplicaHandler(BaseHTTPRequestHandler):
         self.send_response(status_code)
         self.send_header("Content-Length", str(length))
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Last-Modified", email.utils.formatdate(target.stat().st_mtime, usegmt=True))
+        self.send_header("Content-Type", "text/html" if target.name.endswith(".html") else "application/octet-stream")
+        self.send_header("Last-Modified", email.utils.formatdate(target.mtime, usegmt=True))
+        for key, value in headers.items():
+            self.send_header(key, value)
         if status_code == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
         self.end_headers()
@@ -213,37 +352,30 @@ class ReplicaHandler(BaseHTTPRequestHandler):
             return
         self._send_body(target, start, length, drop=drop, corrupt=corrupt, bandwidth=bandwidth)
 
-    def _send_body(self, target: Path, start: int, length: int, *, drop: int | None, corrupt: bool,
+    def _send_body(self, target: _Resource, start: int, length: int, *, drop: int | None, corrupt: bool,
                    bandwidth: float | None) -> None:
         sent = 0
         began = time.monotonic()
-        with target.open("rb") as f:
-            f.seek(start)
-            while sent < length:
-                block = f.read(min(COPY_BLOCK, length - sent))
-                if not block:
-                    break
-                if corrupt and sent <= length // 2 < sent + len(block):
-                    i = length // 2 - sent  # flip one byte in the middle of the body
-                    block = block[:i] + bytes([block[i] ^ 0xFF]) + block[i + 1:]
-                if drop is not None and sent + len(block) > drop:
-                    self.wfile.write(block[: max(0, drop - sent)])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                try:
-                    self.wfile.write(block)
-                except (BrokenPipeError, ConnectionResetError):
-                    self.close_connection = True
-                    return
-                sent += len(block)
-                if bandwidth:
-                    ahead = sent / bandwidth - (time.monotonic() - began)
-                    if ahead > 0:
-                        time.sleep(ahead)
-        with self.server.lock:
-            self.server.bytes_served += sent
+        for block in target.blocks(start, length):
+            if corrupt and sent <= length // 2 < sent + len(block):
+                i = length // 2 - sent  # flip one byte in the middle of the body
+                block = block[:i] + bytes([block[i] ^ 0xFF]) + block[i + 1:]
+            if drop is not None and sent + len(block) > drop:
+                self.wfile.write(block[: max(0, drop - sent)])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            try:
+                self.wfile.write(block)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+                return
+            sent += len(block)
+            if bandwidth:
+                ahead = sent / bandwidth - (time.monotonic() - began)
+                if ahead > 0:
+                    time.sleep(ahead)
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -265,9 +397,10 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
 
 
 @contextmanager
-def serve_in_thread(root: Path, port: int = 0) -> Iterator[ReplicaServer]:
+def serve_in_thread(root: Path, port: int = 0,
+                    providers: Mapping[str, Provider] | None = None) -> Iterator[ReplicaServer]:
     """Serve ``root`` on loopback in a background thread (port 0 = a free port) until the block exits."""
-    server = ReplicaServer(root, port=port)
+    server = ReplicaServer(root, port=port, providers=providers)
     # A short poll interval: shutdown() waits for the next poll (0.5 s by default, per test in the suite).
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="emdata-replica",
                               daemon=True)
