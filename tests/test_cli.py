@@ -324,3 +324,10 @@ def test_pull_from_a_remote_then_verify(dvc_repo: Path, tmp_path: Path, capsys: 
     assert after == before
     code, out, err = run(dvc_repo, "verify", "hemibrain", "--no-decode", capsys=capsys)
     assert code == EXIT_OK, out + err
+    # A remote that is gone: dvc pull's failure becomes a one-line error naming the output.
+    shutil.rmtree(dvc_repo / HEMIBRAIN)
+    shutil.rmtree(dvc_repo / ".dvc/cache")
+    shutil.rmtree(tmp_path / "remote")
+    code, out, err = run(dvc_repo, "pull", "hemibrain", capsys=capsys)
+    assert code == EXIT_FAILED
+    assert err.strip().splitlines()[-1].startswith(f"emdata pull: error: dvc pull {HEMIBRAIN} failed")

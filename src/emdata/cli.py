@@ -557,14 +557,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
                        "(credentials with `dvc remote modify --local storage ...`; see README)")
     cmd = [*_dvc_command(), "pull", dataset.output]
     print(f"$ dvc pull {dataset.output}  (remote {remote!r}, in {repo})", flush=True)
-    proc = subprocess.run(cmd, cwd=repo, check=False, stderr=subprocess.PIPE, text=True)
-    sys.stderr.write(proc.stderr)
+    # dvc writes straight to the terminal, so its progress bars show.
+    proc = subprocess.run(cmd, cwd=repo, check=False)
     if proc.returncode != 0:
-        hint = ""
-        if "credentials" in proc.stderr.lower():
-            hint = ("; the remote needs credentials: set the usual AWS environment or "
-                    f"`dvc remote modify --local {remote} access_key_id ...` (and endpointurl for a non-AWS store)")
-        raise CliError(f"dvc pull {dataset.output} failed (exit {proc.returncode}){hint}")
+        raise CliError(f"dvc pull {dataset.output} failed (exit {proc.returncode}), see dvc's message above; for "
+                       f"missing credentials or endpoint: `dvc remote modify --local {remote} access_key_id ...` "
+                       "(and endpointurl for a non-AWS store) or the usual AWS environment")
     if not is_pulled(repo / dataset.output):
         raise CliError(f"dvc pull finished but {dataset.output} is still missing")
     print(f"pulled {dataset.name} into {dataset.output}; check it with `emdata verify {dataset.name}`")
