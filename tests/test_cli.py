@@ -310,6 +310,7 @@ def test_pull_without_record_remote_or_dvc(dvc_repo: Path, capsys: pytest.Captur
     assert code == EXIT_USAGE and "not a DVC repository" in err
 
 
+@pytest.mark.slow  # three dvc commands plus a push: ~5 s idle, ~12 s on a loaded 2-core machine
 def test_pull_from_a_remote_then_verify(dvc_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dvc(dvc_repo, "remote", "add", "-d", "local", str(tmp_path / "remote"))
     dvc(dvc_repo, "push", "-q", HEMIBRAIN)
