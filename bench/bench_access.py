@@ -1,4 +1,5 @@
-"""Benchmark block-wise reads: iterator vs. tensorstore whole-array read vs. zarr-python block slicing."""
+"""Benchmark block-wise access: reads (iterator vs. whole-array vs. zarr-python) and, with ``--suite scale``,
+DataLoader workers, a dask LocalCluster vs. one process, and streaming from a loopback S3 vs. local files."""
 
 from __future__ import annotations
 
@@ -54,8 +55,188 @@ def timed(fn: Callable[[], int]) -> tuple[float, int]:
     return time.perf_counter() - t0, nbytes
 
 
+def augment(data: np.ndarray, seed: int) -> np.ndarray:
+    """What a training loop does to each sample on the CPU: random flips and transpose, normalise, noise."""
+    rng = np.random.default_rng(seed)
+    x = data.astype(np.float32)
+    for axis in range(3):
+        if rng.random() < 0.5:
+            x = np.flip(x, axis)
+    if rng.random() < 0.5:
+        x = x.transpose(0, 2, 1)
+    x = (x - x.mean()) / (x.std() + 1e-6)
+    return np.ascontiguousarray(x + rng.normal(0, 0.05, x.shape).astype(np.float32))
+
+
+class AugmentedSamples:
+    """A map-style dataset: sample i of a RandomBlockSampler, augmented (module level: picklable)."""
+
+    def __init__(self, sampler: object, n: int) -> None:
+        self.sampler, self.n = sampler, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> object:
+        import torch
+
+        block = self.sampler.sample(i)["raw"]  # type: ignore[attr-defined]
+        return torch.from_numpy(augment(block.data, i))[None]
+
+
+def gaussian_model(data: np.ndarray) -> np.ndarray:
+    """A stand-in for a network on the CPU: a 3-D Gaussian filter (uses the halo)."""
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(data.astype(np.float32), sigma=2.0)
+
+
+def scale_suite(args: argparse.Namespace) -> None:
+    """DataLoader workers, dask LocalCluster vs. one process, loopback S3 vs. local: ratios side by side."""
+    import shutil
+    import tempfile
+
+    import torch
+
+    from emdata.access import RandomBlockSampler
+    from emdata.access.dask import map_blocks
+    from emdata.access.torch import data_loader, safe_start_method, sampler_dataset
+
+    path = build_volume(args.out / f"bench_{args.size}.zarr", args.size)
+    for f in (path / "0").rglob("*"):
+        if f.is_file():
+            f.read_bytes()
+    load_before = os.getloadavg()[0]
+    rows: list[dict[str, object]] = []
+
+    def report(name: str, values: list[float], unit: str, note: str = "") -> float:
+        m = statistics.median(values)
+        print(f"{name:58s} {m:9.1f} {unit:10s} runs {' '.join(f'{v:.1f}' for v in values)}  {note}")
+        rows.append({"case": name, "median": m, "unit": unit, "runs": values, "note": note})
+        return m
+
+    # 1. DataLoader: samples/s with 0, 1, 2 workers. Each sample is a random 64^3 block read with no decoded
+    # chunk cache (ChunkCache(0): every sample decodes its chunks) and augmented on the CPU.
+    n = args.samples
+    arr = open_array(path, cache=ChunkCache(0))
+    sampler = RandomBlockSampler({"raw": arr}, 64, seed=0, prefetch=0)
+    dataset = AugmentedSamples(sampler, n)
+    print(f"\n== DataLoader ({n} samples of 64^3 uint8 per epoch, no chunk cache, augment on CPU; "
+          f"workers start with {safe_start_method()}; batch 8; samples/s of the second epoch, persistent workers)")
+    rates: dict[int, list[float]] = {w: [] for w in args.workers}
+    first_epoch: dict[int, list[float]] = {w: [] for w in args.workers}
+    for _ in range(args.repeats):
+        for w in args.workers:
+            loader = data_loader(dataset, batch_size=8, num_workers=w, persistent_workers=w > 0)  # type: ignore[arg-type]
+            t0 = time.perf_counter()
+            assert sum(b.shape[0] for b in loader) == n
+            t1 = time.perf_counter()
+            assert sum(b.shape[0] for b in loader) == n
+            t2 = time.perf_counter()
+            first_epoch[w].append(n / (t1 - t0))
+            rates[w].append(n / (t2 - t1))
+            del loader
+    base = statistics.median(rates[args.workers[0]])
+    for w in args.workers:
+        report(f"DataLoader, {w} workers, first epoch (incl. worker start)", first_epoch[w], "samples/s")
+        m = report(f"DataLoader, {w} workers, steady state", rates[w], "samples/s")
+        if w:
+            print(f"{'':58s} -> {m / base:.2f}x of {args.workers[0]} workers (target for 2: >= 1.6x)")
+            rows[-1]["ratio_to_0_workers"] = m / base
+
+    # The same with the library's iterable dataset and no augmentation: the read path alone.
+    plain: dict[int, list[float]] = {w: [] for w in args.workers}
+    for _ in range(args.repeats):
+        for w in args.workers:
+            sm = RandomBlockSampler({"raw": arr}, 64, seed=1, prefetch=0, num_samples=n)
+            loader = data_loader(sampler_dataset(sm), batch_size=8, num_workers=w, persistent_workers=w > 0)
+            list(loader)
+            t0 = time.perf_counter()
+            got = sum(b["raw"]["data"].shape[0] for b in loader)
+            plain[w].append(got / (time.perf_counter() - t0))
+            del loader
+    base_plain = statistics.median(plain[args.workers[0]])
+    for w in args.workers:
+        m = report(f"sampler_dataset, read only, {w} workers, steady state", plain[w], "samples/s")
+        if w:
+            print(f"{'':58s} -> {m / base_plain:.2f}x of {args.workers[0]} workers")
+
+    # 2. dask: LocalCluster with 2 worker processes vs. the same tasks in this process.
+    import distributed
+
+    spec = BlockSpec(64, halo_voxels=8, border="reflect")
+    grid = BlockGrid(open_array(path), spec, prefetch=0)
+    tmp = Path(tempfile.mkdtemp(prefix="emdata-bench-"))
+    print(f"\n== dask map_blocks: {len(grid)} blocks of 64^3 (+ halo 8), gaussian filter sigma 2 as the model, "
+          f"blend none (crop-and-stitch), one task per 256^3 output shard")
+    t0 = time.perf_counter()
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
+            distributed.Client(cl) as client:
+        start_s = time.perf_counter() - t0
+        single, cluster = [], []
+        for r in range(args.repeats):
+            res = map_blocks(gaussian_model, grid, tmp / f"single{r}.zarr", blend="none", dtype="float32")
+            single.append(res.seconds)
+            res2 = map_blocks(gaussian_model, grid, tmp / f"cluster{r}.zarr", client=client, blend="none",
+                              dtype="float32")
+            cluster.append(res2.seconds)
+            assert (tmp / f"single{r}.zarr" / "0").exists()
+        overlap = BlockGrid(open_array(path), BlockSpec(64, halo_voxels=8, overlap_voxels=16), prefetch=0)
+        ovl = map_blocks(gaussian_model, overlap, tmp / "overlap.zarr", client=client, blend="smooth")
+    s = report("single process (client=None)", single, "s")
+    c = report("LocalCluster, 2 worker processes", cluster, "s", f"(cluster start {start_s:.1f} s, not counted)")
+    print(f"{'':58s} -> cluster speed-up {s / c:.2f}x")
+    rows[-1]["speedup"] = s / c
+    print(f"{'':58s} blocks computed: blend none {res.blocks_computed}/{res.n_blocks}; smooth with overlap 16: "
+          f"{ovl.blocks_computed}/{ovl.n_blocks} ({ovl.blocks_computed / ovl.n_blocks:.2f}x, blocks on shard "
+          f"borders are computed by each shard's task)")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    # 3. Streaming: all 128^3 blocks through open_array from a loopback S3 (moto) vs. the local files.
+    import s3fs
+
+    from emdata.offline import services
+
+    env = {"AWS_ACCESS_KEY_ID": "emdata-local", "AWS_SECRET_ACCESS_KEY": "emdata-local",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    print("\n== streaming: every 128^3 block of the volume (MB/s of voxels delivered)")
+    with services.s3(["bench"], env=env) as endpoint:
+        opts = {"endpoint_url": endpoint, "key": env["AWS_ACCESS_KEY_ID"], "secret": env["AWS_SECRET_ACCESS_KEY"]}
+        fs = s3fs.S3FileSystem(**opts)
+        fs.put(str(path), "bench/vol.zarr", recursive=True)
+        total = args.size**3
+
+        def read_all(a: object) -> int:
+            return sum(b.data.nbytes for b in BlockGrid(a, BlockSpec(128), prefetch=4))  # type: ignore[arg-type, misc]
+
+        cases = {
+            "local, tensorstore": lambda: open_array(path, cache=ChunkCache()),
+            "local, zarr-python": lambda: open_array(path, backend="zarr", cache=ChunkCache()),
+            "loopback S3 (moto), zarr-python + s3fs": lambda: open_array("s3://bench/vol.zarr", storage_options=opts,
+                                                                         cache=ChunkCache()),
+        }
+        res_s: dict[str, list[float]] = {k: [] for k in cases}
+        for _ in range(args.repeats):
+            for name, opener in cases.items():
+                a = opener()
+                t0 = time.perf_counter()
+                assert read_all(a) == total
+                res_s[name].append(total / (time.perf_counter() - t0) / 1e6)
+        med = {name: report(name, v, "MB/s") for name, v in res_s.items()}
+        print(f"{'':58s} -> S3 / local tensorstore {med['loopback S3 (moto), zarr-python + s3fs'] / med['local, tensorstore']:.2f}x; "
+              f"S3 / local zarr-python {med['loopback S3 (moto), zarr-python + s3fs'] / med['local, zarr-python']:.2f}x")
+    print(f"\nload average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f}; {os.cpu_count()} CPUs; "
+          f"torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--suite", choices=("reads", "scale"), default="reads",
+                        help="reads: block reads (default); scale: DataLoader workers, dask, streaming")
+    parser.add_argument("--samples", type=int, default=400, help="scale suite: samples per DataLoader epoch")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="scale suite: worker counts")
     parser.add_argument("--size", type=int, default=512, help="edge of the cubic volume (voxels)")
     parser.add_argument("--block", type=int, nargs="+", default=[256, 128], help="block edges to test (voxels)")
     parser.add_argument("--halo", type=int, default=16)
@@ -64,6 +245,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
+    if args.suite == "scale":
+        scale_suite(args)
+        return
 
     path = build_volume(args.out / f"bench_{args.size}.zarr", args.size)
     level0 = path / "0"
