@@ -62,6 +62,7 @@ def _after_fork_in_child() -> None:
     global _ts_fork_unsafe, _ts_used_here
     _ts_fork_unsafe = _ts_fork_unsafe or _ts_threads_at_fork
     _ts_used_here = False
+    _dvc_filesystem.cache_clear()  # a DVC filesystem (its repo, its event loop) is per process
 
 
 if hasattr(os, "register_at_fork"):
@@ -161,7 +162,8 @@ def _as_location(name_or_path: str | os.PathLike[str] | Location, data_root: str
         if output is None:
             output = text if text.endswith(".zarr") else f"data/{text}.zarr"
         return Location("dvc", output, repo=str(root), rev=rev, remote=remote if isinstance(remote, str) else None)
-    return Location("local", str(resolve_dataset(text, data_root)))
+    # Absolute, so that the array reopens the same data in a worker process with another working directory.
+    return Location("local", str(resolve_dataset(text, data_root).absolute()))
 
 
 def _catalog_output(name: str) -> str | None:
