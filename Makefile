@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test test-fast bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is needed"'
@@ -17,9 +17,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m emdata.offline.demo $(DEMO_ARGS)
 
-## Lint, then the test suite (network tests deselected; run `$(PY) -m pytest -m network` for those).
+## Lint, then the whole test suite, slow tests included (network tests deselected; `make live-check` runs those).
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## The quick loop while developing: everything but the tests marked slow (demo, clusters, notebooks, kills).
+test-fast: lint
+	$(PY) -m pytest -m "not slow and not network" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench stages

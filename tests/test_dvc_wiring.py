@@ -109,3 +109,20 @@ def test_the_import_walk_sees_function_level_imports(tmp_path):
     files = _closure([script])
     assert (REPO / "src/emdata/acquire/context.py").resolve() in files
     assert not _covered((REPO / "src/emdata/acquire/context.py").resolve(), ["src/emdata/ngff.py"])
+
+
+@pytest.mark.slow  # one interpreter per stage (~3 s each)
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_each_stage_script_runs_its_own_stage(stage, tmp_path):
+    """The script a stage's cmd runs is the entry of that stage: a typo in its section fails naming the section."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(REPO / "stages", tmp_path / "stages")
+    (tmp_path / "params.yaml").write_text(f"{stage}:\n  no_such_key: 1\n")
+    proc = subprocess.run([sys.executable, f"stages/{stage}.py"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert f"unknown key(s) ['no_such_key'] in params section '{stage}'" in proc.stderr
+    assert not (tmp_path / "data").exists()
