@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
+import sys
+import warnings
+import xml.etree.ElementTree as ET
+from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 import zarr
+from ome_zarr_models.v05 import BioFormats2Raw as OzmBioFormats2Raw
+from ome_zarr_models.v05 import Image as OzmImage
+from ome_zarr_models.v05 import ImageLabel as OzmImageLabel
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Label, Multiscales, Reader
 
@@ -150,7 +162,10 @@ def test_write_image_keeps_attrs_and_registers_labels(tmp_path):
     assert ms["type"] == "mode" and len(arrays) == 2
     np.testing.assert_array_equal(arrays[0][...], seg)
     label_attrs = ngff.ome_attrs(back["labels/seg"])["image-label"]
-    assert label_attrs["properties"] == [{"label-value": 1, "name": "one"}]
+    # Colors and properties are completed to the same label values (background 0 transparent).
+    assert label_attrs["properties"] == [{"label-value": 1, "name": "one"}, {"label-value": 0}]
+    assert [c["label-value"] for c in label_attrs["colors"]] == [0, 1]
+    assert label_attrs["colors"][0]["rgba"] == [0, 0, 0, 0] and label_attrs["colors"][1]["rgba"][3] == 255
 
 
 def test_write_image_fails_loudly_naming_the_source_and_block(tmp_path, monkeypatch):
@@ -185,3 +200,115 @@ def test_label_shape_must_match_the_image(tmp_path):
     with pytest.raises(InvalidParameterError, match=r"label 'm' of c has shape \(4, 4, 5\), its image \(4, 4, 4\)"):
         ngff.write_image(root, name="c", source=np.zeros((4, 4, 4), np.uint8), geometry=ngff.Geometry((1, 1, 1)),
                          labels=[ngff.Label("m", np.zeros((4, 4, 5), np.uint8))], what="c")
+
+
+# ----------------------------------------------------------------------------- strict OME-NGFF 0.5
+SCHEMAS = Path(__file__).parent / "fixtures" / "ngff-0.5-schemas"
+
+
+def _validator(name):
+    """A validator of the official 0.5 schema ``name`` (strict_image, label, ...), refs resolved offline."""
+    resources = []
+    for p in SCHEMAS.glob("*.schema"):
+        doc = json.loads(p.read_text())
+        resources.append((doc["$id"], Resource.from_contents(doc, default_specification=DRAFT202012)))
+    schema = json.loads((SCHEMAS / f"{name}.schema").read_text())
+    return jsonschema.Draft202012Validator(schema, registry=Registry().with_resources(resources))
+
+
+def _assert_valid(name, attrs):
+    errors = [f"{list(e.path)}: {e.message}" for e in _validator(name).iter_errors(attrs)]
+    assert errors == [], f"{name}: {errors}"
+
+
+def _write_em(group, name, seed=0, labels=True):
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 255, (12, 70, 60), dtype=np.uint8)
+    seg = (data // 50).astype(np.uint64)
+    mask = (data > 200).astype(np.uint8)
+    lab = [ngff.Label("seg", seg), ngff.Label("mito", mask, colors={1: (255, 64, 64, 255)},
+                                              properties={0: {"name": "background"}, 1: {"name": "mitochondrion"}},
+                                              method="nearest")] if labels else []
+    ngff.write_image(group, name=name, source=data, geometry=ngff.Geometry((40.0, 8.0, 8.0), (0.0, 4.0, 4.0)),
+                     chunks=(8, 16, 16), shards=(8, 32, 32), labels=lab, what=name)
+
+
+def test_image_and_labels_pass_the_strict_ngff_05_schemas_and_ome_zarr_models(tmp_path):
+    root = zarr.open_group(str(tmp_path / "em.zarr"), mode="w", zarr_format=3)
+    _write_em(root, "em")
+    g = zarr.open_group(str(tmp_path / "em.zarr"), mode="r")
+    for schema in ("image", "strict_image"):
+        _assert_valid(schema, g.attrs.asdict())
+    for label in ("seg", "mito"):
+        attrs = g[f"labels/{label}"].attrs.asdict()
+        for schema in ("label", "strict_label", "strict_image"):
+            _assert_valid(schema, attrs)
+    ms = ngff.multiscales(g)
+    assert ms["type"] == "mean" and ms["metadata"]["method"] == "emdata.pyramid.mean"
+    assert ms["metadata"]["kwargs"]["factors"][1] == [1, 2, 2]
+    seg_label = ngff.ome_attrs(g["labels/seg"])["image-label"]
+    assert seg_label["colors"] == [{"label-value": 0, "rgba": [0, 0, 0, 0]}]  # transparent background by default
+    mito = ngff.ome_attrs(g["labels/mito"])["image-label"]
+    assert mito["properties"] == [{"label-value": 0, "name": "background"}, {"label-value": 1, "name": "mitochondrion"}]
+    assert ngff.multiscales(g["labels/mito"])["type"] == "nearest"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ome-zarr-models warns on what it repairs: none of that here
+        image = OzmImage.from_zarr(g)
+        labels = image.labels
+        assert labels is not None and sorted(labels.attributes.ome.labels) == ["mito", "seg"]
+        parsed = OzmImageLabel.from_zarr(g["labels/mito"]).attributes.ome.image_label
+        assert parsed.colors[0].rgba == (255, 64, 64, 255) and parsed.properties[1].name == "mitochondrion"
+
+
+def test_a_schema_violation_is_caught_by_the_validators(tmp_path):
+    """The checks above can fail: attributes without the strict fields are rejected."""
+    root = zarr.open_group(str(tmp_path / "bad.zarr"), mode="w", zarr_format=3)
+    _write_em(root, "bad", labels=False)
+    attrs = root.attrs.asdict()
+    del attrs["ome"]["multiscales"][0]["metadata"]
+    _assert_valid("image", attrs)
+    with pytest.raises(AssertionError, match="'metadata' is a required property"):
+        _assert_valid("strict_image", attrs)
+    with pytest.raises(InvalidParameterError, match=r"color of 1 must be four integers 0-255"):
+        ngff.write_image(root, name="b", source=np.zeros((4, 4, 4), np.uint8), geometry=ngff.Geometry((1, 1, 1)),
+                         labels=[ngff.Label("m", np.zeros((4, 4, 4), np.uint8), colors={1: (300, 0, 0, 255)})],
+                         what="b")
+
+
+def test_collection_of_named_images_for_readers_and_validators(tmp_path):
+    path = tmp_path / "epfl.zarr"
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs["emdata"] = {"source": "test"}
+    for i, split in enumerate(("training", "testing")):
+        _write_em(root.create_group(split), split, seed=i)
+    ngff.write_collection(root, ["training", "testing"])
+
+    g = zarr.open_group(str(path), mode="r")
+    assert g.attrs["emdata"] == {"source": "test"}  # provenance kept
+    _assert_valid("bf2raw", g.attrs.asdict())
+    _assert_valid("ome", g["OME"].attrs.asdict())
+    assert g["OME"].attrs["ome"]["series"] == ["training", "testing"]
+    assert [name for name, _ in ngff.find_images(g)] == ["training", "testing"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        OzmBioFormats2Raw.from_zarr(g)
+        for split in ("training", "testing"):
+            _assert_valid("strict_image", g[split].attrs.asdict())
+            OzmImage.from_zarr(g[split])
+    # OME/METADATA.ome.xml: one Image per series, in order, ID "Image:<path>" (what napari-ome-zarr follows).
+    xml = ET.parse(path / "OME" / "METADATA.ome.xml").getroot()
+    images = [el for el in xml if el.tag.endswith("Image")]
+    assert [el.get("ID") for el in images] == ["Image:training", "Image:testing"]
+    pixels = images[0][0]
+    assert (pixels.get("SizeZ"), pixels.get("SizeY"), pixels.get("SizeX"), pixels.get("Type")) == ("12", "70", "60",
+                                                                                                   "uint8")
+    assert pixels.get("PhysicalSizeZ") == "40.0" and pixels.get("PhysicalSizeZUnit") == "nm"
+    # The images keep their paths: epfl.zarr/training opens as before, in ome-zarr's reader too.
+    ms, arrays = ngff.open_multiscale(path / "training")
+    assert arrays[0].shape == (12, 70, 60)
+    ome_zarr_cli = Path(sys.executable).parent / "ome_zarr"  # the console script, as users run it
+    out = subprocess.run([str(ome_zarr_cli), "info", str(path / "testing")], capture_output=True, text=True,
+                         check=True).stdout
+    assert "(12, 70, 60)" in out and "Multiscales" in out and "mito" in out
+    with pytest.raises(InvalidParameterError, match="'validation' is not an OME-Zarr image group"):
+        ngff.write_collection(root, ["training", "validation"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import colorsys
+import importlib.metadata
 import itertools
 import logging
 import math
@@ -103,7 +105,20 @@ def multiscales_attrs(name: str, geometry: Geometry, n_levels: int, downsampling
         "axes": [{"name": a, "type": "space", "unit": UNIT} for a in geometry.axes],
         "datasets": datasets,
         "type": downsampling,
+        "metadata": {
+            "description": pyramid.DESCRIPTIONS[downsampling],
+            "method": f"emdata.pyramid.{downsampling}",
+            "version": _emdata_version(),
+            "kwargs": {"factors": [[int(v) for v in f] for f in factors[:n_levels]]},
+        },
     }
+
+
+def _emdata_version() -> str:
+    try:
+        return importlib.metadata.version("emdata")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown"
 
 
 def _codecs_kwargs(dtype: np.dtype) -> dict[str, Any]:
@@ -187,10 +202,104 @@ def label_names(image_group: zarr.Group) -> list[str]:
 
 
 def find_images(root: zarr.Group) -> list[tuple[str, zarr.Group]]:
-    """The OME-Zarr images in an output: the root itself (name ''), or its child groups (e.g. EPFL's splits)."""
+    """The OME-Zarr images in an output: the root itself (name ''), the ``series`` of a collection
+    (``write_collection``), or else its child image groups."""
     if "multiscales" in ome_attrs(root):
         return [("", root)]
+    if "bioformats2raw.layout" in ome_attrs(root) and "OME" in root:
+        ome_group = root["OME"]
+        assert isinstance(ome_group, zarr.Group)
+        series = ome_attrs(ome_group).get("series")
+        if series is not None:
+            found = []
+            for path in series:
+                group = root[path]
+                assert isinstance(group, zarr.Group)
+                found.append((str(path), group))
+            return found
     return sorted((name, g) for name, g in root.groups() if "multiscales" in ome_attrs(g))
+
+
+# OME-XML pixel types of the numpy dtypes an image may have (OME 2016-06 has no 64-bit integers).
+_OME_TYPES = {"int8": "int8", "int16": "int16", "int32": "int32", "uint8": "uint8", "uint16": "uint16",
+              "uint32": "uint32", "float32": "float", "float64": "double", "bool": "bit"}
+OME_XML_NS = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
+
+
+def write_collection(root: zarr.Group, image_paths: Sequence[str]) -> None:
+    """Declare ``root`` an OME-Zarr collection of the images at ``image_paths`` (its child image groups).
+
+    NGFF 0.5's collection layout ("bioformats2raw.layout": 3): the root's ``ome`` attributes carry the layout,
+    an ``OME`` group lists the images as ``series`` (so they keep their names, e.g. EPFL's ``training`` and
+    ``testing``), and ``OME/METADATA.ome.xml`` has one OME-XML Image per series (ID ``Image:<path>``, which
+    napari-ome-zarr follows). Other root attributes (e.g. provenance) are kept.
+    """
+    import xml.etree.ElementTree as ET
+
+    paths = [str(p) for p in image_paths]
+    if not paths or len(set(paths)) != len(paths):
+        raise InvalidParameterError(f"a collection needs distinct image paths, got {paths}")
+    ET.register_namespace("", OME_XML_NS)
+    ome_xml = ET.Element(f"{{{OME_XML_NS}}}OME", {"Creator": f"emdata {_emdata_version()}"})
+    for i, path in enumerate(paths):
+        if path not in root or not isinstance(root[path], zarr.Group) or "multiscales" not in ome_attrs(
+                root[path]):  # type: ignore[arg-type]
+            raise InvalidParameterError(f"{path!r} is not an OME-Zarr image group in {root.store}:{root.path or '/'}")
+        group = root[path]
+        assert isinstance(group, zarr.Group)
+        ms = multiscales(group)
+        level0 = group[ms["datasets"][0]["path"]]
+        assert isinstance(level0, zarr.Array)
+        pixel_type = _OME_TYPES.get(str(level0.dtype))
+        if pixel_type is None:
+            raise InvalidParameterError(f"{path!r} has dtype {level0.dtype}, which OME-XML cannot describe")
+        scale = next(t["scale"] for t in ms["datasets"][0]["coordinateTransformations"] if t["type"] == "scale")
+        z, y, x = (int(v) for v in level0.shape)
+        image = ET.SubElement(ome_xml, f"{{{OME_XML_NS}}}Image", {"ID": f"Image:{path}", "Name": path})
+        pixels = ET.SubElement(image, f"{{{OME_XML_NS}}}Pixels", {
+            "ID": f"Pixels:{i}", "DimensionOrder": "XYZCT", "Type": pixel_type,
+            "SizeX": str(x), "SizeY": str(y), "SizeZ": str(z), "SizeC": "1", "SizeT": "1",
+            "PhysicalSizeX": repr(float(scale[2])), "PhysicalSizeXUnit": "nm",
+            "PhysicalSizeY": repr(float(scale[1])), "PhysicalSizeYUnit": "nm",
+            "PhysicalSizeZ": repr(float(scale[0])), "PhysicalSizeZUnit": "nm"})
+        ET.SubElement(pixels, f"{{{OME_XML_NS}}}Channel", {"ID": f"Channel:{i}:0", "SamplesPerPixel": "1"})
+        ET.SubElement(pixels, f"{{{OME_XML_NS}}}MetadataOnly")
+    ome = dict(ome_attrs(root))
+    ome.update({"version": NGFF_VERSION, "bioformats2raw.layout": 3})
+    root.attrs["ome"] = ome
+    ome_group = root.create_group("OME", overwrite=True)
+    ome_group.attrs["ome"] = {"version": NGFF_VERSION, "series": paths}
+    xml = ET.tostring(ome_xml, encoding="UTF-8", xml_declaration=True)
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    key = "/".join(p for p in (root.path, "OME", "METADATA.ome.xml") if p)
+    sync(root.store.set(key, default_buffer_prototype().buffer.from_bytes(xml)))
+
+
+def _label_value(label_name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidParameterError(f"label {label_name!r}: label values must be integers, got {value!r}")
+    return int(value)
+
+
+def _default_color(value: int) -> tuple[int, int, int, int]:
+    """Transparent for 0 (background); otherwise a distinct, stable hue per value (golden-ratio steps)."""
+    if value == 0:
+        return (0, 0, 0, 0)
+    r, g, b = colorsys.hsv_to_rgb((value * 0.618033988749895) % 1.0, 0.75, 1.0)
+    return (round(r * 255), round(g * 255), round(b * 255), 255)
+
+
+def _label_colors(label_name: str, colors: Mapping[int, Sequence[int]]) -> list[dict[str, Any]]:
+    out = []
+    for value, rgba in colors.items():
+        if len(rgba) != 4 or any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c <= 255
+                                 for c in rgba):
+            raise InvalidParameterError(f"label {label_name!r}: the color of {value!r} must be four integers "
+                                        f"0-255 (RGBA), got {rgba!r}")
+        out.append({"label-value": _label_value(label_name, value), "rgba": [int(c) for c in rgba]})
+    return out
 
 
 def create_label(
@@ -206,10 +315,21 @@ def create_label(
     labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": names}
     group = labels.create_group(label_name, overwrite=True)
     image_label: dict[str, Any] = {"version": NGFF_VERSION, "source": {"image": "../../"}}
-    if colors:
-        image_label["colors"] = [{"label-value": int(k), "rgba": [int(c) for c in v]} for k, v in colors.items()]
-    if properties:
-        image_label["properties"] = [{"label-value": int(k), **dict(v)} for k, v in properties.items()]
+    # NGFF's strict label schema wants colors: without any given, background (0) is transparent. Validators
+    # (ome-zarr-models) want the same label values in colors and properties: each list is completed.
+    colors = dict(colors) if colors else {0: (0, 0, 0, 0)}
+    props = {k: dict(v) for k, v in properties.items()} if properties else {}
+    for k, v in props.items():
+        if "label-value" in v:
+            raise InvalidParameterError(f"label {label_name!r}: properties of {k!r} must not hold 'label-value'")
+    if props:
+        for value in props:
+            colors.setdefault(value, _default_color(_label_value(label_name, value)))
+        for value in colors:
+            props.setdefault(value, {})
+    image_label["colors"] = _label_colors(label_name, colors)
+    if props:
+        image_label["properties"] = [{"label-value": _label_value(label_name, k), **v} for k, v in props.items()]
     arrays = create_multiscale(group, name=label_name, downsampling=downsampling, **kwargs)
     ome = ome_attrs(group)
     ome["image-label"] = image_label
