@@ -319,3 +319,11 @@ def test_blank_mid_section_is_replaced_by_the_nearest_slice_with_contrast(tmp_pa
     assert thumbs["xz"].index == 24 and thumbs["yz"].index == 32  # their mid-slices have contrast
     with Image.open(thumbs["xy"].path) as im:
         assert np.asarray(im.convert("L"))[: thumbs["xy"].image_px[0]].std() > 20
+
+
+def test_statistics_are_the_same_read_with_zarr_from_memory_and_tensorstore_from_disk(tmp_path):
+    data = em_like((12, 40, 48), np.int16, 5)
+    disk = zarr.open_group(str(make_output(tmp_path, "idr", data, (20.0, 20.0, 20.0))), mode="r")["0"]
+    memory = zarr.create_array(zarr.storage.MemoryStore(), shape=data.shape, chunks=(8, 16, 16), dtype=data.dtype)
+    memory[...] = data
+    assert intensity_stats(disk, 0, max_bytes=8192)[0] == intensity_stats(memory, 0, max_bytes=8192)[0]

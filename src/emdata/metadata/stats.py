@@ -5,16 +5,19 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import zarr
 
+from emdata.errors import SourceMismatchError
 from emdata.ngff import block_slices
 
 # Raw bytes of one block read from the store; a 256^3 uint8 shard is 16 MiB, int16 32 MiB.
 MAX_BLOCK_BYTES = 64 << 20
-# Voxels handed to np.bincount at once: it converts its input to intp (8 bytes per voxel).
-BINCOUNT_VOXELS = 1 << 22
+# Voxels handed to np.bincount at once: it converts its input to intp (8 bytes per voxel); a 2 MiB copy stays
+# in cache (measured: 16 Mi uint8 voxels in 0.06 s in pieces of 2**18, 0.75 s in one call).
+BINCOUNT_VOXELS = 1 << 18
 # Integer types up to this many bits get one histogram bin per value: exact percentiles.
 EXACT_BITS = 16
 # Bins of the second pass for other types (floats, wide ints): percentiles within one bin of the truth.
@@ -61,19 +64,45 @@ class IntensityStats:
                 "method": self.method}
 
 
-def read_blocks(array: zarr.Array, max_bytes: int = MAX_BLOCK_BYTES) -> Iterator[np.ndarray]:
-    """Every voxel of ``array`` once, in shard- (or chunk-) aligned blocks of at most ``max_bytes`` where possible."""
+def _block_shape(array: zarr.Array, max_bytes: int) -> list[int]:
     block = list(array.shards or array.chunks)
     chunks = array.chunks
-    itemsize = array.dtype.itemsize
     # Halve the block's largest axis (keeping whole chunks) until it fits; one chunk is the floor.
-    while math.prod(block) * itemsize > max_bytes:
+    while math.prod(block) * array.dtype.itemsize > max_bytes:
         axis = max(range(len(block)), key=lambda a: block[a] // chunks[a])
         if block[axis] <= chunks[axis]:
             break
         block[axis] = max(chunks[axis], (block[axis] // chunks[axis] + 1) // 2 * chunks[axis])
-    for sl in block_slices(array.shape, block):
-        yield np.asarray(array[sl])
+    return block
+
+
+def read_blocks(array: zarr.Array, max_bytes: int = MAX_BLOCK_BYTES) -> Iterator[np.ndarray]:
+    """Every voxel of ``array`` once, in shard- (or chunk-) aligned blocks of at most ``max_bytes`` where possible.
+
+    A local array is read with tensorstore, the next block in flight while the caller works on this one
+    (decoding on tensorstore's threads: twice zarr-python's rate on a uint64 segmentation); at most two blocks
+    are in memory. Other stores are read with zarr-python.
+    """
+    slices = list(block_slices(array.shape, _block_shape(array, max_bytes)))
+    root = getattr(array.store, "root", None)
+    if root is None:
+        for sl in slices:
+            yield np.asarray(array[sl])
+        return
+    import tensorstore as ts
+
+    path = Path(str(root)) / array.path
+    store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}, read=True,
+                    context=ts.Context({"cache_pool": {"total_bytes_limit": 0}})).result()
+    if tuple(store.shape) != tuple(array.shape) or store.dtype.numpy_dtype != array.dtype:
+        raise SourceMismatchError(f"tensorstore opens {path} as {tuple(store.shape)} {store.dtype}, zarr as "
+                                  f"{array.shape} {array.dtype}")
+    pending = store[slices[0]].read() if slices else None
+    for i in range(len(slices)):
+        assert pending is not None
+        current = pending
+        pending = store[slices[i + 1]].read() if i + 1 < len(slices) else None
+        yield np.asarray(current.result())
 
 
 def _exact_dtype(dtype: np.dtype) -> bool:
