@@ -215,3 +215,58 @@ def test_tensorstore_read_back_difference_is_reported_with_the_box(tmp_path, mon
     with pytest.raises(SourceMismatchError, match=r"level 1 of label 'seg' of the volume does not read back equal"):
         ngff.write_image(root, name="v", source=data, geometry=ngff.Geometry((1, 1, 1)), chunks=(4, 4, 4),
                          shards=(8, 8, 8), n_levels=2, labels=[ngff.Label("seg", data)], what="the volume")
+
+
+def _tensorstore_blocks(source, origin, shape, *, max_inflight_bytes, what):
+    """The read-ahead pattern proposed for emdata.acquire.tsio (reads of the next boxes in flight)."""
+    from collections import deque
+
+    dtype = np.dtype(source.dtype.numpy_dtype)
+
+    def read(boxes):
+        largest = max(int(np.prod([s.stop - s.start for s in box])) for box in boxes) * dtype.itemsize
+        depth = max(1, int(max_inflight_bytes // largest))
+        pending = deque()
+        it = iter(boxes)
+
+        def submit():
+            box = next(it, None)
+            if box is not None:
+                src = tuple(slice(o + s.start, o + s.stop) for o, s in zip(origin, box, strict=True))
+                pending.append((box, source[src].read()))
+
+        for _ in range(depth):
+            submit()
+        try:
+            while pending:
+                box, future = pending.popleft()
+                data = future.result()
+                submit()
+                yield data
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+    return ngff.Blocks(tuple(shape), dtype, read)
+
+
+def test_a_tensorstore_stream_with_reads_in_flight_writes_the_same_image(tmp_path):
+    import tensorstore as ts
+
+    rng = np.random.default_rng(9)
+    big = rng.integers(0, 255, (40, 50, 60), dtype=np.uint8)
+    src = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "src")}, "create": True,
+                   "metadata": {"shape": list(big.shape), "data_type": "uint8",
+                                "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [16, 16, 16]}}}
+                   }).result()
+    src.write(big).result()
+    origin, shape = (3, 5, 7), (33, 41, 50)
+    crop = big[3:36, 5:46, 7:57]
+    outs = []
+    for name, source in (("a", crop), ("b", _tensorstore_blocks(src, origin, shape, max_inflight_bytes=20000,
+                                                                 what="test source"))):
+        root = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w", zarr_format=3)
+        ngff.write_image(root, name="x", source=source, geometry=ngff.Geometry((4, 4, 4)), chunks=(8, 8, 8),
+                         shards=(16, 16, 16), what=name)
+        outs.append(_tree(tmp_path / f"{name}.zarr"))
+    assert outs[0] == outs[1] and len(outs[0]) > 10
