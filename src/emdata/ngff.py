@@ -462,10 +462,11 @@ class _Sink:
     INFLIGHT_BYTES = 128 * 2**20
     MAX_DEPTH = 4
 
-    def __init__(self, array: zarr.Array, backend: Backend, verify: bool, what: str, context: Any) -> None:
+    def __init__(self, array: zarr.Array, backend: Backend, verify: bool, what: str, context: Any,
+                 max_depth: int = MAX_DEPTH) -> None:
         self.array, self.backend, self.verify, self.what = array, backend, verify, what
         shard_bytes = math.prod(array.shards or array.chunks) * array.dtype.itemsize
-        self.depth = max(1, min(self.MAX_DEPTH, self.INFLIGHT_BYTES // shard_bytes))
+        self.depth = max(1, min(max_depth, self.INFLIGHT_BYTES // shard_bytes))
         self.writes: deque[tuple[Box, np.ndarray, Any]] = deque()
         self.reads: deque[tuple[Box, np.ndarray, Any]] = deque()
         self.seconds = 0.0
@@ -601,8 +602,9 @@ def _stream_level0(arrays: Sequence[zarr.Array], source: Any, factors: Sequence[
     """Write level 0 shard by shard from ``source``, read each shard back and compare, and build the pyramid."""
     shape, dtype = _source_shape_dtype(source, what)
     context = _tensorstore_context() if backend == "tensorstore" else None
-    sinks = [_Sink(a, backend, verify, what if i == 0 else f"level {i} of {what}", context)
-             for i, a in enumerate(arrays)]
+    # Upper levels hold 1/8 of the data or less: one shard in flight each keeps memory to a few shards a level.
+    sinks = [_Sink(a, backend, verify, what if i == 0 else f"level {i} of {what}", context,
+                   max_depth=_Sink.MAX_DEPTH if i == 0 else 1) for i, a in enumerate(arrays)]
     blocks = [tuple(a.shards or a.chunks) for a in arrays]
     boxes = shard_order(shape, factors, blocks[0], blocks)
     builder = _StreamingPyramid(sinks, factors, method)
