@@ -32,9 +32,17 @@ def test_plain_download_verifies_and_records_hash(file_server, tmp_path):
     registry = ChecksumRegistry(tmp_path / "checksums.json", "replica")
     result = make(server, registry=registry).download(Download(url, tmp_path / "out" / "a.bin"))
     assert Path(result.dest).read_bytes() == tree.files["a.bin"]
-    assert result.sha256 == tree.sha256("a.bin") and result.fetched_bytes == 300_000
+    # Nothing pinned, no server hash: a second download must agree before the file is kept and recorded.
+    assert result.sha256 == tree.sha256("a.bin") and result.fetched_bytes == 2 * 300_000
     saved = json.loads((tmp_path / "checksums.json").read_text())
-    assert saved["replica"][url] == {"size": 300_000, "sha256": tree.sha256("a.bin")}
+    assert saved["replica"][url]["sha256"] == tree.sha256("a.bin") and saved["replica"][url]["size"] == 300_000
+    assert saved["replica"][url]["verified_by"] == "two downloads agreed" and saved["replica"][url]["recorded"]
+    assert not any(p.name.endswith((".partial", ".check2.partial")) for p in (tmp_path / "out").iterdir())
+    # The next run verifies against the recorded hash: one download.
+    server.faults.requests_seen.clear()
+    again = make(server, registry=ChecksumRegistry(tmp_path / "checksums.json", "replica")).download(
+        Download(url, tmp_path / "again" / "a.bin"))
+    assert again.fetched_bytes == 300_000 and len(server.faults.requests_seen) == 1
     assert saved["live"] == {}
     assert not (tmp_path / "out" / "a.bin.partial").exists()
 
@@ -45,11 +53,11 @@ def test_interrupted_download_resumes_without_refetching(file_server, tmp_path):
     dest = tmp_path / "a.bin"
     server.faults.drop_after_bytes, server.faults.drop_count = 1 * MB, 1
     with pytest.raises(DownloadError, match="a.bin"):
-        make(server, retries=0).download(Download(url, dest))
+        make(server, retries=0).download(Download(url, dest, sha256=tree.sha256("a.bin")))
     partial = tmp_path / "a.bin.partial"
     assert not dest.exists() and partial.stat().st_size == 1 * MB  # kept, not lost
     server.faults.requests_seen.clear()
-    result = make(server).download(Download(url, dest))
+    result = make(server).download(Download(url, dest, sha256=tree.sha256("a.bin")))
     assert dest.read_bytes() == tree.files["a.bin"]
     assert result.fetched_bytes == 2 * MB  # only the missing bytes crossed the network
     assert ranges_seen(server, "a.bin") == [f"bytes={MB}-"]
@@ -59,7 +67,7 @@ def test_drop_mid_body_is_retried_and_resumed_in_one_call(file_server, tmp_path)
     server, tree = file_server
     url = tree.add("a.bin", 2 * MB)
     server.faults.drop_after_bytes, server.faults.drop_count = 700_000, 2
-    result = make(server, retries=3).download(Download(url, tmp_path / "a.bin"))
+    result = make(server, retries=3).download(Download(url, tmp_path / "a.bin", sha256=tree.sha256("a.bin")))
     assert result.sha256 == tree.sha256("a.bin") and result.fetched_bytes == 2 * MB
     spans = ranges_seen(server, "a.bin")
     assert len(spans) == 3 and spans[0] == "bytes=0-"
@@ -157,7 +165,7 @@ def test_parallel_ranges_of_one_large_file(file_server, tmp_path):
     url = tree.add("big.bin", 5 * MB + 123)
     parts = [f"bytes={s}-{min(s + MB, 5 * MB + 123) - 1}" for s in range(0, 5 * MB + 123, MB)]
     result = make(server, range_threshold_mb=1, range_part_mb=1, range_workers=3).download(
-        Download(url, tmp_path / "big.bin"))
+        Download(url, tmp_path / "big.bin", sha256=tree.sha256("big.bin")))
     assert result.sha256 == tree.sha256("big.bin")
     # Size unknown: a stream starts, sees a large file in its first response, and turns into ranges.
     spans = ranges_seen(server, "big.bin", probes=True)
@@ -166,7 +174,7 @@ def test_parallel_ranges_of_one_large_file(file_server, tmp_path):
     # Size known (pinned): a one-byte probe checks Range support first.
     server.faults.requests_seen.clear()
     make(server, range_threshold_mb=1, range_part_mb=1, range_workers=3).download(
-        Download(url, tmp_path / "big2.bin", size=5 * MB + 123))
+        Download(url, tmp_path / "big2.bin", size=5 * MB + 123, sha256=tree.sha256("big.bin")))
     spans = ranges_seen(server, "big.bin", probes=True)
     assert spans[0] == "bytes=0-0" and sorted(spans[1:]) == sorted(parts)
 
@@ -174,8 +182,36 @@ def test_parallel_ranges_of_one_large_file(file_server, tmp_path):
 def test_small_files_cost_one_request_each(file_server, tmp_path):
     server, tree = file_server
     urls = [tree.add(f"s{i}.bin", 10_000, seed=i) for i in range(3)]
-    make(server).download_all([Download(u, tmp_path / u.rsplit("/", 1)[1]) for u in urls])
+    make(server).download_all([Download(u, tmp_path / u.rsplit("/", 1)[1], sha256=tree.sha256(f"s{i}.bin"))
+                               for i, u in enumerate(urls)])
     assert len(server.faults.requests_seen) == 3
+
+
+def test_a_corrupted_first_download_is_caught_by_the_second_and_never_recorded(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("a.bin", 400_000)
+    registry = ChecksumRegistry(tmp_path / "checksums.json", "replica")
+    server.faults.corrupt_count = 1  # the first download has one flipped byte; nothing pinned
+    result = make(server, registry=registry).download(Download(url, tmp_path / "a.bin"))
+    assert (tmp_path / "a.bin").read_bytes() == tree.files["a.bin"]  # two good downloads out of three agreed
+    assert result.sha256 == tree.sha256("a.bin") and result.fetched_bytes == 3 * 400_000
+    assert registry.get(url)["sha256"] == tree.sha256("a.bin")  # type: ignore[index]
+    server.faults.corrupt_count = 2  # two of three corrupted, each differently: no two agree
+    with pytest.raises(IntegrityError, match=r"a.bin: three downloads gave three different sha256"):
+        make(server, registry=ChecksumRegistry(tmp_path / "c2.json", "replica")).download(
+            Download(url, tmp_path / "b.bin"))
+    assert not list(tmp_path.glob("b.bin*"))  # nothing kept
+    assert not (tmp_path / "c2.json").exists()  # and nothing recorded
+
+
+def test_a_mismatch_with_a_recorded_hash_says_when_and_how_to_accept(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("a.bin", 1000)
+    registry = ChecksumRegistry(tmp_path / "checksums.json", "replica")
+    registry.record(url, 1000, "ab" * 32, "two downloads agreed")
+    with pytest.raises(IntegrityError, match=r"differs from abab.*recorded on 20\d\d-.*emdata checksums forget"):
+        make(server, registry=registry).download(Download(url, tmp_path / "a.bin"))
+    assert registry.forget(url) and registry.get(url) is None
 
 
 def test_already_present_file_is_reused(file_server, tmp_path):
@@ -236,12 +272,14 @@ def test_interrupted_ranged_download_fetches_only_missing_parts(file_server, tmp
         return orig(target, headers)
 
     dl._get = fail_last_part  # type: ignore[method-assign]
+    pin = tree.sha256("big.bin")
     with pytest.raises(DownloadError):
-        dl.download(Download(url, tmp_path / "big.bin"))
+        dl.download(Download(url, tmp_path / "big.bin", sha256=pin))
     assert json.loads((tmp_path / "big.bin.partial.parts").read_text())["done"] == [0, MB]
     server.faults.requests_seen.clear()
     # Now with a threshold that would pick one stream and another part size: the saved layout wins.
-    result = make(server, range_threshold_mb=100, range_part_mb=0.5).download(Download(url, tmp_path / "big.bin"))
+    result = make(server, range_threshold_mb=100, range_part_mb=0.5).download(
+        Download(url, tmp_path / "big.bin", sha256=pin))
     assert result.sha256 == tree.sha256("big.bin")
     assert ranges_seen(server, "big.bin") == [f"bytes={2 * MB}-{3 * MB - 1}"]  # the missing part only
     assert result.fetched_bytes == MB

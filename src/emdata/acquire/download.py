@@ -9,6 +9,7 @@ Large files are fetched as parallel byte ranges written in place (``os.pwrite``)
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 import logging
@@ -132,11 +133,27 @@ class ChecksumRegistry:
     def get(self, url: str) -> dict[str, Any] | None:
         return self._data[self.section].get(url)
 
-    def record(self, url: str, size: int, sha256: str) -> None:
+    def record(self, url: str, size: int, sha256: str, verified_by: str = "first seen (a document)") -> None:
+        """Record a verified file's hash (not a pin: a later mismatch says when and how it was recorded)."""
+        when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         with self._lock:
-            self._data[self.section][url] = {"size": size, "sha256": sha256}
-            if self.path is not None:
-                write_json_atomic(self.path, self._data)
+            self._data[self.section][url] = {"size": size, "sha256": sha256, "recorded": when,
+                                             "verified_by": verified_by}
+            self._save()
+
+    def forget(self, url: str) -> bool:
+        """Drop a recorded or pinned hash (to accept an upstream change); False when there was none."""
+        with self._lock:
+            found = self._data[self.section].pop(url, None) is not None
+            self._save()
+        return found
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        return dict(self._data[self.section])
+
+    def _save(self) -> None:
+        if self.path is not None:
+            write_json_atomic(self.path, self._data)
 
 
 def sha256_file(path: Path, block: int = 8 * STREAM_BLOCK) -> str:
@@ -230,37 +247,27 @@ class Downloader:
                 self._bar = None
 
     def download(self, item: Download) -> DownloadResult:
-        """Fetch one file into place, verified; reuse it when it is already there and verifies."""
+        """Fetch one file into place, verified; reuse it when it is already there and verifies.
+
+        Verified means: against a pinned sha256, else the one recorded on an earlier run, else the MD5 the server
+        states; a file with none of these is downloaded a second time and the two must agree before it is
+        kept and its hash recorded. Nothing unverified is ever recorded as good.
+        """
         began = time.monotonic()
         dest = Path(item.dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         expected = self._expected(item)
         if dest.exists():
-            digest = sha256_file(dest)
             size = dest.stat().st_size
-            if expected.get("sha256") in (None, digest) and expected.get("size") in (None, size):
-                if expected.get("sha256") is None:
-                    self.registry.record(item.url, size, digest)
+            if expected["sha256"] is not None and size == expected.get("size", size) \
+                    and sha256_file(dest) == expected["sha256"]:
                 log.info("%s: already present and verified (%d bytes)", dest.name, size)
                 self._advance(size)
-                return DownloadResult(item.url, dest, size, digest, 0, time.monotonic() - began, True)
-            log.warning("%s: present but does not verify; downloading again", dest)
+                return DownloadResult(item.url, dest, size, expected["sha256"], 0, time.monotonic() - began, True)
+            log.warning("%s: present but nothing verifies it (or it differs); downloading again", dest)
             dest.unlink()
         target = rewrite(item.url, self.mirror)
-        threshold = int(self.config.range_threshold_mb * 2**20)
-        # An interrupted ranged download goes on in ranges, whatever the threshold says now; a file known to be
-        # large is probed for Range support first; one of unknown size starts as a stream, which switches to
-        # ranges as soon as its first response shows a large file (no extra round trip for small files).
-        total = None
-        if _parts_file(dest).exists() or (expected["size"] is not None and expected["size"] >= threshold):
-            total = self._probe_total(target)
-        try:
-            if total is not None:
-                fetched = self._download_ranges(target, dest, total)
-            else:
-                fetched = self._download_stream(target, dest, ranges_from=threshold)
-        except _UseRanges as switch:
-            fetched = self._download_ranges(target, dest, switch.total)
+        fetched = self._fetch(target, dest, expected["size"])
         partial = _partial(dest)
         size = partial.stat().st_size
         digest, md5 = hash_file(partial)
@@ -269,19 +276,70 @@ class Downloader:
         self._verify(item.url, partial, size, digest, expected)
         if stated is not None and stated != md5:
             self._verify(item.url, partial, size, digest, {"server md5": stated, "md5": md5})
+        how = expected["how"] or ("server md5" if stated is not None else None)
+        if how is None:
+            more, digest = self._confirm(target, dest, digest)
+            fetched += more
+            how = "two downloads agreed"
         os.replace(partial, dest)
         _parts_file(dest).unlink(missing_ok=True)
-        if expected.get("sha256") is None:
-            self.registry.record(item.url, size, digest)
+        if expected["how"] is None:
+            self.registry.record(item.url, size, digest, how)
         seconds = time.monotonic() - began
-        log.info("%s: %d bytes in %.1f s (%.1f MB/s)", dest.name, size, seconds, fetched / 1e6 / max(seconds, 1e-9))
+        log.info("%s: %d bytes in %.1f s (%.1f MB/s), verified by %s", dest.name, size, seconds,
+                 fetched / 1e6 / max(seconds, 1e-9), how)
         return DownloadResult(item.url, dest, size, digest, fetched, seconds, False)
 
     # ----------------------------------------------------------------- internals
     def _expected(self, item: Download) -> dict[str, Any]:
-        pinned = self.registry.get(item.url) or {}
-        return {"size": item.size if item.size is not None else pinned.get("size"),
-                "sha256": item.sha256 or pinned.get("sha256")}
+        """Size and sha256 to verify against, and how they are known: pinned by a person, or recorded."""
+        known = self.registry.get(item.url) or {}
+        sha = item.sha256 or known.get("sha256")
+        how = "pinned" if item.sha256 or (sha and "recorded" not in known) else "recorded" if sha else None
+        return {"size": item.size if item.size is not None else known.get("size"), "sha256": sha, "how": how,
+                "recorded": None if item.sha256 else known.get("recorded")}
+
+    def _fetch(self, target: str, dest: Path, size: int | None) -> int:
+        """Download ``target`` into ``dest``'s ``.partial`` (resumed, ranged when large); the bytes fetched."""
+        threshold = int(self.config.range_threshold_mb * 2**20)
+        # An interrupted ranged download goes on in ranges, whatever the threshold says now; a file known to be
+        # large is probed for Range support first; one of unknown size starts as a stream, which switches to
+        # ranges as soon as its first response shows a large file (no extra round trip for small files).
+        total = None
+        if _parts_file(dest).exists() or (size is not None and size >= threshold):
+            total = self._probe_total(target)
+        try:
+            if total is not None:
+                return self._download_ranges(target, dest, total)
+            return self._download_stream(target, dest, ranges_from=threshold)
+        except _UseRanges as switch:
+            return self._download_ranges(target, dest, switch.total)
+
+    def _confirm(self, target: str, dest: Path, digest: str) -> tuple[int, str]:
+        """A file nothing can verify: fetch it again (a third time if they differ); two must agree.
+
+        Returns the bytes fetched and the agreed sha256 (an agreeing copy is left as ``dest``'s partial).
+        """
+        fetched = 0
+        digests = [digest]
+        for n in (2, 3):
+            check = dest.with_name(f"{dest.name}.check{n}")
+            fetched += self._fetch(target, check, None)
+            digests.append(sha256_file(_partial(check)))
+            agreed = [i for i, d in enumerate(digests[:-1]) if d == digests[-1]]
+            if agreed:
+                if agreed[0] != 0:  # the first copy was the odd one out: keep an agreeing one
+                    os.replace(_partial(check), _partial(dest))
+                for m in (2, 3):
+                    _partial(dest.with_name(f"{dest.name}.check{m}")).unlink(missing_ok=True)
+                return fetched, digests[-1]
+            log.warning("%s: download %d has sha256 %s, earlier ones %s; fetching again", dest.name, n,
+                        digests[-1], digests[:-1])
+        for m in (2, 3):
+            _partial(dest.with_name(f"{dest.name}.check{m}")).unlink(missing_ok=True)
+        _partial(dest).unlink(missing_ok=True)
+        raise IntegrityError(f"{redact(target)}: three downloads gave three different sha256 {digests}; nothing "
+                             "pinned or stated by the server can tell the good one, so none is kept")
 
     def _advance(self, n: int) -> None:
         if self._bar is not None and n:
@@ -293,6 +351,10 @@ class Downloader:
             problem = f"size {size} != expected {expected['size']}"
         elif expected.get("sha256") is not None and digest != expected["sha256"]:
             problem = f"sha256 {digest} != expected {expected['sha256']}"
+            if expected.get("how") == "recorded":
+                problem = (f"sha256 {digest} differs from {expected['sha256']}, recorded on {expected['recorded']}; "
+                           f"if the file changed upstream, accept it with `emdata checksums forget {url}` and run "
+                           "again")
         elif "server md5" in expected:
             problem = f"md5 {expected['md5']} != {expected['server md5']} stated by the server (x-goog-hash/ETag)"
         if problem:

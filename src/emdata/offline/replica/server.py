@@ -82,7 +82,7 @@ class Faults:
     retry_after_s: float | None = None  # with status 429: the Retry-After header
     truncate_to_bytes: int | None = None  # a complete-looking response whose body (and length) is cut short
     truncate_count: int = 0
-    corrupt_count: int = 0  # flip the middle byte of the body
+    corrupt_count: int = 0  # flip a byte near the middle of the body (a different one each time)
     ignore_ranges: bool = False  # answer 200 with the whole file, as servers without Range support do
     latency_s: float = 0.0  # added before every response (not a counter: stays until reset)
     bandwidth_bps: float | None = None  # per-connection throttle (not a counter)
@@ -337,7 +337,10 @@ class ReplicaHandler(BaseHTTPRequestHandler):
                     and faults._take("truncate_count"):
                 truncate = faults.truncate_to_bytes
                 length = truncate
-            corrupt = matches and length > 1 and faults._take("corrupt_count")
+            # The flipped byte: the body's middle, moved by the flips still to come, so that two corrupted
+            # responses differ (as independent faults would).
+            corrupt = (length // 2 + faults.corrupt_count) % length \
+                if matches and length > 1 and faults._take("corrupt_count") else None
         self.send_response(status_code)
         self.send_header("Content-Length", str(length))
         self.send_header("Accept-Ranges", "bytes")
@@ -352,13 +355,13 @@ class ReplicaHandler(BaseHTTPRequestHandler):
             return
         self._send_body(target, start, length, drop=drop, corrupt=corrupt, bandwidth=bandwidth)
 
-    def _send_body(self, target: _Resource, start: int, length: int, *, drop: int | None, corrupt: bool,
+    def _send_body(self, target: _Resource, start: int, length: int, *, drop: int | None, corrupt: int | None,
                    bandwidth: float | None) -> None:
         sent = 0
         began = time.monotonic()
         for block in target.blocks(start, length):
-            if corrupt and sent <= length // 2 < sent + len(block):
-                i = length // 2 - sent  # flip one byte in the middle of the body
+            if corrupt is not None and sent <= corrupt < sent + len(block):
+                i = corrupt - sent
                 block = block[:i] + bytes([block[i] ^ 0xFF]) + block[i + 1:]
             if drop is not None and sent + len(block) > drop:
                 self.wfile.write(block[: max(0, drop - sent)])
