@@ -141,6 +141,7 @@ def test_epfl_output_table_summary_metrics_plots_thumbnails(epfl_workspace):
             png = ws / THUMBNAILS / f"epfl.{split}.{plane}.png"
             assert png.is_file(), png
             assert f"]({THUMBNAILS}/epfl.{split}.{plane}.png)" in summary
+            assert f"]({THUMBNAILS}/epfl.{split}.{plane}.labels.png)" in summary
     with Image.open(ws / THUMBNAILS / "epfl.training.xy.png") as im:
         assert im.size == (512, 384 + FOOTER_PX)  # 96 x 128 voxels of 5 nm, longest side 512
     assert "| epfl | `training/0` | image | 20, 96, 128 | uint8 |" in summary
@@ -213,7 +214,11 @@ def test_thumbnails_physical_aspect_levels_and_label_overlay(tmp_path):
     extents = {"xy": (96 * 8, 160 * 8), "xz": (16 * 50, 160 * 8), "yz": (16 * 50, 96 * 8)}
     for plane, (h_nm, w_nm) in extents.items():
         with Image.open(tmp_path / THUMBNAILS / f"empiar.{plane}.png") as im:
+            plain = np.asarray(im)
+            assert im.mode == "L"  # EM alone: greyscale
+        with Image.open(tmp_path / THUMBNAILS / f"empiar.{plane}.labels.png") as im:
             rgb = np.asarray(im.convert("RGB"))
+        assert plain.shape == rgb.shape[:2]
         scale = 160 / max(h_nm, w_nm)
         h, w = round(h_nm * scale), round(w_nm * scale)
         assert rgb.shape[:2] == (h + FOOTER_PX, max(w, MIN_WIDTH_PX)), plane

@@ -82,20 +82,26 @@ def summary_markdown(records: Sequence[ArrayRecord], thumbnails: Mapping[str, Se
 
     lines += ["", "## Views", "",
               "Mid-slices through the volume's centre at physical aspect (each pixel square in nm), contrast "
-              "p0.5..p99.5, labels overlaid where the image has them; the bar under each is to scale."]
+              "p0.5..p99.5; where the image has labels, a second row shows the same slices with each labelled "
+              "region tinted and outlined. The bar under each picture is to scale; the caption gives the slice "
+              "and the pyramid level it was read from."]
     for r in images:
         thumbs = thumbnails.get(r.name, [])
         if not thumbs:
             continue
-        lines += ["", f"### {r.name}", "", "| " + " | ".join(t.plane for t in thumbs) + " |",
-                  "|" + "---|" * len(thumbs),
-                  "| " + " | ".join(f"![{r.name} {t.plane}]({t.path.relative_to(root).as_posix()})"
-                                    for t in thumbs) + " |"]
+        planes = list(dict.fromkeys(t.plane for t in thumbs))
+        lines += ["", f"### {r.name}", "", "| | " + " | ".join(planes) + " |", "|---|" + "---|" * len(planes)]
+        for with_labels in (False, True):
+            row = {t.plane: t for t in thumbs if t.labels == with_labels}
+            if row:
+                lines.append(f"| {'labels' if with_labels else 'EM'} | " + " | ".join(
+                    f"![{r.name} {p}{' with labels' if with_labels else ''}]"
+                    f"({row[p].path.relative_to(root).as_posix()})" for p in planes if p in row) + " |")
         overlaid = [x for x in labels if x.dataset == r.dataset and x.image == r.image]
         if overlaid:
             lines.append("")
-            lines.append("Overlaid: " + "; ".join(f"`{x.label}` ({'; '.join(x.label_classes) or 'classes not recorded'})"
-                                                 for x in overlaid) + ".")
+            lines.append("Labels: " + "; ".join(f"`{x.label}` ({'; '.join(x.label_classes) or 'classes not recorded'})"
+                                               for x in overlaid) + ".")
 
     lines += ["", "## Sources, citation and licence", ""]
     seen: set[str] = set()

@@ -39,6 +39,7 @@ class Thumbnail:
     level: int  # pyramid level the slice was read from
     index: int  # slice index along the fixed axis at that level
     scale_bar_nm: float
+    labels: bool  # the image's labels are overlaid
 
 
 @dataclass(frozen=True)
@@ -182,28 +183,37 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 def _render(grey: np.ndarray, overlays: Sequence[tuple[np.ndarray, Mapping[int, tuple[int, int, int, int]]]],
             extent_nm: tuple[float, float], caption: str) -> tuple[Image.Image, float]:
+    """The picture with its footer: greyscale (a third of the bytes) without overlays, RGB with them."""
     h, w = grey.shape
-    rgb = np.repeat(grey[..., None].astype(np.float32), 3, axis=2)
-    for labels, colors in overlays:
-        rgb = _overlay(rgb, labels, colors)
     width = max(w, MIN_WIDTH_PX)
-    canvas = Image.new("RGB", (width, h + FOOTER_PX), (0, 0, 0))
-    canvas.paste(Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), "RGB"), (0, 0))
+    if overlays:
+        rgb = np.repeat(grey[..., None].astype(np.float32), 3, axis=2)
+        for labels, colors in overlays:
+            rgb = _overlay(rgb, labels, colors)
+        canvas = Image.new("RGB", (width, h + FOOTER_PX), (0, 0, 0))
+        canvas.paste(Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8), "RGB"), (0, 0))
+        white: Any = (255, 255, 255)
+        light: Any = (200, 200, 200)
+    else:
+        canvas = Image.new("L", (width, h + FOOTER_PX), 0)
+        canvas.paste(Image.fromarray(grey, "L"), (0, 0))
+        white, light = 255, 200
     draw = ImageDraw.Draw(canvas)
     bar_nm = scale_bar_nm(extent_nm[1])
     bar_px = max(1, round(bar_nm * w / extent_nm[1]))
     y = h + FOOTER_PX // 2
-    draw.rectangle((6, y - 2, 6 + bar_px - 1, y + 1), fill=(255, 255, 255))
+    draw.rectangle((6, y - 2, 6 + bar_px - 1, y + 1), fill=white)
     font = _font(12)
-    draw.text((12 + bar_px, y), f"{bar_nm:g} nm", fill=(255, 255, 255), font=font, anchor="lm")
-    draw.text((width - 6, y), caption, fill=(200, 200, 200), font=font, anchor="rm")
+    draw.text((12 + bar_px, y), f"{bar_nm:g} nm", fill=white, font=font, anchor="lm")
+    draw.text((width - 6, y), caption, fill=light, font=font, anchor="rm")
     return canvas, bar_nm
 
 
 def write_thumbnails(image: zarr.Group, labels: Sequence[tuple[zarr.Group, Mapping[int, tuple[int, int, int, int]]]],
                      window: tuple[float, float] | None, longest_px: int, folder: Path,
                      stem: str) -> list[Thumbnail]:
-    """Write ``folder/<stem>.<plane>.png`` for xy, xz and yz; ``window`` maps grey values to black..white."""
+    """Write ``folder/<stem>.<plane>.png`` for xy, xz and yz, and with ``labels`` also ``<stem>.<plane>.labels.png``
+    (the same slice with the labels overlaid); ``window`` maps grey values to black..white."""
     levels = _levels(image)
     label_levels = [(_levels(g), colors) for g, colors in labels]
     base = levels[0]
@@ -224,8 +234,9 @@ def write_thumbnails(image: zarr.Group, labels: Sequence[tuple[zarr.Group, Mappi
         caption = f"{plane}, {AXIS_NAMES[fixed]} {index + 1}/{levels[li].array.shape[fixed]}, level {li}"
         if index != mid:
             caption += " (mid blank)"
-        canvas, bar = _render(grey, overlays, extent, caption)
-        path = folder / f"{stem}.{plane}.png"
-        canvas.save(path, optimize=True)
-        thumbs.append(Thumbnail(plane, path, size, extent, li, index, bar))
+        for with_labels in ([False, True] if overlays else [False]):
+            canvas, bar = _render(grey, overlays if with_labels else [], extent, caption)
+            path = folder / f"{stem}.{plane}{'.labels' if with_labels else ''}.png"
+            canvas.save(path, optimize=True)
+            thumbs.append(Thumbnail(plane, path, size, extent, li, index, bar, with_labels))
     return thumbs
