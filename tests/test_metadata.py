@@ -332,3 +332,17 @@ def test_statistics_are_the_same_read_with_zarr_from_memory_and_tensorstore_from
     memory = zarr.create_array(zarr.storage.MemoryStore(), shape=data.shape, chunks=(8, 16, 16), dtype=data.dtype)
     memory[...] = data
     assert intensity_stats(disk, 0, max_bytes=8192)[0] == intensity_stats(memory, 0, max_bytes=8192)[0]
+
+
+def test_level_param_picks_the_pyramid_level_and_a_missing_one_is_clamped_and_recorded(tmp_path):
+    data = em_like((16, 32, 48), np.uint8, 6)
+    path = make_output(tmp_path, "idr", data, (20.0, 20.0, 20.0), n_levels=2)
+    level1 = np.asarray(zarr.open_group(str(path), mode="r")["1"][...])
+    build_metadata(tmp_path, MetadataParams(datasets=["idr"], level=1), mirror="")
+    stats = json.loads((tmp_path / INTENSITY_METRICS / "idr.json").read_text())
+    assert stats["level"] == 1 and stats["voxels"] == level1.size
+    assert stats["mean"] == pytest.approx(level1.mean(), abs=1e-4)
+    build_metadata(tmp_path, MetadataParams(datasets=["idr"], level=5), mirror="")
+    stats = json.loads((tmp_path / INTENSITY_METRICS / "idr.json").read_text())
+    assert stats["level"] == 1  # the coarsest there is, and the file says so
+    assert pd.read_csv(tmp_path / TABLE)["stats_level"].tolist() == [1]
