@@ -332,3 +332,17 @@ def test_pull_from_a_remote_then_verify(dvc_repo: Path, tmp_path: Path, capsys: 
     code, out, err = run(dvc_repo, "pull", "hemibrain", capsys=capsys)
     assert code == EXIT_FAILED
     assert err.strip().splitlines()[-1].startswith(f"emdata pull: error: dvc pull {HEMIBRAIN} failed")
+
+
+def test_checksums_list_and_forget(tmp_path):
+    from emdata.acquire.download import ChecksumRegistry
+    from emdata.cli import main
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text("download: {checksums_file: checksums.json}\n")
+    registry = ChecksumRegistry(tmp_path / "checksums.json", "live")
+    registry.record("https://example.org/a.tif", 10, "ab" * 32, "two downloads agreed")
+    assert main(["--repo", str(tmp_path), "checksums", "list"]) == 0
+    assert main(["--repo", str(tmp_path), "checksums", "forget", "https://example.org/a.tif"]) == 0
+    assert ChecksumRegistry(tmp_path / "checksums.json", "live").get("https://example.org/a.tif") is None
+    assert main(["--repo", str(tmp_path), "checksums", "forget", "https://example.org/a.tif"]) == 2

@@ -609,6 +609,36 @@ def cmd_view(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- checksums ----------------------------------------------------------------------------------------
+
+
+def _registry(repo: Path, section: str) -> Any:
+    from emdata.acquire.download import ChecksumRegistry
+    from emdata.acquire.params import DownloadConfig, dataclass_from_section, load_params
+
+    params = load_params(repo / "params.yaml")
+    config = dataclass_from_section(DownloadConfig, params.get("download"), "download")
+    return ChecksumRegistry(repo / config.checksums_file, section)
+
+
+def cmd_checksums(args: argparse.Namespace) -> int:
+    """List the pinned and recorded sha256 of the raw files, or forget one to accept an upstream change."""
+    repo = args.repo.resolve() if args.repo else find_repo()
+    registry = _registry(repo, args.section)
+    if args.action == "list":
+        for url, entry in sorted(registry.entries().items()):
+            how = f"recorded {entry['recorded']} ({entry.get('verified_by', '?')})" if "recorded" in entry \
+                else "pinned"
+            print(f"{entry.get('sha256')}  {entry.get('size', '?'):>12}  {how}  {url}")
+        return EXIT_OK
+    if not args.url:
+        raise CliError("checksums forget needs the URL (as `emdata checksums list` prints it)", EXIT_USAGE)
+    if not registry.forget(args.url):
+        raise CliError(f"no {args.section} checksum for {args.url!r}", EXIT_USAGE)
+    print(f"forgot the {args.section} checksum of {args.url}; the next run downloads and verifies it afresh")
+    return EXIT_OK
+
+
 # --- entry point --------------------------------------------------------------------------------------
 
 
@@ -652,6 +682,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true", help="open the URL in the default browser")
     p.add_argument("--log-requests", action="store_true", help="print every data request to stderr")
     p.set_defaults(func=cmd_view)
+
+    p = sub.add_parser("checksums", help="list the raw files' pinned/recorded sha256, or forget one (an upstream "
+                                         "change)")
+    p.add_argument("action", choices=["list", "forget"])
+    p.add_argument("url", nargs="?", help="with forget: the live URL whose checksum to drop")
+    p.add_argument("--section", choices=["live", "replica"], default="live",
+                   help="live (also a cache mirror's) or replica checksums (default live)")
+    p.set_defaults(func=cmd_checksums)
     return parser
 
 
