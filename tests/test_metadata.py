@@ -186,6 +186,7 @@ def test_planted_discrepancy_and_provenance_reach_table_and_summary(tmp_path):
     (tmp_path / "metrics").mkdir()
     run = {"acquired_utc": "2026-11-25T21:00:00Z", "emdata_version": "0.1.0", "commit": "0123456789abcdef"}
     (tmp_path / DATASETS["idr"].metrics).write_text(json.dumps({"seconds": 1.0, "run": run}))
+    (tmp_path / DATASETS["empiar"].metrics).write_text(json.dumps({"run": {"origin": "cache"}}))
 
     build_metadata(tmp_path, MetadataParams(datasets=["idr", "empiar"]), mirror="")
     table = assert_parquet_equals_csv(tmp_path).set_index("dataset")
@@ -194,6 +195,7 @@ def test_planted_discrepancy_and_provenance_reach_table_and_summary(tmp_path):
     assert table.loc["idr", "doi"] == "10.17867/10000148" and table.loc["empiar", "doi"] == "10.6019/EMPIAR-11759"
     assert table.loc["idr", "citation"] == "Miron et al. 2020, Science Advances"
     assert table.loc["idr", "origin"] == "replica"
+    assert table.loc["empiar", "origin"] == "cache"  # from its metrics' run facts, the attributes lacking it
     assert (table.loc["idr", "acquired_utc"], table.loc["idr", "commit"]) == (run["acquired_utc"], run["commit"])
     assert table.loc["empiar", "acquired_utc"] == ""  # not recorded: empty, never invented
     summary = (tmp_path / SUMMARY).read_text()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -96,6 +96,7 @@ class RunFacts:
     acquired_utc: str = ""
     emdata_version: str = ""
     commit: str = ""
+    origin: str = ""  # read when the output's attributes do not say
 
     @classmethod
     def read(cls, metrics_file: Path) -> RunFacts:
@@ -105,7 +106,9 @@ class RunFacts:
             run = json.loads(metrics_file.read_text()).get("run") or {}
         except (json.JSONDecodeError, AttributeError) as exc:
             raise SourceMismatchError(f"{metrics_file}: not a JSON object of metrics ({exc})") from exc
-        return cls(**{k: str(run.get(k) or "") for k in ("acquired_utc", "emdata_version", "commit")})
+        if not isinstance(run, Mapping):
+            raise SourceMismatchError(f"{metrics_file}: 'run' must be a mapping, got {run!r}")
+        return cls(**{k: str(run.get(k) or "") for k in ("acquired_utc", "emdata_version", "commit", "origin")})
 
 
 @dataclass(frozen=True)
@@ -301,6 +304,8 @@ def output_records(dataset: str, path: Path, repo_root: Path) -> list[ArrayRecor
     attrs = cast(dict[str, Any], root.attrs.asdict())
     source = SourceFacts.from_attrs(attrs.get("emdata", {}), str(path))
     run = RunFacts.read(repo_root / DATASETS[dataset].metrics)
+    if not source.origin and run.origin:
+        source = replace(source, origin=run.origin)
     digest = tree_sha256(path)
     records: list[ArrayRecord] = []
     images = find_images(root)
