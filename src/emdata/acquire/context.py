@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from emdata.acquire.download import ChecksumRegistry, Downloader
 from emdata.acquire.params import DownloadConfig, dataclass_from_section
+from emdata.acquire.tsio import ReadPolicy
 from emdata.acquire.urls import redact, rewrite, validate_mirror
 from emdata.errors import DownloadError, InvalidParameterError
 
@@ -125,6 +126,12 @@ class RunContext:
             spec["data_copy_concurrency"] = {"limit": int(copy_threads)}
         return ts.Context(spec)
 
+    @property
+    def read_policy(self) -> ReadPolicy:
+        """Deadline and retries of each tensorstore read, from the ``download`` params."""
+        return ReadPolicy(timeout_s=self.download.read_timeout_s, retries=self.download.retries,
+                          backoff_s=self.download.backoff_s, backoff_max_s=self.download.backoff_max_s)
+
     def kvstore(self, live_prefix: str) -> dict[str, Any]:
         """A tensorstore ``http`` kvstore spec for the folder ``live_prefix`` (rewritten onto the mirror)."""
         base = self.url(live_prefix.rstrip("/")) + "/"
@@ -145,10 +152,16 @@ class RunContext:
 
         full = {**spec, "kvstore": self.kvstore(live_prefix), "open": True,
                 "recheck_cached_data": "open", "recheck_cached_metadata": "open"}
+        where = f"{what} at {redact(self.url(live_prefix))}"
+        future = ts.open(full, context=context, read=True)
         try:
-            return ts.open(full, context=context, read=True).result()
+            return future.result(timeout=self.download.read_timeout_s * (self.download.retries + 1))
+        except TimeoutError as exc:
+            future.cancel()
+            raise DownloadError(f"opening {where} stalled: no answer within "
+                                f"{self.download.read_timeout_s * (self.download.retries + 1):g} s") from exc
         except ValueError as exc:
-            raise DownloadError(f"opening {what} at {redact(self.url(live_prefix))} failed: {exc}") from exc
+            raise DownloadError(f"opening {where} failed: {exc}") from exc
 
 
 def _netrc_authorization(url: str) -> str | None:
