@@ -1,4 +1,4 @@
-"""DM3: the chosen reader (ncempy) on real files, and the replica's DM3 writer round-tripping through it."""
+"""DM3: ncempy and the slice reader (emdata.formats.read_volume) on real files, and the replica's DM3 writer."""
 
 from __future__ import annotations
 
@@ -31,22 +31,53 @@ def test_ncempy_reads_real_dm3_files(name, shape, dtype, sizes, units):
 
 
 @pytest.mark.parametrize(("name", "message"), [
-    ("08_carbon.dm3", r"08_carbon.dm3: expected a 2-D uint8 image, got \(2048,\) float32"),
-    ("dmTest_3D_int16_64_65_66.dm3", r"expected a 2-D image, got a 3-D dataset"),
-    ("dmTest_float32_nonSquare_diffPixelSize.dm3", r"expected a 2-D uint8 image, got \(64, 128\) float32"),
+    ("08_carbon.dm3", r"08_carbon.dm3: not a readable image \(.*08_carbon.dm3: .*(spectrum|eV)"),
+    ("dmTest_3D_int16_64_65_66.dm3", r"expected one 2-D image, got 66 sections of \(65, 64\) \(a stack\)"),
 ])
-def test_slice_reader_refuses_what_is_not_an_8_bit_image(name, message):
+def test_slice_reader_refuses_a_spectrum_and_a_stack_where_one_image_is_expected(name, message):
     with pytest.raises(SourceMismatchError, match=message):
         read_slice(REAL / name)
 
 
-def test_slice_reader_refuses_a_dm4_spectrum_and_non_dm_bytes(tmp_path):
-    with pytest.raises(SourceMismatchError, match="diffPixelSize.dm4"):
-        read_slice(REAL / "dmTest_float32_nonSquare_diffPixelSize.dm4")  # float32, not uint8
+def test_slice_reader_takes_every_section_of_a_stack_with_per_axis_units():
+    """The real 3-D int16 file is calibrated in µm (z), nm (y) and pm (x): each axis converted on its own."""
+    s = read_slice(REAL / "dmTest_3D_int16_64_65_66.dm3", stack=True)
+    assert s.data.shape == (66, 65, 64) and s.data.dtype == np.int16 and s.sections == 66
+    assert s.z_nm == 4000.0 and s.pixel_size_nm == (3.0, 0.002) and s.units == ("um", "nm", "pm")
+    with dm.fileDM(REAL / "dmTest_3D_int16_64_65_66.dm3", on_memory=False) as f:
+        np.testing.assert_array_equal(s.data, f.getDataset(0)["data"])
+
+
+@pytest.mark.parametrize("name", ["dmTest_float32_nonSquare_diffPixelSize.dm3",
+                                  "dmTest_float32_nonSquare_diffPixelSize.dm4"])
+def test_slice_reader_takes_float32_dm3_and_dm4_with_angstrom_and_nm(name):
+    """Formerly refused (2-D uint8 only): a float32 image, y in Å and x in nm, read from DM3 and DM4 alike."""
+    s = read_slice(REAL / name)
+    assert s.data.shape == (1, 64, 128) and s.data.dtype == np.float32 and s.source_format == name[-3:]
+    assert s.pixel_size_nm == (0.2, 1.0) and s.z_nm is None and s.units[1:] == ("A", "nm")
+    with dm.fileDM(REAL / name, on_memory=False) as f:
+        np.testing.assert_array_equal(s.data[0], f.getDataset(0)["data"])
+
+
+def test_slice_reader_refuses_bytes_that_are_no_image(tmp_path):
     tiff = tmp_path / "fake.dm3"
     tiff.write_bytes(b"II*\x00" + bytes(64))
-    with pytest.raises(SourceMismatchError, match="fake.dm3: not a readable DM3"):
+    with pytest.raises(SourceMismatchError, match="fake.dm3: not a readable image"):
         read_slice(tiff)
+    text = tmp_path / "notes.dm3"
+    text.write_bytes(b"<html>not found</html>" * 4)
+    with pytest.raises(SourceMismatchError, match=r"notes.dm3: not a readable image .*unknown format"):
+        read_slice(text)
+
+
+@pytest.mark.parametrize(("units", "pixel_size", "nm"), [
+    ("µm", (0.00799825, 0.00799825), (7.99825, 7.99825)), ("pm", (8000.0, 4000.0), (8.0, 4.0)),
+    (("Å", "mm"), (80.0, 8e-6), (8.0, 8.0)), ("nm", (2.5, 2.5), (2.5, 2.5)),
+])
+def test_writer_units_per_axis_read_back_in_nm(tmp_path, units, pixel_size, nm):
+    path = tmp_path / "u.dm3"
+    write_dm3(path, np.zeros((4, 6), np.float32), pixel_size=pixel_size, units=units)
+    assert read_slice(path).pixel_size_nm == nm
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.float32, np.int32])
@@ -82,8 +113,8 @@ def test_writer_layout_and_micrometre_calibration(tmp_path):
         assert f.dataType == [23, 6]  # RGBA thumbnail, then uint8 (DataType 6)
         assert f.allTags[".ImageList.2.Name"] == "3VBSED_slice_0000"
     s = read_slice(path)
-    assert s.pixel_size_nm == (7.99825, 7.99825) and s.data.shape == (96, 128)
-    np.testing.assert_array_equal(s.data, image)
+    assert s.pixel_size_nm == (7.99825, 7.99825) and s.data.shape == (1, 96, 128)
+    np.testing.assert_array_equal(s.data[0], image)
 
 
 def test_writer_matches_the_real_file_layout_as_ncempy_sees_it(tmp_path):

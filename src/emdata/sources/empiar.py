@@ -1,39 +1,38 @@
-"""EMPIAR-11759 (zebrafish retina, SBF-SEM): 16 DM3 slices -> data/empiar_11759.zarr (OME-Zarr 0.5, z, y, x, nm).
-
-The EMPIAR REST API entry gives the image count, the pixel size in Å and, only in its free ``details`` text,
-the section thickness (z). The slices are listed from the Apache autoindex of the entry's ``data/`` folder
-(load-balanced: a listing can miss files, so it is fetched again, a bounded number of times), downloaded in
-parallel, read with ``ncempy`` and cross-checked against the API before they are converted and verified.
-"""
+"""EMPIAR image sets (default EMPIAR-11759, zebrafish retina SBF-SEM) -> data/empiar_11759.zarr (OME-Zarr 0.5)."""
 
 from __future__ import annotations
 
 import hashlib
-import html
 import logging
 import re
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urljoin
 
 import numpy as np
 import zarr
-from ncempy.io import dm
 
 from emdata import ngff
 from emdata.acquire.context import RunContext
-from emdata.acquire.download import Downloader
+from emdata.acquire.download import Download, Downloader
 from emdata.acquire.params import check_chunks_and_shards, check_sha256_pins, dataclass_from_section
-from emdata.errors import IntegrityError, InvalidParameterError, SourceMismatchError
-from emdata.sources.base import About, Converted, FileSource
+from emdata.catalog import find
+from emdata.errors import DownloadError, IntegrityError, InvalidParameterError, SourceMismatchError
+from emdata.formats import VolumeFormatError, read_volume
+from emdata.sources.base import About, Converted, FileSource, run_file_source
 
 log = logging.getLogger(__name__)
 
-ENTRY = "EMPIAR-11759"
-API_URL = "https://www.ebi.ac.uk/empiar/api/entry/11759/"
-DATA_URL = "https://ftp.ebi.ac.uk/empiar/world_availability/11759/data/"
+DEFAULT_ENTRY = 11759
+API_URL_TEMPLATE = "https://www.ebi.ac.uk/empiar/api/entry/{entry}/"
+FILES_URL_TEMPLATE = "https://ftp.ebi.ac.uk/empiar/world_availability/{entry}/"
+ENTRY = f"EMPIAR-{DEFAULT_ENTRY}"
+API_URL = API_URL_TEMPLATE.format(entry=DEFAULT_ENTRY)
+DATA_URL = FILES_URL_TEMPLATE.format(entry=DEFAULT_ENTRY) + "data/"
 XML_NAME = "F57-8_test1.xml.gz"
 ABOUT = About(
     title=f"{ENTRY}: Developing retina in zebrafish 55 hpf larval eye (SBF-SEM)",
@@ -43,7 +42,7 @@ ABOUT = About(
              "Microscopy Public Image Archive, Nucleic Acids Research 51(D1), 2023.",
     doi=("10.6019/EMPIAR-11759",),
 )
-SLICE_PATTERN = re.compile(r"^F57-8_test1_3VBSED_slice_(\d{4})\.dm3$")
+SLICE_PATTERN = re.compile(r"^F57-8_test1_3VBSED_slice_(\d{4})\.dm3$")  # EMPIAR-11759's slice names
 # The API says 5628 x 5632 pixels; every live slice decodes to 5496 x 5500 (checked twice, SOURCES.md).
 KNOWN_SIZE_DISAGREEMENT = {"api_width_height": (5628, 5632), "files_width_height": (5496, 5500)}
 # sha256(ndarray.tobytes()) of live decoded slices, published by a third party (reedmarkham/macroscope catalog,
@@ -56,197 +55,617 @@ LIVE_DECODED_SHA256 = {
     "F57-8_test1_3VBSED_slice_0013.dm3": "5a51501ee7a636f533d536e7dbf5962848d1283f6fcdf3b609b44df940f0bc31",
     "F57-8_test1_3VBSED_slice_0015.dm3": "a02f69ff4b0e595f8da2fde443125d0f8fae3fc28bdfd76091e4946e68a074ad",
 }
-UNIT_TO_NM = {"µm": 1000.0, "um": 1000.0, "nm": 1.0, "Å": 0.1, "A": 0.1}
-PIXEL_TOLERANCE = 0.01  # API pixel_width (Å) vs DM3 calibration: relative
-_Z_TEXT = re.compile(r"(\d+(?:\.\d+)?)\s*nm\s*(?:per|/)\s*section", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class KnownEntry:
+    """What we know about one entry beyond its API document (evidence in shared/reference/SOURCES.md)."""
+
+    about: About
+    size_disagreement: Mapping[str, tuple[int, int]] | None = None  # API vs files width x height, known
+    live_decoded_sha256: Mapping[str, str] = field(default_factory=dict)
+    side_files: tuple[str, ...] = ()  # optional files of the image-set folder (fetched, recorded, never required)
+
+
+KNOWN_ENTRIES: dict[int, KnownEntry] = {
+    DEFAULT_ENTRY: KnownEntry(ABOUT, KNOWN_SIZE_DISAGREEMENT, LIVE_DECODED_SHA256, (XML_NAME,)),
+}
+PIXEL_TOLERANCE = 0.01  # API pixel_width (Å) vs file calibration: relative
+Z_TOLERANCE = 0.01  # file z calibration vs the details text: relative
+# EMPIAR data_format -> what emdata.formats.detect_format says of such a file, and the names such files have.
+FORMATS = {"DM3": "dm3", "DM4": "dm4", "TIFF": "tiff", "TIF": "tiff", "MRC": "mrc", "MRCS": "mrc", "CCP4": "mrc"}
+EXTENSIONS = {"dm3": (".dm3",), "dm4": (".dm4",), "tiff": (".tif", ".tiff"),
+              "mrc": (".mrc", ".mrcs", ".map", ".st", ".ali", ".rec")}
+ALL_EXTENSIONS = tuple(e for exts in EXTENSIONS.values() for e in exts)
+SIDE_FILE_SUFFIXES = (".xml", ".xml.gz")  # metadata beside the images: optional
+MAX_SIDE_FILE_DECODED = 1 << 30  # an .xml.gz decoding past this is refused (a gzip bomb), not read on
+_Z_TEXT = re.compile(r"(\d+(?:\.\d+)?)\s*(nm|Å|A|µm|um)\s*(?:per|/)\s*(?:section|slice)", re.IGNORECASE)
+_UNIT_NM = {"nm": 1.0, "å": 0.1, "a": 0.1, "µm": 1000.0, "um": 1000.0}
 
 
 @dataclass(frozen=True)
 class EmpiarParams:
+    entry: int = DEFAULT_ENTRY  # EMPIAR entry number (the stage's output is named after it, see emdata.catalog)
+    imageset: int | str = 0  # index into the entry's imagesets, or its directory or name
     chunks: Sequence[int] = ngff.DEFAULT_CHUNKS
     shards: Sequence[int] = ngff.DEFAULT_SHARDS
-    listing_attempts: int = 3  # fetches of the autoindex before a short listing fails the stage
+    listing_attempts: int = 3  # fetches of the autoindex before falling back to the count and naming pattern
     keep_downloads: bool = False
     sha256: Mapping[str, str] = field(default_factory=dict)  # file name -> pinned sha256 of the live file
 
     def __post_init__(self) -> None:
+        if isinstance(self.entry, bool) or not isinstance(self.entry, int) or not 1 <= self.entry <= 10**6:
+            raise InvalidParameterError(f"empiar.entry must be an EMPIAR entry number (e.g. 11759), got {self.entry!r}")
+        if isinstance(self.imageset, bool) or not isinstance(self.imageset, (int, str)) or (
+                isinstance(self.imageset, int) and not 0 <= self.imageset < 1000) or self.imageset == "":
+            raise InvalidParameterError(f"empiar.imageset must be an index 0..999 or an image set's directory or "
+                                        f"name, got {self.imageset!r}")
         check_chunks_and_shards("empiar", self.chunks, self.shards)
         if isinstance(self.listing_attempts, bool) or not isinstance(self.listing_attempts, int) or not (
                 1 <= self.listing_attempts <= 20):
             raise InvalidParameterError(f"empiar.listing_attempts must be an integer 1..20, got {self.listing_attempts!r}")
         if not isinstance(self.keep_downloads, bool):
             raise InvalidParameterError(f"empiar.keep_downloads must be true or false, got {self.keep_downloads!r}")
-        check_sha256_pins("empiar", self.sha256, lambda name: name == XML_NAME or bool(SLICE_PATTERN.match(name)),
-                          f"{XML_NAME!r} or F57-8_test1_3VBSED_slice_NNNN.dm3")
+        check_sha256_pins("empiar", self.sha256, lambda name: bool(name) and "/" not in name and name not in ".." and
+                          not name.startswith("."), "a file name of the image set's folder (no '/')")
+
+    @property
+    def api_url(self) -> str:
+        return API_URL_TEMPLATE.format(entry=self.entry)
+
+
+def about_entry(entry: int, title: str | None = None) -> About:
+    """The fixed facts of ``entry``: ours for a known entry, else what every EMPIAR entry shares."""
+    if entry in KNOWN_ENTRIES:
+        return KNOWN_ENTRIES[entry].about
+    name = f"EMPIAR-{entry}"
+    return About(title=f"{name}: {title}" if title else name, page=f"https://www.ebi.ac.uk/empiar/{name}/",
+                 licence=ABOUT.licence, citation=f"{name}, Electron Microscopy Public Image Archive (EMBL-EBI). "
+                 "Iudin et al., EMPIAR: the Electron Microscopy Public Image Archive, Nucleic Acids Research "
+                 "51(D1), 2023.", doi=(f"10.6019/{name}",))
 
 
 # ---------------------------------------------------------------------------------------------- API document
 @dataclass(frozen=True)
 class ApiFacts:
-    """What the stage uses from the API entry (``imagesets[0]``)."""
+    """What the stage uses from the API entry's selected image set."""
 
+    entry: int
     title: str
     doi: str | None
+    imageset_index: int
+    imageset_name: str
+    directory: str
     num_images: int
-    image_width: int
-    image_height: int
-    pixel_width_nm: float
-    pixel_height_nm: float
+    image_width: int | None
+    image_height: int | None
+    pixel_width_nm: float | None
+    pixel_height_nm: float | None
     voxel_type: str
     data_format: str
-    z_nm: float
+    z_nm: float | None  # from the details text ("50nm per section"), None when it does not say
     details: str
+
+    @property
+    def url(self) -> str:
+        return API_URL_TEMPLATE.format(entry=self.entry)
+
+    @property
+    def files_url(self) -> str:
+        """The image set's folder on the EBI HTTPS server (with a trailing slash)."""
+        return FILES_URL_TEMPLATE.format(entry=self.entry) + self.directory + "/"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def parse_api(document: Any) -> ApiFacts:
-    """Key facts of the API response ``{"EMPIAR-11759": {...}}``; SourceMismatchError when a fact is missing."""
+def _optional_number(value: Any, kind: type) -> Any:
+    return None if value in (None, "", "null") else kind(value)
+
+
+def parse_api(document: Any, entry: int = DEFAULT_ENTRY, imageset: int | str = 0) -> ApiFacts:
+    """Key facts of the API response ``{"EMPIAR-<entry>": {...}}`` for one image set (an index, directory or name).
+
+    SourceMismatchError names the URL and what is missing. The format and voxel type are kept as the API spells
+    them and cross-checked against the files later (:func:`check_slices`), never assumed.
+    """
+    url = API_URL_TEMPLATE.format(entry=entry)
+    key = f"EMPIAR-{entry}"
     try:
-        entry = document[ENTRY]
-        imageset = entry["imagesets"][0]
+        record = document[key]
+        sets = list(record["imagesets"])
+    except (KeyError, IndexError, TypeError) as exc:
+        raise SourceMismatchError(f"{url}: the {key} entry lacks or garbles {exc}") from exc
+    index = _select_imageset(sets, imageset, url)
+    chosen = sets[index]
+    try:
+        details = str(chosen.get("details") or "")
+        pw, ph = _optional_number(chosen.get("pixel_width"), float), _optional_number(chosen.get("pixel_height"), float)
         facts = ApiFacts(
-            title=str(entry["title"]), doi=entry.get("entry_doi"),
-            num_images=int(imageset["num_images_or_tilt_series"]),
-            image_width=int(imageset["image_width"]), image_height=int(imageset["image_height"]),
-            pixel_width_nm=float(imageset["pixel_width"]) / 10.0,  # the API gives Å
-            pixel_height_nm=float(imageset["pixel_height"]) / 10.0,
-            voxel_type=str(imageset["voxel_type"]), data_format=str(imageset["data_format"]),
-            z_nm=section_thickness_nm(str(imageset.get("details") or "")),
-            details=str(imageset.get("details") or ""),
+            entry=entry, title=str(record["title"]), doi=record.get("entry_doi"), imageset_index=index,
+            imageset_name=str(chosen.get("name") or ""), directory=str(chosen["directory"]).strip("/"),
+            num_images=int(chosen["num_images_or_tilt_series"]),
+            image_width=_optional_number(chosen.get("image_width"), int),
+            image_height=_optional_number(chosen.get("image_height"), int),
+            pixel_width_nm=None if pw is None else float(f"{pw / 10.0:.12g}"),  # the API gives Å
+            pixel_height_nm=None if ph is None else float(f"{ph / 10.0:.12g}"),
+            voxel_type=str(chosen.get("voxel_type") or ""), data_format=str(chosen.get("data_format") or ""),
+            z_nm=section_thickness_nm(details), details=details,
         )
-        directory = imageset["directory"]
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-        raise SourceMismatchError(f"{API_URL}: the {ENTRY} entry lacks or garbles {exc}") from exc
-    if str(directory).strip("/") != "data" or facts.data_format != "DM3" or facts.voxel_type != "UNSIGNED BYTE":
-        raise SourceMismatchError(f"{API_URL}: expected imagesets[0] of DM3 UNSIGNED BYTE images in 'data', got "
-                                  f"{facts.data_format!r} {facts.voxel_type!r} in {directory!r}")
+        raise SourceMismatchError(f"{url}: imagesets[{index}] of the {key} entry lacks or garbles {exc}") from exc
+    if not facts.directory or ".." in facts.directory.split("/") or facts.num_images < 1:
+        raise SourceMismatchError(f"{url}: imagesets[{index}] has directory {facts.directory!r} and "
+                                  f"num_images_or_tilt_series {facts.num_images}: not an image set we can fetch")
     return facts
 
 
-def section_thickness_nm(details: str) -> float:
-    """The z spacing from the free text ("... and 50nm per section (z)"): no other field of the entry has it."""
+def _select_imageset(sets: Sequence[Any], imageset: int | str, url: str) -> int:
+    described = [f"{i}: {s.get('directory')!r} ({s.get('name')!r})" for i, s in enumerate(sets)
+                 if isinstance(s, Mapping)]
+    if isinstance(imageset, int):
+        if imageset < len(sets):
+            return imageset
+    else:
+        matches = [i for i, s in enumerate(sets) if isinstance(s, Mapping) and imageset in (
+            str(s.get("directory") or "").strip("/"), str(s.get("name") or ""))]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise SourceMismatchError(f"{url}: empiar.imageset {imageset!r} matches image sets {matches}; use the "
+                                      f"index. Image sets: {described}")
+    raise SourceMismatchError(f"{url}: no image set {imageset!r} (empiar.imageset); the entry has {described}")
+
+
+def section_thickness_nm(details: str) -> float | None:
+    """The z spacing from the free text ("... and 50nm per section (z)"), None when it does not say."""
     match = _Z_TEXT.search(details)
     if not match:
-        raise SourceMismatchError(f"{API_URL}: imagesets[0].details does not state the section thickness "
-                                  f"('<N> nm per section'); details text: {details!r}")
-    return float(match.group(1))
+        return None
+    return float(f"{float(match.group(1)) * _UNIT_NM[match.group(2).lower()]:.12g}")
 
 
 # ---------------------------------------------------------------------------------------------- listing
+class _Links(HTMLParser):
+    """Every ``href`` of an ``<a>`` tag: double-, single- or un-quoted, any case, entities decoded."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self.hrefs += [v for k, v in attrs if k == "href" and v]
+
+
 def parse_autoindex(page: str, base_url: str = DATA_URL) -> tuple[list[str], list[str]]:
-    """Files and sub-folders of an Apache autoindex page of ``base_url``.
+    """Files and sub-folders of an autoindex page of ``base_url`` (Apache table or ``<pre>``, nginx, others).
 
     Links are resolved against ``base_url`` (relative, absolute-path or full hrefs alike); sort links
     (``?C=N;O=D``), the parent directory and anything outside the folder are skipped.
     """
+    parser = _Links()
+    parser.feed(page)
+    parser.close()
+    base = unquote(base_url)
     files: list[str] = []
     folders: list[str] = []
-    for href in re.findall(r'<a\s+href="([^"]+)"', page, flags=re.IGNORECASE):
-        target = unquote(urljoin(base_url, html.unescape(href)))
-        if not target.startswith(unquote(base_url)):
+    for href in parser.hrefs:
+        target = unquote(urljoin(base_url, href.strip()))
+        if not target.startswith(base):
             continue
-        name = target[len(unquote(base_url)):]
-        if not name or name.startswith("?") or "/" in name.rstrip("/"):
+        name = target[len(base):]
+        if not name or name.startswith(("?", "#")) or "/" in name.rstrip("/") or "?" in name:
             continue
         (folders if name.endswith("/") else files).append(name.rstrip("/"))
     return sorted(set(files)), sorted(set(folders))
 
 
-def fetch_listing(fetch: Callable[[str], bytes], expected_slices: int, attempts: int) -> tuple[list[str], list[str], int]:
-    """The listing's (slices, other entries, attempts used); a short listing is fetched again up to ``attempts``."""
+@dataclass(frozen=True)
+class Numbering:
+    """A naming pattern ``prefix`` + number (zero-padded to ``width``, 0 = not padded) + ``suffix``."""
+
+    prefix: str
+    suffix: str
+    width: int
+
+    def name(self, number: int) -> str:
+        return f"{self.prefix}{number:0{self.width}d}{self.suffix}"
+
+    def __str__(self) -> str:
+        return f"{self.prefix}{{:0{self.width}d}}{self.suffix}" if self.width else f"{self.prefix}{{}}{self.suffix}"
+
+
+_NUMBERED = re.compile(r"^(.*?)(\d+)(\D*)$")
+
+
+def image_extensions(data_format: str) -> tuple[str, ...]:
+    """Names an image set of the API's ``data_format`` has (every image format we read when it is another)."""
+    fmt = FORMATS.get(data_format.strip().upper())
+    return EXTENSIONS[fmt] if fmt else ALL_EXTENSIONS
+
+
+def number_files(names: Sequence[str], extensions: Sequence[str]) -> tuple[Numbering | None, dict[int, str]]:
+    """The largest group of ``names`` numbered alike (same prefix and suffix), as {number: name} in order.
+
+    The last run of digits before the extension is the number; it is zero-padded when the group's numbers
+    have one length and at least one leading zero.
+    """
+    groups: dict[tuple[str, str], dict[int, str]] = {}
+    for name in names:
+        ext = next((e for e in extensions if name.lower().endswith(e)), None)
+        m = _NUMBERED.match(name[:-len(ext)]) if ext else None
+        if ext is None or m is None:
+            continue
+        groups.setdefault((m.group(1), m.group(3) + name[-len(ext):]), {})[int(m.group(2))] = name
+    if not groups:
+        return None, {}
+    prefix, suffix = max(groups, key=lambda k: (len(groups[k]), k))
+    numbered = groups[(prefix, suffix)]
+    digits = [n[len(prefix):len(n) - len(suffix)] for n in numbered.values()]
+    lengths = {len(d) for d in digits}
+    width = lengths.pop() if len(lengths) == 1 and any(d.startswith("0") for d in digits) else 0
+    return Numbering(prefix, suffix, width), dict(sorted(numbered.items()))
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The image set's files as found: from the autoindex, or (short listing) from the count and pattern + HEAD."""
+
+    url: str
+    files: tuple[str, ...]  # image files, in z order
+    others: tuple[str, ...]  # every other entry of the folder (sub-folders end in "/")
+    attempts: int
+    complete: bool  # False: the autoindex stayed short and the names come from the fallback
+    seen: tuple[int, ...] = ()  # image files the autoindex listed, per attempt
+    pattern: str = ""
+    confirmed_by_head: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "slices": list(self.files), "other_entries": list(self.others),
+                "complete": self.complete, "attempts": self.attempts, "listed_per_attempt": list(self.seen),
+                "pattern": self.pattern, "confirmed_by_head": list(self.confirmed_by_head)}
+
+
+def fetch_listing(fetch: Callable[[str], bytes], expected: int, attempts: int, url: str = DATA_URL,
+                  extensions: Sequence[str] = (".dm3",),
+                  head: Callable[[str], tuple[int, Mapping[str, str]]] | None = None) -> Listing:
+    """The image set's files: the autoindex (fetched again while short, up to ``attempts``), else the fallback.
+
+    The load-balanced EBI autoindex can omit files. When it stays short, the names come from the entry's
+    count (``expected``) and the naming pattern of the files it did list, each name confirmed by a HEAD
+    (``head``; without one a short listing fails). An absent file fails, naming its URL and the HTTP status.
+    """
     seen: list[int] = []
-    missing: list[int] = []
+    numbering: Numbering | None = None
+    numbered: dict[int, str] = {}
+    others: list[str] = []
     for attempt in range(1, attempts + 1):
-        files, folders = parse_autoindex(fetch(DATA_URL).decode("utf-8", errors="replace"))
-        found = [f for f in files if SLICE_PATTERN.match(f)]
-        others = [f for f in files if f not in found] + [f + "/" for f in folders]
-        if len(found) > expected_slices:
-            raise SourceMismatchError(f"{DATA_URL} lists {len(found)} DM3 slices, the API says "
-                                      f"num_images_or_tilt_series = {expected_slices}")
-        numbers = [int(SLICE_PATTERN.match(f).group(1)) for f in found]  # type: ignore[union-attr]
-        if len(found) == expected_slices and numbers == list(range(expected_slices)):
-            return found, others, attempt
-        seen.append(len(found))
-        missing = sorted(set(range(expected_slices)) - set(numbers))
-        log.warning("%s listed %d of %d slices (attempt %d of %d); the load-balanced index can omit files",
-                    DATA_URL, len(found), expected_slices, attempt, attempts)
-    raise SourceMismatchError(f"{DATA_URL} listed {seen} DM3 slices in {attempts} attempts; the API says "
-                              f"{expected_slices} (slices 0000..{expected_slices - 1:04d}); last missing: {missing}")
+        files, folders = parse_autoindex(fetch(url).decode("utf-8", errors="replace"), url)
+        if expected == 1:
+            images = [f for f in files if f.lower().endswith(tuple(extensions))]
+            if len(images) == 1:
+                rest = [f for f in files if f != images[0]] + [f + "/" for f in folders]
+                return Listing(url, (images[0],), tuple(rest), attempt, True, (1,))
+            numbering, numbered = None, {}
+            seen.append(len(images))
+        else:
+            numbering, numbered = number_files(files, extensions)
+            seen.append(len(numbered))
+        others = [f for f in files if f not in numbered.values()] + [f + "/" for f in folders]
+        if len(numbered) > expected:
+            raise SourceMismatchError(f"{url} lists {len(numbered)} image files named {numbering}, the API says "
+                                      f"num_images_or_tilt_series = {expected}")
+        if len(numbered) == expected and list(numbered) == list(range(min(numbered), min(numbered) + expected)):
+            return Listing(url, tuple(numbered.values()), tuple(others), attempt, True, tuple(seen), str(numbering))
+        log.warning("%s listed %d of %d image files (attempt %d of %d); the load-balanced index can omit files",
+                    url, seen[-1], expected, attempt, attempts)
+    short = (f"{url} listed {seen} image files in {attempts} attempts; the API says {expected}"
+             + (f" (named {numbering}, numbers {_ranges(list(numbered))})" if numbering else ""))
+    if numbering is None or head is None:
+        raise SourceMismatchError(short + "; no naming pattern to fall back on" if numbering is None else short)
+    names, confirmed = _fall_back(numbering, numbered, expected, url, head, short)
+    log.warning("%s: using the API count %d and the naming pattern %s; %d name(s) confirmed by HEAD: %s",
+                short, expected, numbering, len(confirmed), ", ".join(confirmed))
+    return Listing(url, tuple(names), tuple(others), attempts, False, tuple(seen), str(numbering), tuple(confirmed))
 
 
-# ---------------------------------------------------------------------------------------------- DM3 slices
+def _ranges(numbers: Sequence[int]) -> str:
+    if not numbers:
+        return "none"
+    parts, start, prev = [], numbers[0], numbers[0]
+    for n in [*numbers[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}..{prev}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(parts)
+
+
+def _fall_back(numbering: Numbering, numbered: Mapping[int, str], expected: int, url: str,
+               head: Callable[[str], tuple[int, Mapping[str, str]]], short: str) -> tuple[list[str], list[str]]:
+    """Names ``start .. start + expected - 1`` in the pattern, the unlisted ones confirmed by HEAD.
+
+    The numbering must hold every listed number; it starts at 0 when it can (EMPIAR sets mostly do), else at 1,
+    else at the lowest listed number. A name whose HEAD is not 200 fails the stage, naming the URL and the status.
+    """
+    low, high = min(numbered), max(numbered)
+    if high - low + 1 > expected:
+        raise SourceMismatchError(f"{short}: the listed numbers span {low}..{high}, more than {expected} images")
+    starts = [s for s in (0, 1, low) if max(0, high - expected + 1) <= s <= low]
+    start = starts[0] if starts else low
+    names, confirmed = [], []
+    for number in range(start, start + expected):
+        name = numbering.name(number)
+        if number not in numbered:
+            status, _ = head(url + name)
+            if status != 200:
+                cause = "absent" if status in (403, 404, 410) else "not confirmed"
+                raise SourceMismatchError(f"{short}; falling back to the naming pattern {numbering}: HEAD "
+                                          f"{url + name} answered HTTP {status} ({cause}), so image {number} of "
+                                          f"{start}..{start + expected - 1} cannot be fetched")
+            confirmed.append(name)
+        names.append(name)
+    return names, confirmed
+
+
+# ---------------------------------------------------------------------------------------------- side files
+@dataclass(frozen=True)
+class SideFile:
+    """An optional file beside the images (EMPIAR-11759's ``.xml.gz``): fetched if it can be, never required."""
+
+    name: str
+    url: str
+    status: str  # "ok", "unavailable" (not fetched) or "undecodable"
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def check_side_file(path: Path) -> str:
+    """"" when ``path`` is readable metadata (a ``.gz`` must gunzip, within bounds, to XML), else why not."""
+    with path.open("rb") as f:
+        head = f.read(64)
+        if path.name.endswith(".gz"):
+            decoder = zlib.decompressobj(wbits=31)
+            f.seek(0)
+            out, total = b"", 0
+            try:
+                while block := f.read(1 << 20):
+                    piece = decoder.decompress(block, 1 << 20)
+                    while True:
+                        total += len(piece)
+                        out = out or piece[:64]
+                        if total > MAX_SIDE_FILE_DECODED:
+                            return f"decodes past {MAX_SIDE_FILE_DECODED} bytes"
+                        if not decoder.unconsumed_tail:
+                            break
+                        piece = decoder.decompress(decoder.unconsumed_tail, 1 << 20)
+                piece = decoder.flush()
+                total += len(piece)
+                out = out or piece[:64]
+            except zlib.error as exc:
+                return f"not gzip data ({exc})"
+            if not decoder.eof:
+                return "the gzip stream is truncated"
+            head = out
+    if not head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"<"):
+        return f"does not begin like XML (first bytes {head[:16]!r})"
+    return ""
+
+
+def fetch_side_files(fetch: Downloader, folder: Path, url: str, names: Sequence[str],
+                     pins: Mapping[str, str]) -> list[SideFile]:
+    """Fetch each optional side file now (small): a failure is warned and recorded, not fatal.
+
+    A pinned sha256 that does not match stays fatal (the pin is the user's explicit demand).
+    """
+    out: list[SideFile] = []
+    for name in names:
+        dest = folder / name
+        try:
+            fetch.download(Download(url + name, dest, sha256=pins.get(name)))
+        except IntegrityError:
+            raise
+        except DownloadError as exc:
+            log.warning("%s%s is unavailable (%s); going on without it (it is optional, and recorded)", url, name, exc)
+            out.append(SideFile(name, url + name, "unavailable", str(exc)))
+            continue
+        problem = check_side_file(dest)
+        if problem:
+            log.warning("%s%s: %s; going on without it (it is optional, and recorded)", url, name, problem)
+            dest.unlink(missing_ok=True)
+            out.append(SideFile(name, url + name, "undecodable", problem))
+        else:
+            out.append(SideFile(name, url + name, "ok"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- image files
 @dataclass(frozen=True)
 class Slice:
+    """One file of the image set: its sections as a (z, y, x) read-only array (memory-mapped where possible)."""
+
     name: str
-    data: np.ndarray  # (y, x) read-only memory map of the image data
-    pixel_size_nm: tuple[float, float]  # (y, x)
+    data: np.ndarray  # (z, y, x); z = 1 for a 2-D image
+    pixel_size_nm: tuple[float, float] | None  # (y, x); None: the file is not calibrated in y, x
+    z_nm: float | None = None  # the file's own z spacing (a calibrated stack), else None
+    source_format: str = ""
+    units: tuple[str | None, str | None, str | None] = (None, None, None)
+
+    @property
+    def sections(self) -> int:
+        return int(self.data.shape[0])
 
 
-def read_slice(path: Path) -> Slice:
-    """One DM3 image (the thumbnail skipped) as a memory map, with its calibration converted to nm."""
+def read_slice(path: Path, *, stack: bool = False) -> Slice:
+    """One image file (DM3/DM4/TIFF/MRC, read by :func:`emdata.formats.read_volume`) with its calibration in nm.
+
+    Without ``stack`` the file must hold one section (a 2-D image); with it every section is used. y and x
+    must be calibrated alike (both or neither). SourceMismatchError names the file and the cause.
+    """
     try:
-        with dm.fileDM(path, on_memory=False) as f:  # metadata only: the pixels are memory-mapped below
-            if f.numObjects not in (1, 2) or not f.dataShape:
-                raise SourceMismatchError(f"{path.name}: expected one image (and its thumbnail), the file holds "
-                                          f"{f.numObjects} datasets")
-            item = 0 if f.numObjects == 1 else 1  # ncempy's dataset 0 skips the thumbnail (item 0) when there is one
-            if f.dataShape[item] != 2 or f.zSize[item] != 1:
-                raise SourceMismatchError(f"{path.name}: expected a 2-D image, got a {f.dataShape[item]}-D dataset")
-            first = sum(int(n) for n in f.dataShape[:item])  # calibrations are listed per dataset, x first
-            units = [str(u) for u in f.scaleUnit[first:first + 2][::-1]]
-            sizes = [float(s) for s in f.scale[first:first + 2][::-1]]
-            data = f.getMemmap(0)
-    except (OSError, AssertionError, KeyError, IndexError) as exc:
-        raise SourceMismatchError(f"{path.name}: not a readable DM3 image ({exc})") from exc
-    if data.dtype != np.uint8 or data.ndim != 2:
-        raise SourceMismatchError(f"{path.name}: expected a 2-D uint8 image, got {data.shape} {data.dtype}")
-    if any(u not in UNIT_TO_NM for u in units) or any(s <= 0 for s in sizes):
-        raise SourceMismatchError(f"{path.name}: calibration {sizes} {units} is not a length in {sorted(UNIT_TO_NM)}")
-    # float32 in the file: 0.00799825 µm reads back as 0.007998250424861908, hence the rounding.
-    nm = tuple(round(s * UNIT_TO_NM[u], 6) for s, u in zip(sizes, units, strict=True))
-    return Slice(path.name, data, (nm[0], nm[1]))
+        volume = read_volume(path)
+    except VolumeFormatError as exc:
+        raise SourceMismatchError(f"{path.name}: not a readable image ({exc})") from exc
+    if not stack and volume.shape[0] != 1:
+        raise SourceMismatchError(f"{path.name}: expected one 2-D image, got {volume.shape[0]} sections of "
+                                  f"{volume.shape[1:]} (a stack)")
+    z, y, x = volume.voxel_size_nm
+    if (y is None) != (x is None):
+        raise SourceMismatchError(f"{path.name}: calibrated in only one of y, x ({volume.units[1]!r}, "
+                                  f"{volume.units[2]!r})")
+    return Slice(path.name, volume.data, None if y is None or x is None else (y, x), z if volume.shape[0] > 1 else None,
+                 volume.source_format, volume.units)
 
 
 class SliceStack:
-    """The slices as one lazily read (z, y, x) array: indexing reads only the slices and rows asked for."""
+    """The files' sections as one lazily read (z, y, x) array: indexing reads only the sections and rows asked for."""
 
     def __init__(self, slices: Sequence[Slice]) -> None:
         self.slices = list(slices)
-        self.shape = (len(slices), *slices[0].data.shape)
+        self.starts = np.cumsum([0] + [s.sections for s in slices])
+        self.shape = (int(self.starts[-1]), *slices[0].data.shape[1:])
         self.dtype = slices[0].data.dtype
 
     def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
         z, y, x = key
-        return np.stack([np.asarray(s.data[y, x]) for s in self.slices[z]])
+        z0, z1, _ = z.indices(self.shape[0])
+        parts = []
+        for i, s in enumerate(self.slices):
+            lo, hi = max(z0, int(self.starts[i])), min(z1, int(self.starts[i + 1]))
+            if lo < hi:
+                parts.append(np.asarray(s.data[lo - self.starts[i]:hi - self.starts[i], y, x]))
+        if not parts:
+            return np.zeros((0, *np.empty(self.shape[1:])[y, x].shape), self.dtype)
+        return np.concatenate(parts)
 
 
-def check_slices(slices: Sequence[Slice], api: ApiFacts) -> list[str]:
-    """Slices agree with one another and with the API; returns the known disagreements (logged, recorded)."""
+def api_dtype(voxel_type: str) -> np.dtype | None:
+    """The numpy dtype an EMPIAR ``voxel_type`` names ("UNSIGNED BYTE", "SIGNED 16 BIT INTEGER", "32 BIT FLOAT"
+    ...), None when it names none we know."""
+    words = voxel_type.upper().replace("-", " ").split()
+    bits = next((int(w) for w in words if w.isdigit()), 8 if "BYTE" in words else None)
+    if bits is None:
+        return None
+    if "FLOAT" in words or "REAL" in words:
+        return np.dtype(f"float{bits}") if bits in (16, 32, 64) else None
+    if "INTEGER" in words or "BYTE" in words or "INT" in words:
+        if bits not in (8, 16, 32, 64):
+            return None
+        return np.dtype(f"int{bits}") if "SIGNED" in words and "UNSIGNED" not in words else np.dtype(f"uint{bits}")
+    return None
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What the files say, checked against one another and the API: the voxel size and the notes to record."""
+
+    voxel_size_nm: tuple[float, float, float]
+    voxel_size_note: str
+    discrepancies: list[str]
+    cross_checks: dict[str, Any]
+
+
+def check_slices(slices: Sequence[Slice], api: ApiFacts) -> Checked:
+    """Files agree with one another (shape, dtype, calibration, format) and with the API; the voxel size in nm.
+
+    The files decide format, dtype and units; the API's ``data_format``, ``voxel_type``, pixel size and image size
+    are cross-checked (SourceMismatchError names both values). Known disagreements of an entry are logged and
+    returned as sentences; the z spacing is the files' own (a calibrated stack) or the details text's.
+    """
     first = slices[0]
     for s in slices[1:]:
-        if s.data.shape != first.data.shape or s.pixel_size_nm != first.pixel_size_nm:
-            raise SourceMismatchError(f"{s.name} is {s.data.shape} at {s.pixel_size_nm} nm, {first.name} is "
-                                      f"{first.data.shape} at {first.pixel_size_nm} nm")
-    if len(slices) != api.num_images:
-        raise SourceMismatchError(f"{len(slices)} slices read, the API says {api.num_images}")
-    for axis, api_nm, file_nm in (("x", api.pixel_width_nm, first.pixel_size_nm[1]),
-                                  ("y", api.pixel_height_nm, first.pixel_size_nm[0])):
-        if abs(api_nm - file_nm) > PIXEL_TOLERANCE * file_nm:
-            raise SourceMismatchError(f"pixel size in {axis}: the API says {api_nm * 10} Å = {api_nm} nm, the DM3 "
-                                      f"calibration {file_nm} nm (more than {PIXEL_TOLERANCE:.0%} apart)")
+        if s.data.shape[1:] != first.data.shape[1:] or s.pixel_size_nm != first.pixel_size_nm:
+            raise SourceMismatchError(f"{s.name} is {s.data.shape[1:]} at {s.pixel_size_nm} nm, {first.name} is "
+                                      f"{first.data.shape[1:]} at {first.pixel_size_nm} nm")
+        if s.sections != first.sections:
+            raise SourceMismatchError(f"{s.name} holds {s.sections} sections, {first.name} {first.sections}")
+        if s.data.dtype != first.data.dtype or s.source_format != first.source_format or s.z_nm != first.z_nm:
+            raise SourceMismatchError(f"{s.name} is {s.source_format} {s.data.dtype} (z {s.z_nm} nm), {first.name} "
+                                      f"is {first.source_format} {first.data.dtype} (z {first.z_nm} nm)")
+    sections = sum(s.sections for s in slices)
+    if api.num_images not in (len(slices), sections):
+        raise SourceMismatchError(f"{len(slices)} files ({sections} sections) read, the API says "
+                                  f"num_images_or_tilt_series = {api.num_images}")
+    checks: dict[str, Any] = {"format": first.source_format, "dtype": str(first.data.dtype)}
+    expected_format = FORMATS.get(api.data_format.strip().upper())
+    if expected_format is None:
+        log.warning("%s: data_format %r is not one we cross-check; the files are %s", api.url, api.data_format,
+                    first.source_format)
+        checks["data_format"] = f"not cross-checked ({api.data_format!r})"
+    elif expected_format != first.source_format:
+        raise SourceMismatchError(f"{api.url}: data_format {api.data_format!r}, but the files are "
+                                  f"{first.source_format} (recognised from their content)")
+    else:
+        checks["data_format"] = "agrees"
+    expected_dtype = api_dtype(api.voxel_type)
+    if expected_dtype is None:
+        log.warning("%s: voxel_type %r is not one we cross-check; the files are %s", api.url, api.voxel_type,
+                    first.data.dtype)
+        checks["voxel_type"] = f"not cross-checked ({api.voxel_type!r})"
+    elif expected_dtype != first.data.dtype.newbyteorder("="):
+        raise SourceMismatchError(f"{api.url}: voxel_type {api.voxel_type!r} ({expected_dtype}), but the files "
+                                  f"hold {first.data.dtype}")
+    else:
+        checks["voxel_type"] = "agrees"
+
     known: list[str] = []
-    height, width = first.data.shape
-    if (api.image_width, api.image_height) != (width, height):
-        api_wh, files_wh = (api.image_width, api.image_height), (width, height)
-        if {"api_width_height": api_wh, "files_width_height": files_wh} != KNOWN_SIZE_DISAGREEMENT:
-            raise SourceMismatchError(f"image size: the API says width x height {api_wh}, the DM3 slices are {files_wh}")
-        log.warning("the API says %d x %d pixels, the slices are %d x %d: a known disagreement, the files win",
+    notes: list[str] = []
+    if first.pixel_size_nm is None:
+        if api.pixel_width_nm is None or api.pixel_height_nm is None:
+            raise SourceMismatchError(f"{first.name}: not calibrated in y, x, and {api.url} gives no pixel_width / "
+                                      f"pixel_height: no voxel size")
+        log.warning("%s: the files are not calibrated in y, x; using the API pixel size %s x %s nm", api.url,
+                    api.pixel_height_nm, api.pixel_width_nm)
+        yx = (api.pixel_height_nm, api.pixel_width_nm)
+        notes.append("y, x from the API pixel_height/pixel_width (Å): the files carry no calibration")
+    else:
+        yx = first.pixel_size_nm
+        for axis, api_nm, file_nm in (("x", api.pixel_width_nm, yx[1]), ("y", api.pixel_height_nm, yx[0])):
+            if api_nm is not None and abs(api_nm - file_nm) > PIXEL_TOLERANCE * file_nm:
+                raise SourceMismatchError(f"pixel size in {axis}: the API says {api_nm * 10:g} Å = {api_nm:g} nm, the "
+                                          f"{first.source_format.upper()} calibration {file_nm:g} nm (more than "
+                                          f"{PIXEL_TOLERANCE:.0%} apart)")
+        notes.append(f"y, x from the {first.source_format.upper()} calibration ({first.units[1]}), cross-checked "
+                     f"against the API pixel_width/pixel_height (Å)")
+    z = _z_spacing(first, api, sections, yx, notes)
+
+    height, width = first.data.shape[1:]
+    api_wh = (api.image_width, api.image_height)
+    if None not in api_wh and api_wh != (width, height):
+        files_wh = (width, height)
+        entry = KNOWN_ENTRIES.get(api.entry)
+        if entry is None or {"api_width_height": api_wh, "files_width_height": files_wh} != entry.size_disagreement:
+            raise SourceMismatchError(f"image size: the API says width x height {api_wh}, the "
+                                      f"{first.source_format.upper()} files are {files_wh}")
+        log.warning("the API says %d x %d pixels, the files are %d x %d: a known disagreement, the files win",
                     *api_wh, *files_wh)
-        known.append(f"{API_URL}: image_width x image_height {api_wh[0]} x {api_wh[1]}, the DM3 slices are "
-                     f"{files_wh[0]} x {files_wh[1]} (a known disagreement of the live entry; the files are used)")
-    return known
+        known.append(f"{api.url}: image_width x image_height {api_wh[0]} x {api_wh[1]}, the "
+                     f"{first.source_format.upper()} slices are {files_wh[0]} x {files_wh[1]} (a known disagreement "
+                     f"of the live entry; the files are used)")
+    return Checked((z, yx[0], yx[1]), "; ".join(notes), known, checks)
+
+
+def _z_spacing(first: Slice, api: ApiFacts, sections: int, yx: tuple[float, float], notes: list[str]) -> float:
+    if first.z_nm is not None:
+        if api.z_nm is not None and abs(api.z_nm - first.z_nm) > Z_TOLERANCE * first.z_nm:
+            raise SourceMismatchError(f"z spacing: {first.name} is calibrated at {first.z_nm:g} nm per section, the "
+                                      f"{api.url} details text says {api.z_nm:g} nm")
+        notes.insert(0, f"z from the {first.source_format.upper()} calibration ({first.units[0]})")
+        return first.z_nm
+    if api.z_nm is not None:
+        notes.insert(0, f"z from the API entry's details text ('{api.z_nm:g} nm per section')")
+        return api.z_nm
+    if sections == 1:
+        notes.insert(0, "z: one section, so no spacing; set to the x pixel size")
+        return yx[1]
+    raise SourceMismatchError(f"{api.url}: imagesets[{api.imageset_index}].details does not state the section "
+                              f"thickness ('<N> nm per section') and {first.name} has no z calibration; details "
+                              f"text: {api.details!r}")
 
 
 def verify_decoded_sha256(slices: Sequence[Slice], pins: Mapping[str, str]) -> list[str]:
@@ -265,47 +684,101 @@ def verify_decoded_sha256(slices: Sequence[Slice], pins: Mapping[str, str]) -> l
 @dataclass(frozen=True)
 class EmpiarPlan:
     api: ApiFacts
-    slices: tuple[str, ...]  # file names of the slices, in z order
-    others: tuple[str, ...]  # the listing's other entries
-    listing_attempts: int
+    listing: Listing
+    side_files: tuple[SideFile, ...]
+
+    @property
+    def slices(self) -> tuple[str, ...]:
+        return self.listing.files
 
 
 class EmpiarSource(FileSource[EmpiarParams, EmpiarPlan]):
+    """An EMPIAR image set: the REST API entry, the files of its folder, each read whatever its format.
+
+    The API entry gives the image count, the pixel size in Å, the declared format and voxel type and, only in
+    its free ``details`` text, the section thickness. The files are listed from the EBI HTTPS autoindex (Apache
+    table style, or any other; load-balanced, so a short listing is fetched again, then completed from the count
+    and the naming pattern, each name confirmed by a HEAD), downloaded in parallel, read with
+    :func:`emdata.formats.read_volume` (DM3/DM4/TIFF/MRC, slices or stacks, any integer or float dtype, any length
+    unit) and cross-checked against the API before they are converted and verified. Side files (``.xml.gz``)
+    are optional. The output is named after the entry in :mod:`emdata.catalog`: another entry needs its own
+    catalog entry and DVC stage (the stage refuses an entry its output is not named after).
+    """
+
     name = "empiar"
     about = ABOUT
 
     def parse_params(self, section: Mapping[str, Any] | None) -> EmpiarParams:
         return dataclass_from_section(EmpiarParams, section, "empiar")
 
+    def run(self, params: EmpiarParams, ctx: RunContext) -> dict[str, Any]:
+        output = find(self.name).output_name
+        if output != f"empiar_{params.entry}":
+            raise InvalidParameterError(
+                f"empiar.entry {params.entry}: this stage writes {find(self.name).output}, named after another "
+                f"entry; add a dataset for EMPIAR-{params.entry} to emdata.catalog (and its DVC stage) rather than "
+                f"writing it under that name")
+        source = _EntrySource(about_entry(params.entry))
+        return run_file_source(source, params, ctx)
+
     def plan(self, params: EmpiarParams, ctx: RunContext, fetch: Downloader) -> tuple[EmpiarPlan, dict[str, str]]:
-        api = parse_api(fetch.fetch_json(API_URL))
-        names, others, attempts = fetch_listing(fetch.fetch_bytes, api.num_images, params.listing_attempts)
-        if XML_NAME not in others:
-            log.warning("%s does not list %s; fetching the slices only", DATA_URL, XML_NAME)
-        wanted = names + ([XML_NAME] if XML_NAME in others else [])
-        return EmpiarPlan(api, tuple(names), tuple(others), attempts), {n: DATA_URL + n for n in wanted}
+        api = parse_api(fetch.fetch_json(params.api_url), params.entry, params.imageset)
+        listing = fetch_listing(fetch.fetch_bytes, api.num_images, params.listing_attempts, api.files_url,
+                                image_extensions(api.data_format), fetch.head)
+        unknown = sorted(set(params.sha256) - set(listing.files) - set(listing.others))
+        known = KNOWN_ENTRIES.get(api.entry)
+        side_names = sorted({n for n in listing.others if n.lower().endswith(SIDE_FILE_SUFFIXES)}
+                            | set(known.side_files if known else ()))
+        if unknown and not set(unknown) <= set(side_names):
+            raise InvalidParameterError(f"empiar.sha256 pins {unknown}, which {api.files_url} does not hold; its "
+                                        f"image files: {list(listing.files[:3])}... and {list(listing.others)}")
+        for name in side_names:
+            if name not in listing.others:
+                log.warning("%s does not list %s; trying it anyway (optional)", api.files_url, name)
+        sides = fetch_side_files(fetch, ctx.downloads_dir / self.name, api.files_url, side_names, params.sha256)
+        wanted = list(listing.files) + [s.name for s in sides if s.status == "ok"]
+        return EmpiarPlan(api, listing, tuple(sides)), {n: api.files_url + n for n in wanted}
 
     def convert(self, params: EmpiarParams, plan: EmpiarPlan, files: Mapping[str, Path], root: zarr.Group,
                 ctx: RunContext) -> Converted:
-        slices = [read_slice(files[name]) for name in plan.slices]
-        known = check_slices(slices, plan.api)
-        # The third party's decoded hashes describe the live pixels: checked unless the bytes are the replica's.
-        decoded_checked = [] if ctx.is_replica else verify_decoded_sha256(slices, LIVE_DECODED_SHA256)
+        slices = [read_slice(files[name], stack=True) for name in plan.slices]  # stacks: every section is used
+        checked = check_slices(slices, plan.api)
+        known = KNOWN_ENTRIES.get(plan.api.entry)
+        # Third-party decoded hashes describe the live pixels: checked unless the bytes are the replica's.
+        decoded_checked = [] if ctx.is_replica or known is None else verify_decoded_sha256(
+            slices, known.live_decoded_sha256)
         stack = SliceStack(slices)
-        voxel = (plan.api.z_nm, *slices[0].pixel_size_nm)
-        written = ngff.write_image(root, name="empiar_11759", source=stack, geometry=ngff.Geometry(voxel),
-                                   chunks=params.chunks, shards=params.shards, method="mean", what="the DM3 slices")
-        mean = float(np.mean([float(np.asarray(s.data).mean()) for s in slices]))
+        written = ngff.write_image(root, name=f"empiar_{plan.api.entry}", source=stack,
+                                   geometry=ngff.Geometry(checked.voxel_size_nm), chunks=params.chunks,
+                                   shards=params.shards, method="mean",
+                                   what=f"the {slices[0].source_format.upper()} files")
+        mean = float(np.mean([float(np.asarray(s.data, dtype=np.float64).mean()) for s in slices]))
+        unavailable = [s for s in plan.side_files if s.status != "ok"]
         return Converted(
-            voxel_size_nm=voxel,
-            figures={"listing_attempts": plan.listing_attempts, "decoded_sha256_checked": len(decoded_checked),
-                     "shape": list(stack.shape), "levels": written["levels"], "mean_intensity": round(mean, 2)},
-            voxel_size_note="z from the API entry's details text ('50nm per section'); y, x from the DM3 "
-                            "calibration (µm), cross-checked against the API pixel_width/pixel_height (Å)",
-            discrepancies=known,
-            details={"source_url": DATA_URL, "api": {"url": API_URL, **plan.api.to_dict()},
-                     "listing": {"url": DATA_URL, "slices": list(plan.slices), "other_entries": list(plan.others)},
+            voxel_size_nm=checked.voxel_size_nm,
+            figures={"listing_attempts": plan.listing.attempts, "listing_complete": int(plan.listing.complete),
+                     "listing_confirmed_by_head": len(plan.listing.confirmed_by_head),
+                     "side_files_unavailable": len(unavailable),
+                     "decoded_sha256_checked": len(decoded_checked), "shape": list(stack.shape),
+                     "levels": written["levels"], "mean_intensity": round(mean, 2)},
+            voxel_size_note=checked.voxel_size_note,
+            discrepancies=checked.discrepancies,
+            details={"entry": plan.api.entry, "source_url": plan.api.files_url,
+                     "api": {"url": plan.api.url, **plan.api.to_dict()},
+                     "image_files": {**checked.cross_checks, "files": len(slices), "sections": stack.shape[0]},
+                     "listing": plan.listing.to_dict(),
+                     "side_files": [s.to_dict() for s in plan.side_files],
                      "decoded_sha256_checked": decoded_checked})
+
+
+class _EntrySource(EmpiarSource):
+    """The source for one run: its ``about`` is the entry's."""
+
+    def __init__(self, about: About) -> None:
+        self.about = about
+
+    def run(self, params: EmpiarParams, ctx: RunContext) -> dict[str, Any]:
+        return run_file_source(self, params, ctx)
 
 
 SOURCE = EmpiarSource()

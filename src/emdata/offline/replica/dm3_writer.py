@@ -86,11 +86,11 @@ def _calibrations(scales: Sequence[float], units: Sequence[str]) -> Group:
 
 
 def _image_entry(name: str, data: Array, data_type: int, pixel_depth: int, shape_yx: tuple[int, int],
-                 scales_yx: Sequence[float], units: str, tags: Group) -> Group:
+                 scales_yx: Sequence[float], units_yx: Sequence[str], tags: Group) -> Group:
     height, width = shape_yx
     return [
         ("ImageData", [
-            ("Calibrations", _calibrations([scales_yx[1], scales_yx[0]], [units, units])),
+            ("Calibrations", _calibrations([scales_yx[1], scales_yx[0]], [units_yx[1], units_yx[0]])),
             ("Data", data),
             ("DataType", Scalar(LONG, data_type)),
             ("Dimensions", [("", Scalar(ULONG, width)), ("", Scalar(ULONG, height))]),
@@ -110,20 +110,22 @@ def thumbnail_rgba(image: np.ndarray, size: int = 128) -> np.ndarray:
     return grey | (grey << 8) | (grey << 16) | (np.uint32(255) << 24)
 
 
-def encode_dm3(image: np.ndarray, *, pixel_size: tuple[float, float], units: str = "µm", name: str = "",
-               image_tags: Group | None = None) -> bytes:
-    """The bytes of a DM3 file holding ``image`` (y, x) with ``pixel_size`` (y, x) in ``units``."""
+def encode_dm3(image: np.ndarray, *, pixel_size: tuple[float, float], units: str | tuple[str, str] = "µm",
+               name: str = "", image_tags: Group | None = None) -> bytes:
+    """The bytes of a DM3 file holding ``image`` (y, x) with ``pixel_size`` (y, x) in ``units`` (one for both
+    axes, or (y, x))."""
     if image.ndim != 2:
         raise ValueError(f"DM3 writer takes a 2-D image (y, x), got shape {image.shape}")
     if image.dtype not in IMAGE_DATA_TYPES:
         raise ValueError(f"DM3 writer has no DataType for {image.dtype}; valid: {sorted(map(str, IMAGE_DATA_TYPES))}")
     data_type, encoding = IMAGE_DATA_TYPES[image.dtype]
+    units_yx = (units, units) if isinstance(units, str) else (units[0], units[1])
     thumb = thumbnail_rgba(image)
     image_list: Group = [
         ("", _image_entry("Thumbnail", Array(LONG, thumb.ravel().view("<i4")), RGBA_DATA_TYPE, 4,
-                          thumb.shape, (1.0, 1.0), "", [])),
+                          thumb.shape, (1.0, 1.0), ("", ""), [])),
         ("", _image_entry(name, Array(encoding, image.ravel()), data_type, image.dtype.itemsize, image.shape,
-                          pixel_size, units, image_tags or [])),
+                          pixel_size, units_yx, image_tags or [])),
     ]
     root: Group = [("ImageList", image_list)]
     body = _encode_group(root)
