@@ -91,6 +91,22 @@ def gaussian_model(data: np.ndarray) -> np.ndarray:
     return ndimage.gaussian_filter(data.astype(np.float32), sigma=2.0)
 
 
+def per_sample_cost(path: str, n: int, queue: object = None) -> tuple[float, float]:
+    """Wall and CPU milliseconds per augmented sample, measured in the calling process."""
+    from emdata.access import RandomBlockSampler
+
+    arr = open_array(path, cache=ChunkCache(0))
+    ds = AugmentedSamples(RandomBlockSampler({"raw": arr}, 64, seed=0, prefetch=0), n + 1)
+    ds[0]
+    t, c = time.perf_counter(), time.process_time()
+    for i in range(1, n + 1):
+        ds[i]
+    out = ((time.perf_counter() - t) / n * 1e3, (time.process_time() - c) / n * 1e3)
+    if queue is not None:
+        queue.put(out)  # type: ignore[attr-defined]
+    return out
+
+
 def scale_suite(args: argparse.Namespace) -> None:
     """DataLoader workers, dask LocalCluster vs. one process, loopback S3 vs. local: ratios side by side."""
     import shutil
@@ -143,6 +159,24 @@ def scale_suite(args: argparse.Namespace) -> None:
         if w:
             print(f"{'':58s} -> {m / base:.2f}x of {args.workers[0]} workers (target for 2: >= 1.6x)")
             rows[-1]["ratio_to_0_workers"] = m / base
+
+    # Is a sample dearer in the main process than in a worker? (It must not be: then the ratios above are
+    # the parallelism alone; on a machine shared with other jobs they also include the CPU share that more
+    # processes take from the others.)
+    import multiprocessing
+
+    ctx = multiprocessing.get_context(safe_start_method())
+    costs: dict[str, list[tuple[float, float]]] = {"main process": [], "forkserver worker": []}
+    for _ in range(args.repeats):
+        costs["main process"].append(per_sample_cost(str(path), 60))
+        q = ctx.Queue()
+        proc = ctx.Process(target=per_sample_cost, args=(str(path), 60, q))
+        proc.start()
+        costs["forkserver worker"].append(q.get())
+        proc.join()
+    for where, v in costs.items():
+        report(f"one sample in the {where}: CPU ms (wall ms {statistics.median(w for w, _ in v):.1f})",
+               [c for _, c in v], "ms CPU")
 
     # The same with the library's iterable dataset and no augmentation: the read path alone.
     plain: dict[int, list[float]] = {w: [] for w in args.workers}
