@@ -125,6 +125,9 @@ def test_idr_stage_writes_verified_ome_zarr_with_provenance(replica, replica_tre
                for d in docs.values())
     assert docs[idr.IMGDATA_URL]["dataset_name"] == "U2OS_chromatin"
     assert prov["discrepancies"] == []
+    assert prov["omero_cross_check"] == {"status": "done", "checked": [idr.API_URL, idr.IMGDATA_URL],
+                                         "unavailable": {}}
+    assert prov["voxel_size_note"].endswith("agreeing with IDR's the JSON API image and the webclient imgData")
     # The raw TIFF is gone after the verified conversion; its checksum is recorded for the next run.
     assert not (ws / "data" / ".downloads" / "idr").exists()
     assert json.loads((ws / "checksums.json").read_text())["replica"][idr.TIFF_URL]["sha256"] == digest
@@ -150,6 +153,7 @@ def test_keep_downloads_keeps_the_raw_tiff(replica, replica_tree, tmp_path):
     ("idr:\n  chunks: [64, 0, 64]\n", r"idr.chunks.*\[64, 0, 64\]"),
     ("idr:\n  shards: [100, 256, 256]\n", r"shards \[100, 256, 256\].*multiples"),
     ("idr:\n  keep_downloads: maybe\n", r"idr.keep_downloads.*'maybe'"),
+    ("idr:\n  require_omero: 1\n", r"idr.require_omero must be true or false, got 1"),
     ("idr:\n  image_id: 1\n", r"unknown key.*image_id"),
     ("idr:\n  sha256: {other.tif: " + "ab" * 32 + "}\n", r"unknown file 'other.tif'"),
     (f"idr:\n  sha256: {{{idr_replica.FILE_NAME}: ABC}}\n", r"sha256\[.*\].*got 'ABC'"),
@@ -251,11 +255,11 @@ def test_server_errors_beyond_retries_leave_no_output(replica, tmp_path):
     assert_no_output(ws)
 
 
-def test_metadata_server_error_fails_before_the_download(replica, tmp_path):
+def test_a_404_on_a_metadata_document_is_not_an_outage_and_fails_before_the_download(replica, tmp_path):
     ws = workspace(tmp_path, replica.base_url)
     replica.faults.path_contains = "/api/v0/"
-    replica.faults.status, replica.faults.status_count = 500, 10
-    with pytest.raises(DownloadError, match="api/v0/m/images/9846137"):
+    replica.faults.status, replica.faults.status_count = 404, 10
+    with pytest.raises(DownloadError, match=r"api/v0/m/images/9846137.*HTTP 404"):
         run_stage("idr", repo_root=ws)
     assert not fetched_tiff(replica)
     assert_no_output(ws)
@@ -265,11 +269,85 @@ def test_failed_run_keeps_the_previous_output(replica, tmp_path):
     ws = workspace(tmp_path, replica.base_url)
     run_stage("idr", repo_root=ws)
     before = sorted(p.relative_to(ws) for p in (ws / OUTPUT).rglob("*"))
-    replica.faults.path_contains = "imgData"
+    replica.faults.path_contains = idr_replica.FILE_NAME
     replica.faults.status, replica.faults.status_count = 502, 10
-    with pytest.raises(DownloadError):
+    with pytest.raises(DownloadError, match=idr_replica.FILE_NAME):
         run_stage("idr", repo_root=ws)
     assert sorted(p.relative_to(ws) for p in (ws / OUTPUT).rglob("*")) == before
+
+
+# ----------------------------------------------------------------------------- OMERO outages
+OMERO_HOST = "idr.openmicroscopy.org"
+
+
+def test_omero_outage_proceeds_on_the_tiff_metadata_and_records_the_skipped_cross_check(replica, replica_tree,
+                                                                                       tmp_path, caplog):
+    replica.set_behaviour({"outage_hosts": [OMERO_HOST]})
+    ws = workspace(tmp_path, replica.base_url)
+    with caplog.at_level(logging.WARNING, logger="emdata.sources.idr"):
+        metrics = run_stage("idr", repo_root=ws)
+    # The JSON answered 503 (first try + 1 retry each); the TIFF on the other host came through and is verified.
+    seen = replica.faults.requests_seen
+    assert sum("/api/v0/m/images/9846137/" in r for r in seen) == 2
+    assert sum("/webclient/imgData/9846137/" in r for r in seen) == 2
+    source = tifffile.imread(replica_tiff(replica_tree))
+    np.testing.assert_array_equal(zarr.open_array(str(ws / OUTPUT / "0"), mode="r")[...], source)
+    prov = zarr.open_group(str(ws / OUTPUT), mode="r").attrs["emdata"]
+    assert prov["voxel_size_nm"] == [20.0, 20.0, 20.0]  # from the TIFF alone
+    cross = prov["omero_cross_check"]
+    assert cross["status"] == "skipped" and cross["checked"] == [] and prov["metadata_documents"] == []
+    assert set(cross["unavailable"]) == {idr.API_URL, idr.IMGDATA_URL}
+    assert all("HTTP 503" in why for why in cross["unavailable"].values())
+    assert "not cross-checked" in prov["voxel_size_note"] and "OMERO outage" in prov["voxel_size_note"]
+    assert (metrics["omero_documents_checked"], metrics["omero_documents_unavailable"]) == (0, 2)
+    saved = json.loads((ws / "metrics" / "idr.json").read_text())
+    assert saved["omero_documents_unavailable"] == 2
+    warnings = [r.message for r in caplog.records if "unavailable" in r.message]
+    assert len(warnings) == 2 and all("TIFF's own metadata" in w for w in warnings)
+
+
+def test_omero_outage_fails_before_the_download_when_omero_is_required(replica, tmp_path):
+    replica.set_behaviour({"outage_hosts": [OMERO_HOST]})
+    ws = workspace(tmp_path, replica.base_url, extra="  require_omero: true\n")
+    with pytest.raises(DownloadError, match=r"idr.openmicroscopy.org/api/v0/m/images/9846137/.*HTTP 503"):
+        run_stage("idr", repo_root=ws)
+    assert not fetched_tiff(replica)
+    assert_no_output(ws)
+
+
+def test_one_document_down_still_cross_checks_the_other(replica, tmp_path):
+    ws = workspace(tmp_path, replica.base_url)
+    replica.faults.path_contains = "/api/v0/"
+    replica.faults.status, replica.faults.status_count = 500, 10
+    metrics = run_stage("idr", repo_root=ws)
+    prov = zarr.open_group(str(ws / OUTPUT), mode="r").attrs["emdata"]
+    assert prov["omero_cross_check"]["status"] == "partial"
+    assert prov["omero_cross_check"]["checked"] == [idr.IMGDATA_URL]
+    assert list(prov["omero_cross_check"]["unavailable"]) == [idr.API_URL]
+    assert (metrics["omero_documents_checked"], metrics["omero_documents_unavailable"]) == (1, 1)
+
+
+def test_a_maintenance_page_instead_of_json_counts_as_an_outage(tampered, tmp_path):
+    server = tampered()
+    (Path(server.root) / idr_replica.IMGDATA_PATH).write_text("<html><body>OMERO.web is down for maintenance"
+                                                               "</body></html>")
+    ws = workspace(tmp_path, server.base_url)
+    run_stage("idr", repo_root=ws)
+    cross = zarr.open_group(str(ws / OUTPUT), mode="r").attrs["emdata"]["omero_cross_check"]
+    assert cross["status"] == "partial" and "not JSON" in cross["unavailable"][idr.IMGDATA_URL]
+
+
+def test_during_an_outage_a_tiff_that_disagrees_with_itself_still_fails(tampered, tmp_path):
+    """Skipping the cross-check does not skip the TIFF's own checks (ImageJ metadata, stack shape)."""
+    server = tampered()
+    server.set_behaviour({"outage_hosts": [OMERO_HOST]})
+    tiff = Path(server.root) / idr_replica.TIFF_PATH
+    data = tifffile.imread(tiff)
+    tifffile.imwrite(tiff, data)  # no ImageJ description, no resolution: the voxel size cannot be told
+    ws = workspace(tmp_path, server.base_url)
+    with pytest.raises(SourceMismatchError, match=r"expected an ImageJ TIFF"):
+        run_stage("idr", repo_root=ws)
+    assert_no_output(ws)
 
 
 def test_pinned_checksum_mismatch_fails_without_output(replica, tmp_path):
@@ -307,6 +385,38 @@ def test_replica_tiff_is_imagej_like_the_real_file(replica_tree):
         assert tif.series[0].dataoffset is not None  # contiguous: memory-mappable
     # The keys of the real file's description (reference tag dump idr_9846137_xy_tif_tags.json).
     assert set(meta) == {"ImageJ", "images", "slices", "unit", "spacing", "loop", "min", "max"}
+
+
+# The keys of omero-web's imageMarshal, in its order (omeroweb/webgateway/marshal.py, ome/omero-web @ 0304697;
+# reference: live_behaviour_evidence.md), for an image with a rendering definition and no objective settings.
+IMAGE_MARSHAL = {
+    ".": ["id", "meta", "perms", "interpolate", "size", "pixel_size", "pixel_range", "channels", "split_channel",
+          "rdefs", "tiles", "init_zoom"],
+    "meta": ["imageName", "imageDescription", "imageAuthor", "projectName", "projectId", "projectDescription",
+             "datasetName", "datasetId", "datasetDescription", "wellSampleId", "wellId", "imageTimestamp", "imageId",
+             "pixelsType"],
+    "perms": ["canAnnotate", "canEdit", "canDelete", "canLink"],
+    "size": ["width", "height", "z", "t", "c"],
+    "pixel_size": ["x", "y", "z"],
+    "channel": ["emissionWave", "label", "color", "inverted", "reverseIntensity", "family", "coefficient", "active",
+                "window"],
+    "window": ["min", "max", "start", "end"],
+    "rdefs": ["model", "projection", "defaultZ", "defaultT", "invertAxis"],
+}
+
+
+def test_replica_imgdata_has_the_field_set_of_omero_web_s_image_marshal(replica):
+    import requests
+
+    doc = requests.get(f"{replica.base_url}/{OMERO_HOST}/webclient/imgData/9846137/", timeout=10).json()
+    assert list(doc) == IMAGE_MARSHAL["."]
+    for key in ("meta", "perms", "size", "pixel_size", "rdefs"):
+        assert list(doc[key]) == IMAGE_MARSHAL[key], key
+    assert [list(c) for c in doc["channels"]] == [IMAGE_MARSHAL["channel"]]
+    assert list(doc["channels"][0]["window"]) == IMAGE_MARSHAL["window"]
+    # The values a third party recorded from the live document.
+    assert doc["meta"]["projectName"] == "idr0086-miron-micrographs/experimentD"
+    assert doc["pixel_size"] == {"x": 0.02, "y": 0.02, "z": 0.02} and doc["meta"]["pixelsType"] == "uint8"
 
 
 def test_replica_is_deterministic(replica_tree, tmp_path):

@@ -1,16 +1,22 @@
 """IDR image 9846137 (idr0086 experimentD, U2OS FIB-SEM): the ImageJ TIFF -> data/idr_9846137.zarr (OME-Zarr 0.5).
 
-The data is the original TIFF on the EBI FTP host (over HTTPS); IDR's OMERO server gives two metadata
+The data is the original TIFF on the EBI FTP host (over HTTPS); IDR's OMERO web app gives two metadata
 documents, the JSON API image and the webclient ``imgData``. Shape, dtype and voxel size are read from the TIFF
 (ImageJ description and resolution tags, in µm) and cross-checked against both documents before and after the
-download. The output is one OME-Zarr 0.5 image (z, y, x, nm) without labels; provenance (URLs, sha256, the
-documents' key facts, any known discrepancy) is in the root's ``emdata`` attributes.
+download. The OMERO web app has outages while the TIFF's host stays up: a document that cannot be had (5xx or
+no connection after the retries, or a body that is not JSON) is skipped with a warning, and the stage goes on
+with the TIFF's own metadata, recording the skipped cross-check in the provenance and the metrics
+(``require_omero: true`` makes it fail instead). A 4xx is not an outage (the image moved or is gone): it fails.
+The output is one OME-Zarr 0.5 image (z, y, x, nm) without labels; provenance (URLs, sha256, the documents' key
+facts, any known discrepancy) is in the root's ``emdata`` attributes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +30,7 @@ from emdata import ngff
 from emdata.acquire.context import RunContext
 from emdata.acquire.download import Downloader
 from emdata.acquire.params import check_chunks_and_shards, check_sha256_pins, dataclass_from_section
-from emdata.errors import InvalidParameterError, SourceMismatchError
+from emdata.errors import DownloadError, InvalidParameterError, SourceMismatchError
 from emdata.sources.base import About, Converted, FileSource
 
 log = logging.getLogger(__name__)
@@ -65,10 +71,12 @@ class IdrParams:
     shards: Sequence[int] = ngff.DEFAULT_SHARDS
     keep_downloads: bool = False
     sha256: Mapping[str, str] = field(default_factory=dict)  # file name -> pinned sha256 of the live file
+    require_omero: bool = False  # fail when an OMERO document is unavailable, instead of skipping its cross-check
 
     def __post_init__(self) -> None:
-        if not isinstance(self.keep_downloads, bool):
-            raise InvalidParameterError(f"idr.keep_downloads must be true or false, got {self.keep_downloads!r}")
+        for name in ("keep_downloads", "require_omero"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParameterError(f"idr.{name} must be true or false, got {getattr(self, name)!r}")
         check_chunks_and_shards("idr", self.chunks, self.shards)
         check_sha256_pins("idr", self.sha256, FILE_NAME.__eq__, str([FILE_NAME]))
 
@@ -91,12 +99,47 @@ class ImageFacts:
 
 @dataclass(frozen=True)
 class IdrPlan:
-    """What IDR's two OMERO documents say, checked against each other before the TIFF is fetched."""
+    """What IDR's OMERO documents say, checked against each other before the TIFF is fetched.
 
-    api: ImageFacts
-    imgdata: ImageFacts
-    documents: tuple[dict[str, Any], dict[str, Any]]
+    A document that was unavailable (an OMERO outage) is None here and named in ``unavailable`` with the reason.
+    """
+
+    api: ImageFacts | None
+    imgdata: ImageFacts | None
+    documents: tuple[dict[str, Any], ...]
     discrepancies: tuple[str, ...]
+    unavailable: Mapping[str, str] = field(default_factory=dict)  # URL -> why it could not be had
+
+    @property
+    def checked(self) -> tuple[ImageFacts, ...]:
+        return tuple(f for f in (self.api, self.imgdata) if f is not None)
+
+
+# "HTTP 503" in a DownloadError's message (the engine names the last status); no status = no connection.
+_STATUS = re.compile(r"\bHTTP (\d{3})\b")
+OUTAGE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def fetch_document(fetch: Downloader, url: str, require: bool) -> tuple[Any, str | None]:
+    """A JSON document of the OMERO web app, or (None, reason) when the app is down and ``require`` is False.
+
+    Down means: 5xx/408/429 or no connection after the configured retries, or a body that is not JSON (a
+    maintenance page). A 4xx is not an outage (the image is gone or moved): it raises, as does anything when
+    ``require`` is True.
+    """
+    try:
+        body = fetch.fetch_bytes(url)
+    except DownloadError as exc:
+        m = _STATUS.search(str(exc))
+        if require or (m is not None and int(m.group(1)) not in OUTAGE_STATUSES):
+            raise
+        return None, str(exc)
+    try:
+        return json.loads(body), None
+    except ValueError as exc:
+        if require:
+            raise SourceMismatchError(f"{url}: the answer is not JSON ({exc}): {body[:120]!r}") from exc
+        return None, f"{url}: the answer is not JSON (a maintenance page?): {body[:120]!r}"
 
 
 class IdrSource(FileSource[IdrParams, IdrPlan]):
@@ -109,16 +152,33 @@ class IdrSource(FileSource[IdrParams, IdrPlan]):
     def plan(self, params: IdrParams, ctx: RunContext, fetch: Downloader) -> tuple[IdrPlan, dict[str, str]]:
         # The documents first: a source that changed is caught before 152 MB are fetched.
         notes: list[str] = []
-        api, api_info = parse_api_image(fetch.fetch_json(API_URL), notes)
-        imgdata, imgdata_info = parse_imgdata(fetch.fetch_json(IMGDATA_URL), notes)
-        check_identity(api_info, imgdata_info)
-        cross_check(api, imgdata)
-        return IdrPlan(api, imgdata, (api_info, imgdata_info), tuple(notes)), {FILE_NAME: TIFF_URL}
+        unavailable: dict[str, str] = {}
+        api = imgdata = None
+        infos: list[dict[str, Any]] = []
+        api_doc, why = fetch_document(fetch, API_URL, params.require_omero)
+        if why is None:
+            api, api_info = parse_api_image(api_doc, notes)
+            infos.append(api_info)
+        else:
+            unavailable[API_URL] = why
+        imgdata_doc, why = fetch_document(fetch, IMGDATA_URL, params.require_omero)
+        if why is None:
+            imgdata, imgdata_info = parse_imgdata(imgdata_doc, notes)
+            infos.append(imgdata_info)
+        else:
+            unavailable[IMGDATA_URL] = why
+        check_identity(*infos)
+        if api is not None and imgdata is not None:
+            cross_check(api, imgdata)
+        for url, why in unavailable.items():
+            log.warning("idr: %s is unavailable (IDR's OMERO web app is down?): %s; going on with the TIFF's own "
+                        "metadata, without that cross-check", url, why)
+        return IdrPlan(api, imgdata, tuple(infos), tuple(notes), unavailable), {FILE_NAME: TIFF_URL}
 
     def convert(self, params: IdrParams, plan: IdrPlan, files: Mapping[str, Path], root: zarr.Group,
                 ctx: RunContext) -> Converted:
         image, tiff = read_imagej_tiff(files[FILE_NAME])
-        for doc in (plan.api, plan.imgdata):
+        for doc in plan.checked:
             cross_check(tiff, doc)
         voxel_size = tuple(v for v in tiff.voxel_size_nm if v is not None)
         if len(voxel_size) != 3:  # the TIFF always states all three (read_imagej_tiff raises otherwise)
@@ -127,13 +187,22 @@ class IdrSource(FileSource[IdrParams, IdrPlan]):
                                    geometry=ngff.Geometry(voxel_size),  # type: ignore[arg-type]
                                    chunks=params.chunks, shards=params.shards, method="mean", what=FILE_NAME)
         figures = {"shape": list(image.shape), "levels": written["levels"],
-                   "mean_intensity": round(float(image.mean()), 2)}
+                   "mean_intensity": round(float(image.mean()), 2),
+                   "omero_documents_checked": len(plan.checked),
+                   "omero_documents_unavailable": len(plan.unavailable)}
+        checked = [f.where for f in plan.checked]
+        agreeing = ("agreeing with IDR's " + " and ".join(checked)) if checked else "not cross-checked"
+        skipped = (f"; not cross-checked against {', '.join(plan.unavailable)} (unavailable: OMERO outage)"
+                   if plan.unavailable else "")
+        cross = {"status": "skipped" if not checked else "partial" if plan.unavailable else "done",
+                 "checked": [d["url"] for d in plan.documents],
+                 "unavailable": dict(plan.unavailable)}
         return Converted(
             voxel_size_nm=voxel_size, figures=figures, discrepancies=plan.discrepancies,
-            voxel_size_note="from the TIFF (ImageJ spacing and X/YResolution, µm -> nm), agreeing with IDR's "
-                            "JSON API and imgData",
+            voxel_size_note=f"from the TIFF (ImageJ spacing and X/YResolution, µm -> nm), {agreeing}{skipped}",
             details={"study": STUDY, "experiment": EXPERIMENT, "idr_dataset": DATASET, "image_id": IMAGE_ID,
-                     "image_name": FILE_NAME, "metadata_documents": list(plan.documents), "tiff": tiff.to_dict()})
+                     "image_name": FILE_NAME, "metadata_documents": list(plan.documents),
+                     "omero_cross_check": cross, "tiff": tiff.to_dict()})
 
 
 # ----------------------------------------------------------------------------- metadata documents
@@ -224,19 +293,19 @@ def parse_imgdata(doc: Any, notes: list[str]) -> tuple[ImageFacts, dict[str, Any
     return facts, info
 
 
-def check_identity(api_info: Mapping[str, Any], imgdata_info: Mapping[str, Any]) -> None:
-    """Both documents must describe image 9846137, the file we download, in the study's dataset."""
-    for info in (api_info, imgdata_info):
+def check_identity(*infos: Mapping[str, Any]) -> None:
+    """Each document must describe image 9846137, the file we download, in the study's dataset."""
+    for info in infos:
         if info["image_id"] != IMAGE_ID:
             raise SourceMismatchError(f"{info['url']}: describes image {info['image_id']!r}, expected {IMAGE_ID}")
         if info["image_name"] not in (None, FILE_NAME):
             raise SourceMismatchError(f"{info['url']}: image name {info['image_name']!r}, expected {FILE_NAME!r}")
-    dataset = imgdata_info.get("dataset_name")
-    if dataset not in (None, DATASET):
-        raise SourceMismatchError(f"{IMGDATA_URL}: dataset {dataset!r}, expected {DATASET!r}")
-    project = imgdata_info.get("project_name")
-    if project is not None and not str(project).startswith(STUDY):
-        raise SourceMismatchError(f"{IMGDATA_URL}: project {project!r}, expected one of study {STUDY!r}")
+        dataset = info.get("dataset_name")
+        if dataset not in (None, DATASET):
+            raise SourceMismatchError(f"{info['url']}: dataset {dataset!r}, expected {DATASET!r}")
+        project = info.get("project_name")
+        if project is not None and not str(project).startswith(STUDY):
+            raise SourceMismatchError(f"{info['url']}: project {project!r}, expected one of study {STUDY!r}")
 
 
 def cross_check(reference: ImageFacts, other: ImageFacts) -> None:

@@ -3,9 +3,11 @@
 The TIFF is written as ImageJ 1.52p wrote the real one (uncompressed, one strip per page, contiguous,
 ``ImageDescription`` "ImageJ=1.52p ... unit=\\u00B5m spacing=0.02", X/YResolution 50 px/µm, ResolutionUnit none;
 see the tag dump ``idr_9846137_xy_tif_tags.json`` in the project's reference notes). No verbatim OMERO response for this image
-is known, so the JSON API ``/api/v0/m/images/9846137/`` and ``/webclient/imgData/9846137/`` documents follow the
-shape of the OMERO documentation samples (with ``"data": {...}`` as real servers answer) and hold values that
-agree with the generated TIFF. A URL ending in ``/`` is served from ``index.html`` in that folder.
+is known: the JSON API ``/api/v0/m/images/9846137/`` follows the OMERO documentation sample (with
+``"data": {...}`` as real servers answer), and ``/webclient/imgData/9846137/`` has the field set of omero-web's
+``imageMarshal`` with the values a third party recorded from the live document; both agree with the generated
+TIFF. A URL ending in ``/`` is served from ``index.html`` in that folder. The OMERO host's outages are the
+server's ``outage_hosts`` behaviour (503 on the JSON; the TIFF on ftp.ebi.ac.uk stays up).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tifffile
 
 from emdata.offline.replica.synth import em_like
 
-VERSION = 1
+VERSION = 2
 IMAGE_ID = 9846137
 DATASET_ID = 10740
 FILE_NAME = "Figure_S3B_FIB-SEM_U2OS_20x20x20nm_xy.tif"
@@ -100,7 +102,15 @@ def api_image_document(shape: tuple[int, int, int], voxel_um: float = VOXEL_UM) 
 
 
 def imgdata_document(data: np.ndarray, voxel_um: float = VOXEL_UM) -> dict[str, Any]:
-    """``GET /webclient/imgData/<id>/`` in the shape of omero-web's ``imageMarshal`` (docs sample + newer keys)."""
+    """``GET /webclient/imgData/<id>/``: the keys, key order and nesting of omero-web's ``imageMarshal``.
+
+    Fields and order from ``omeroweb/webgateway/marshal.py`` (ome/omero-web @ 0304697): ``id``, ``meta``,
+    ``perms``, ``interpolate``, ``size``, ``pixel_size`` (µm), then, with a rendering definition, ``pixel_range``,
+    ``channels`` (``rdefMarshal``), ``split_channel``, ``rdefs``, then ``tiles`` and ``init_zoom``; no
+    ``nominalMagnification`` (the image has no objective settings). Values from a third party's record of the
+    live document (projectName ``idr0086-miron-micrographs/experimentD``, pixel size 0.02 µm on x, y, z) and IDR's
+    curation files (dataset ``U2OS_chromatin``); ids, timestamp, author and rendering values are the replica's.
+    """
     z, y, x = data.shape
     lo, hi = float(data.min()), float(data.max())
     return {
@@ -111,24 +121,26 @@ def imgdata_document(data: np.ndarray, voxel_um: float = VOXEL_UM) -> dict[str, 
                  "datasetDescription": "", "wellSampleId": "", "wellId": "", "imageTimestamp": 1591747200.0,
                  "imageId": IMAGE_ID, "pixelsType": "uint8"},
         "perms": {"canAnnotate": False, "canEdit": False, "canDelete": False, "canLink": False},
-        "tiles": False,
         "interpolate": True,
         "size": {"width": x, "height": y, "z": z, "t": 1, "c": 1},
         "pixel_size": {"x": voxel_um, "y": voxel_um, "z": voxel_um},
         "pixel_range": [0, 255],
-        "channels": [{"emissionWave": None, "label": "0", "color": "FFFFFF", "inverted": False,
-                      "reverseIntensity": False, "family": "linear", "coefficient": 1.0,
-                      "window": {"min": lo, "max": hi, "start": lo, "end": hi}, "active": True}],
+        "channels": [{"emissionWave": None, "label": "0", "color": "808080", "inverted": False,
+                      "reverseIntensity": False, "family": "linear", "coefficient": 1.0, "active": True,
+                      "window": {"min": lo, "max": hi, "start": lo, "end": hi}}],
         "split_channel": {"g": {"width": x + 4, "height": y + 4, "border": 2, "gridx": 1, "gridy": 1},
                           "c": {"width": x + 4, "height": y + 4, "border": 2, "gridx": 1, "gridy": 1}},
         "rdefs": {"model": "greyscale", "projection": "normal", "defaultZ": z // 2, "defaultT": 0,
                   "invertAxis": False},
+        "tiles": False,
+        "init_zoom": 0,
     }
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
+    """As Django's ``JsonResponse`` sends it (``json.dumps`` defaults: ASCII escapes, ", " and ": ")."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    path.write_text(json.dumps(document), encoding="ascii")
 
 
 def build(root: Path, profile: str) -> None:
