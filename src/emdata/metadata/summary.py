@@ -64,6 +64,11 @@ def summary_markdown(records: Sequence[ArrayRecord], thumbnails: Mapping[str, Se
               "map `p0.5`..`p99.5` to 0..1 and clip. Background is the share of voxels matching the rule given. "
               f"DVC metrics: `{metrics_dir}/` (`dvc metrics show {metrics_dir}`); histograms per dtype: "
               f"`dvc plots show {plots_dir}`.", "",
+              "```python",
+              "import json",
+              f"s = json.load(open(\"{metrics_dir}/hemibrain.json\"))  # one file per image: <dataset>[.<image>].json",
+              "x = ((raw.astype(\"float32\") - s[\"p0_5\"]) / (s[\"p99_5\"] - s[\"p0_5\"])).clip(0, 1)",
+              "```", "",
               "| image | dtype | level | min | max | mean | std | p0.5 | p99.5 | background | |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in images:
