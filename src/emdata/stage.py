@@ -12,8 +12,8 @@ from typing import Any
 
 from emdata import __version__
 from emdata.acquire.context import run_context
-from emdata.acquire.fsutil import write_json_atomic
-from emdata.acquire.params import load_params
+from emdata.acquire.fsutil import stage_lock, write_json_atomic
+from emdata.acquire.params import check_sections, load_params
 from emdata.catalog import find
 from emdata.sources import get_source
 
@@ -25,10 +25,12 @@ def run_stage(name: str, params_path: Path | str = "params.yaml", repo_root: Pat
     root = (repo_root or Path.cwd()).resolve()
     params = load_params(root / params_path)
     source = get_source(name)
+    check_sections(params, str(params_path))
     ctx = run_context(params, root)
     section = source.parse_params(params.get(name))
     began = time.monotonic()
-    metrics = source.run(section, ctx)
+    with stage_lock(root, name):
+        metrics = source.run(section, ctx)
     metrics.setdefault("seconds", round(time.monotonic() - began, 2))
     # When and by what the output was made: in the metrics (not the output, which stays reproducible).
     metrics["run"] = {"acquired_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 from typing import Any
 
 import requests
@@ -45,6 +45,7 @@ STREAM_BLOCK = 64 * 1024
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # Documents (JSON, index pages) larger than this are refused: none of the sources' documents comes close.
 MAX_DOCUMENT_BYTES = 16 * 2**20
+MAX_REDIRECTS = 5
 # Worth retrying: the server or the path may recover. Everything else (404, 403, ...) fails at once.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -193,9 +194,12 @@ class Downloader:
 
     def __init__(self, config: DownloadConfig, *, mirror: str = "", registry: ChecksumRegistry | None = None,
                  session: requests.Session | None = None, progress: bool | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep, redirect_hosts: Sequence[str] = ()) -> None:
         self.config = config
         self.mirror = mirror
+        # Redirects are followed only to these hosts (a source known to redirect names them); any other
+        # redirect fails, naming where it pointed. Nothing of ours (no auth header) travels with a redirect.
+        self.redirect_hosts = frozenset(redirect_hosts)
         self.registry = registry or ChecksumRegistry(None, "live")  # in memory only
         self.session = session or make_session(config)
         self.progress = progress  # None = a bar only on a terminal
@@ -364,7 +368,22 @@ class Downloader:
 
     def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
         timeout = (self.config.connect_timeout_s, self.config.read_timeout_s)
-        response = self.session.get(url, headers=headers, stream=True, timeout=timeout)
+        response = self.session.get(url, headers=headers, stream=True, timeout=timeout, allow_redirects=False)
+        for _ in range(MAX_REDIRECTS):
+            if not response.is_redirect:
+                break
+            location = urljoin(response.url, response.headers.get("Location", ""))
+            response.close()
+            host = urlsplit(location).hostname or ""
+            if host not in self.redirect_hosts:
+                raise DownloadError(f"GET {redact(url)}: HTTP {response.status_code} redirect to {redact(location)}; "
+                                    f"{host!r} is not a host this source is known to redirect to, so it is not "
+                                    "followed")
+            response = self.session.get(location, headers=headers, stream=True, timeout=timeout,
+                                        allow_redirects=False)
+        else:
+            response.close()
+            raise DownloadError(f"GET {redact(url)}: more than {MAX_REDIRECTS} redirects")
         if response.status_code in RETRY_STATUSES:
             retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
             response.close()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 import yaml
@@ -38,12 +39,20 @@ def dataclass_from_section(cls: type[T], section: Mapping[str, Any] | None, wher
         raise InvalidParameterError(f"bad params section {where!r}: {exc}") from exc
 
 
+# Output chunks of at most 512 voxels and shards of at most 4096 per axis (and 2 Gi voxels): beyond that a
+# single shard would not fit the memory a stage is allowed.
+MAX_CHUNK_AXIS, MAX_SHARD_AXIS, MAX_SHARD_VOXELS = 512, 4096, 2**31
+
+
 def check_chunks_and_shards(section: str, chunks: Any, shards: Any) -> None:
     """Output chunks and shards: three positive integers each (z, y, x), shards whole multiples of chunks."""
-    for name, value in (("chunks", chunks), ("shards", shards)):
+    for name, value, most in (("chunks", chunks, MAX_CHUNK_AXIS), ("shards", shards, MAX_SHARD_AXIS)):
         if not isinstance(value, (list, tuple)) or len(value) != 3 or any(
-                isinstance(v, bool) or not isinstance(v, int) or v <= 0 for v in value):
-            raise InvalidParameterError(f"{section}.{name} must be three positive integers (z, y, x), got {value!r}")
+                isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= most for v in value):
+            raise InvalidParameterError(
+                f"{section}.{name} must be three integers in 1..{most} (z, y, x), got {value!r}")
+    if math.prod(shards) > MAX_SHARD_VOXELS:
+        raise InvalidParameterError(f"{section}.shards {list(shards)} hold more than {MAX_SHARD_VOXELS} voxels")
     if any(s % c for s, c in zip(shards, chunks, strict=True)):
         raise InvalidParameterError(f"{section}.shards {list(shards)} must be multiples of chunks {list(chunks)}")
 
@@ -59,11 +68,13 @@ def check_sha256_pins(section: str, pins: Any, is_known: Callable[[str], bool], 
             raise InvalidParameterError(f"{section}.sha256[{name!r}] must be 64 lowercase hex digits, got {digest!r}")
 
 
-def _positive(name: str, value: Any, kind: type = float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (
-        kind is int and not isinstance(value, int)
-    ):
-        raise InvalidParameterError(f"download.{name} must be a positive {kind.__name__}, got {value!r}")
+def _number(name: str, value: Any, *, kind: type = float, low: float, high: float, low_open: bool = True) -> None:
+    """``download.<name>`` must be a finite number (an int where ``kind`` is int) in its range."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and (
+        kind is not int or isinstance(value, int)) and (low < value if low_open else low <= value) and value <= high
+    if not ok:
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise InvalidParameterError(f"download.{name} must be a finite {kind.__name__} in {bound}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -83,11 +94,27 @@ class DownloadConfig:
 
     def __post_init__(self) -> None:
         for name in ("workers", "range_workers"):
-            _positive(name, getattr(self, name), int)
-        for name in ("range_threshold_mb", "range_part_mb", "connect_timeout_s", "read_timeout_s",
-                     "backoff_max_s"):
-            _positive(name, getattr(self, name))
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
-            raise InvalidParameterError(f"download.retries must be an integer >= 0, got {self.retries!r}")
-        if not isinstance(self.backoff_s, (int, float)) or self.backoff_s < 0:
-            raise InvalidParameterError(f"download.backoff_s must be >= 0, got {self.backoff_s!r}")
+            _number(name, getattr(self, name), kind=int, low=1, high=64, low_open=False)
+        # A part below 64 KiB would mean a request per read block (1e-6 MB: one request per byte).
+        _number("range_part_mb", self.range_part_mb, low=1 / 16, high=4096, low_open=False)
+        _number("range_threshold_mb", self.range_threshold_mb, low=0, high=2**20)
+        _number("retries", self.retries, kind=int, low=0, high=20, low_open=False)
+        _number("backoff_s", self.backoff_s, low=0, high=600, low_open=False)
+        for name in ("backoff_max_s", "connect_timeout_s", "read_timeout_s"):
+            _number(name, getattr(self, name), low=0, high=3600)
+        path = PurePosixPath(str(self.checksums_file))
+        if not isinstance(self.checksums_file, str) or path.is_absolute() or ".." in path.parts \
+                or path.suffix != ".json" or "\\" in self.checksums_file:
+            raise InvalidParameterError(
+                "download.checksums_file must be a .json path inside the repository (relative, no '..'), "
+                f"got {self.checksums_file!r}")
+
+
+def check_sections(params: Mapping[str, Any], where: str) -> None:
+    """The top-level sections of params.yaml are the shared ones and one per dataset; a typo fails, naming it."""
+    from emdata.catalog import DATASETS
+
+    valid = {"mirror", "download", "metadata", *DATASETS}
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise InvalidParameterError(f"unknown section(s) {unknown} in {where}; valid: {sorted(valid)}")

@@ -86,6 +86,8 @@ class Faults:
     ignore_ranges: bool = False  # answer 200 with the whole file, as servers without Range support do
     latency_s: float = 0.0  # added before every response (not a counter: stays until reset)
     bandwidth_bps: float | None = None  # per-connection throttle (not a counter)
+    redirect_to: str | None = None  # answer 302 with Location = this base URL + the request path
+    redirect_count: int = 0
     requests_seen: list[str] = field(default_factory=list)
 
     def _take(self, name: str) -> bool:
@@ -285,11 +287,15 @@ class ReplicaHandler(BaseHTTPRequestHandler):
             matches = faults.path_contains in self.path
             status = faults.status if matches and faults.status and faults._take("status_count") else None
             latency, bandwidth, retry_after = faults.latency_s, faults.bandwidth_bps, faults.retry_after_s
+            redirect = faults.redirect_to if matches and faults.redirect_to and faults._take("redirect_count") else None
         if latency:
             time.sleep(latency)
         if status is not None:
             extra = {"Retry-After": f"{retry_after:g}"} if status == 429 and retry_after is not None else None
             self._send_status(status, extra)
+            return
+        if redirect is not None:
+            self._send_status(302, {"Location": redirect.rstrip("/") + self.path})
             return
         behaviour = server.behaviour
         host = unquote(urlsplit(self.path).path).lstrip("/").split("/", 1)[0]
