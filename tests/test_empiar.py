@@ -13,6 +13,7 @@ import mrcfile
 import numpy as np
 import pytest
 import requests
+import tifffile
 import zarr
 from ome_zarr.io import parse_url
 from ome_zarr.reader import Multiscales, Reader
@@ -338,6 +339,31 @@ def test_an_mrc_stack_image_set_uses_every_section_and_its_own_z(replica_copy_se
     assert prov["listing"]["slices"] == ["tomogram.mrc"]
     assert prov["image_files"] == {"format": "mrc", "dtype": "float32", "data_format": "agrees",
                                    "voxel_type": "agrees", "files": 1, "sections": 12}
+
+
+def test_an_uncalibrated_tiff_slice_set_takes_y_x_from_the_api(replica_copy_server, replica_copy, tmp_path, caplog):
+    """TIFF slices without resolution tags: y, x from the API pixel size (recorded), z from the details text."""
+    folder = data_dir(replica_copy)
+    stack = np.random.default_rng(9).integers(0, 60000, (16, 96, 128), dtype=np.uint16)
+    for name, image in zip(SLICES, stack, strict=True):
+        (folder / name).unlink()
+        tifffile.imwrite(folder / name.replace(".dm3", ".tif"), image)
+    relist(replica_copy)
+    tamper_api(replica_copy, data_format="TIFF", voxel_type="UNSIGNED 16 BIT INTEGER")
+    with caplog.at_level(logging.WARNING, logger="emdata.sources.empiar"):
+        run(replica_copy_server, tmp_path)
+    np.testing.assert_array_equal(output_level0(tmp_path), stack)
+    prov = provenance(tmp_path)
+    assert prov["voxel_size_nm"] == [50.0, 8.0, 8.0] and prov["image_files"]["format"] == "tiff"
+    assert "y, x from the API pixel_height/pixel_width (Å): the files carry no calibration" in prov["voxel_size_note"]
+    assert "not calibrated in y, x; using the API pixel size" in caplog.text
+
+
+def test_one_image_expected_but_several_listed_fails(replica_copy_server, replica_copy, tmp_path):
+    tamper_api(replica_copy, num_images_or_tilt_series=1)
+    with pytest.raises(SourceMismatchError, match=r"lists 16 image files .*the API says num_images_or_tilt_series "
+                                                  r"= 1: which one is the image set is unclear"):
+        run(replica_copy_server, tmp_path)
 
 
 def test_data_format_that_disagrees_with_the_content_fails(replica_copy_server, replica_copy, tmp_path):

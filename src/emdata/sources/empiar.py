@@ -346,7 +346,10 @@ def fetch_listing(fetch: Callable[[str], bytes], expected: int, attempts: int, u
             images = [f for f in files if f.lower().endswith(tuple(extensions))]
             if len(images) == 1:
                 rest = [f for f in files if f != images[0]] + [f + "/" for f in folders]
-                return Listing(url, (images[0],), tuple(rest), attempt, True, (1,))
+                return Listing(url, (images[0],), tuple(rest), attempt, True, (*seen, 1))
+            if len(images) > 1:
+                raise SourceMismatchError(f"{url} lists {len(images)} image files {images[:5]}, the API says "
+                                          f"num_images_or_tilt_series = 1: which one is the image set is unclear")
             numbering, numbered = None, {}
             seen.append(len(images))
         else:
@@ -752,7 +755,7 @@ class EmpiarSource(FileSource[EmpiarParams, EmpiarPlan]):
                                    geometry=ngff.Geometry(checked.voxel_size_nm), chunks=params.chunks,
                                    shards=params.shards, method="mean",
                                    what=f"the {slices[0].source_format.upper()} files")
-        mean = float(np.mean([float(np.asarray(s.data, dtype=np.float64).mean()) for s in slices]))
+        mean = float(np.mean([float(np.mean(s.data, dtype=np.float64)) for s in slices]))
         unavailable = [s for s in plan.side_files if s.status != "ok"]
         return Converted(
             voxel_size_nm=checked.voxel_size_nm,
