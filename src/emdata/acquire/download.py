@@ -32,7 +32,7 @@ from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 
 from emdata import __version__
-from emdata.errors import DownloadError, IntegrityError
+from emdata.errors import DownloadError, IntegrityError, SourceMismatchError
 from emdata.acquire.fsutil import write_json_atomic
 from emdata.acquire.params import DownloadConfig
 from emdata.acquire.urls import redact, rewrite
@@ -232,7 +232,13 @@ class Downloader:
         return self._with_retries(target, attempt)  # type: ignore[no-any-return]
 
     def fetch_json(self, url: str) -> Any:
-        return json.loads(self.fetch_bytes(url))
+        """GET a JSON document; anything else (an HTML error page, garbled bytes) fails naming the URL."""
+        body = self.fetch_bytes(url)
+        try:
+            return json.loads(body)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+            raise SourceMismatchError(f"{redact(rewrite(url, self.mirror))}: expected a JSON document, got "
+                                      f"{body[:60]!r}... ({exc})") from exc
 
     def download_all(self, items: Sequence[Download]) -> list[DownloadResult]:
         """Download every item (``config.workers`` at a time) with one progress bar; results keep the order."""
@@ -277,6 +283,17 @@ class Downloader:
         digest, md5 = hash_file(partial)
         with self._lock:
             stated = self._server_md5.pop(target, None)
+        if expected["sha256"] is not None and digest != expected["sha256"] and self.config.retries:
+            # One bad copy may be a transient fault: one fresh download before giving up on the file.
+            log.warning("%s: sha256 %s is not the expected %s; downloading it once more", dest.name, digest,
+                        expected["sha256"])
+            partial.unlink()
+            _parts_file(dest).unlink(missing_ok=True)
+            fetched += self._fetch(target, dest, expected["size"])
+            size = partial.stat().st_size
+            digest, md5 = hash_file(partial)
+            with self._lock:
+                stated = self._server_md5.pop(target, None)
         self._verify(item.url, partial, size, digest, expected)
         if stated is not None and stated != md5:
             self._verify(item.url, partial, size, digest, {"server md5": stated, "md5": md5})
