@@ -231,14 +231,22 @@ def test_short_listing_with_an_absent_slice_fails_early_naming_the_url(replica_c
     assert not (tmp_path / OUTPUT).exists()
 
 
-def test_listing_without_a_naming_pattern_cannot_fall_back(replica_copy_server, replica_copy, tmp_path):
-    for name in SLICES:
-        (data_dir(replica_copy) / name).unlink()
-    relist(replica_copy)
-    with pytest.raises(SourceMismatchError, match=r"listed \[0\] image files in 1 attempts; the API says 16; no "
+def test_a_listing_without_any_slice_falls_back_to_the_entrys_known_naming(replica_copy_server, replica_copy,
+                                                                            tmp_path):
+    relist(replica_copy, without=tuple(SLICES))
+    run(replica_copy_server, tmp_path, {"listing_attempts": 1})
+    assert heads(replica_copy_server) == ["/" + replica.DATA_PATH + "/" + name for name in SLICES]
+    np.testing.assert_array_equal(output_level0(tmp_path), replica_stack(replica_copy))
+    listing = provenance(tmp_path)["listing"]
+    assert listing["complete"] is False and listing["confirmed_by_head"] == SLICES
+    assert listing["pattern"] == "F57-8_test1_3VBSED_slice_{:04d}.dm3"
+
+
+def test_a_listing_without_any_image_and_no_known_naming_cannot_fall_back():
+    page = b"<a href='README.txt'>README.txt</a>"
+    with pytest.raises(SourceMismatchError, match=r"listed \[0, 0\] image files in 2 attempts; the API says 16; no "
                                                   r"naming pattern to fall back on"):
-        run(replica_copy_server, tmp_path, {"listing_attempts": 1})
-    assert heads(replica_copy_server) == []
+        empiar.fetch_listing(lambda url: page, 16, 2, head=lambda url: (200, {}))
 
 
 def test_missing_xml_gz_is_recorded_not_fatal(replica_copy_server, replica_copy, tmp_path, caplog):
@@ -451,7 +459,7 @@ def test_api_document_of_another_shape_fails_clearly(replica_copy_server, replic
     ({"num_images_or_tilt_series": 15}, r"lists 16 image files named F57-8_test1_3VBSED_slice_\{:04d\}.dm3, the "
                                         r"API says num_images_or_tilt_series = 15"),
     ({"details": "The resolution is 8nm/px in xy."}, r"does not state the section thickness.*has no z calibration"),
-    ({"data_format": "TIFF"}, r"listed \[0, 0, 0\] image files in 3 attempts; the API says 16; no naming pattern"),
+    ({"data_format": "TIFF"}, r"data_format 'TIFF', but the files are dm3 \(recognised from their content\)"),
 ])
 def test_metadata_disagreement_fails_without_output(replica_copy_server, replica_copy, tmp_path, change, message):
     tamper_api(replica_copy, **change)

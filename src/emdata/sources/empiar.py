@@ -42,7 +42,6 @@ ABOUT = About(
              "Microscopy Public Image Archive, Nucleic Acids Research 51(D1), 2023.",
     doi=("10.6019/EMPIAR-11759",),
 )
-SLICE_PATTERN = re.compile(r"^F57-8_test1_3VBSED_slice_(\d{4})\.dm3$")  # EMPIAR-11759's slice names
 # The API says 5628 x 5632 pixels; every live slice decodes to 5496 x 5500 (checked twice, SOURCES.md).
 KNOWN_SIZE_DISAGREEMENT = {"api_width_height": (5628, 5632), "files_width_height": (5496, 5500)}
 # sha256(ndarray.tobytes()) of live decoded slices, published by a third party (reedmarkham/macroscope catalog,
@@ -65,10 +64,14 @@ class KnownEntry:
     size_disagreement: Mapping[str, tuple[int, int]] | None = None  # API vs files width x height, known
     live_decoded_sha256: Mapping[str, str] = field(default_factory=dict)
     side_files: tuple[str, ...] = ()  # optional files of the image-set folder (fetched, recorded, never required)
+    # The image files' naming (prefix, suffix, zero-padded width; numbered from 0), seen in every report: the
+    # fallback when the autoindex lists none of them at all (each name is still confirmed by a HEAD).
+    file_pattern: tuple[str, str, int] | None = None
 
 
 KNOWN_ENTRIES: dict[int, KnownEntry] = {
-    DEFAULT_ENTRY: KnownEntry(ABOUT, KNOWN_SIZE_DISAGREEMENT, LIVE_DECODED_SHA256, (XML_NAME,)),
+    DEFAULT_ENTRY: KnownEntry(ABOUT, KNOWN_SIZE_DISAGREEMENT, LIVE_DECODED_SHA256, (XML_NAME,),
+                              ("F57-8_test1_3VBSED_slice_", ".dm3", 4)),
 }
 PIXEL_TOLERANCE = 0.01  # API pixel_width (Å) vs file calibration: relative
 Z_TOLERANCE = 0.01  # file z calibration vs the details text: relative
@@ -106,7 +109,7 @@ class EmpiarParams:
             raise InvalidParameterError(f"empiar.listing_attempts must be an integer 1..20, got {self.listing_attempts!r}")
         if not isinstance(self.keep_downloads, bool):
             raise InvalidParameterError(f"empiar.keep_downloads must be true or false, got {self.keep_downloads!r}")
-        check_sha256_pins("empiar", self.sha256, lambda name: bool(name) and "/" not in name and name not in ".." and
+        check_sha256_pins("empiar", self.sha256, lambda name: bool(name) and "/" not in name and
                           not name.startswith("."), "a file name of the image set's folder (no '/')")
 
     @property
@@ -329,12 +332,14 @@ class Listing:
 
 def fetch_listing(fetch: Callable[[str], bytes], expected: int, attempts: int, url: str = DATA_URL,
                   extensions: Sequence[str] = (".dm3",),
-                  head: Callable[[str], tuple[int, Mapping[str, str]]] | None = None) -> Listing:
+                  head: Callable[[str], tuple[int, Mapping[str, str]]] | None = None,
+                  known_pattern: Numbering | None = None) -> Listing:
     """The image set's files: the autoindex (fetched again while short, up to ``attempts``), else the fallback.
 
     The load-balanced EBI autoindex can omit files. When it stays short, the names come from the entry's
     count (``expected``) and the naming pattern of the files it did list, each name confirmed by a HEAD
-    (``head``; without one a short listing fails). An absent file fails, naming its URL and the HTTP status.
+    (``head``; without one a short listing fails), or from ``known_pattern`` when it listed none of them.
+    An absent file fails, naming its URL and the HTTP status.
     """
     seen: list[int] = []
     numbering: Numbering | None = None
@@ -365,6 +370,9 @@ def fetch_listing(fetch: Callable[[str], bytes], expected: int, attempts: int, u
                     url, seen[-1], expected, attempt, attempts)
     short = (f"{url} listed {seen} image files in {attempts} attempts; the API says {expected}"
              + (f" (named {numbering}, numbers {_ranges(list(numbered))})" if numbering else ""))
+    if numbering is None and known_pattern is not None:
+        numbering = known_pattern
+        short += f"; none of its names, so the entry's known naming {known_pattern} is used"
     if numbering is None or head is None:
         raise SourceMismatchError(short + "; no naming pattern to fall back on" if numbering is None else short)
     names, confirmed = _fall_back(numbering, numbered, expected, url, head, short)
@@ -394,7 +402,7 @@ def _fall_back(numbering: Numbering, numbered: Mapping[int, str], expected: int,
     The numbering must hold every listed number; it starts at 0 when it can (EMPIAR sets mostly do), else at 1,
     else at the lowest listed number. A name whose HEAD is not 200 fails the stage, naming the URL and the status.
     """
-    low, high = min(numbered), max(numbered)
+    low, high = (min(numbered), max(numbered)) if numbered else (0, 0)
     if high - low + 1 > expected:
         raise SourceMismatchError(f"{short}: the listed numbers span {low}..{high}, more than {expected} images")
     starts = [s for s in (0, 1, low) if max(0, high - expected + 1) <= s <= low]
@@ -726,10 +734,11 @@ class EmpiarSource(FileSource[EmpiarParams, EmpiarPlan]):
 
     def plan(self, params: EmpiarParams, ctx: RunContext, fetch: Downloader) -> tuple[EmpiarPlan, dict[str, str]]:
         api = parse_api(fetch.fetch_json(params.api_url), params.entry, params.imageset)
-        listing = fetch_listing(fetch.fetch_bytes, api.num_images, params.listing_attempts, api.files_url,
-                                image_extensions(api.data_format), fetch.head)
-        unknown = sorted(set(params.sha256) - set(listing.files) - set(listing.others))
         known = KNOWN_ENTRIES.get(api.entry)
+        pattern = Numbering(*known.file_pattern) if known and known.file_pattern else None
+        listing = fetch_listing(fetch.fetch_bytes, api.num_images, params.listing_attempts, api.files_url,
+                                image_extensions(api.data_format), fetch.head, pattern)
+        unknown = sorted(set(params.sha256) - set(listing.files) - set(listing.others))
         side_names = sorted({n for n in listing.others if n.lower().endswith(SIDE_FILE_SUFFIXES)}
                             | set(known.side_files if known else ()))
         if unknown and not set(unknown) <= set(side_names):
