@@ -117,6 +117,8 @@ def test_epfl_output_table_summary_metrics_plots_thumbnails(epfl_workspace):
         assert stats["std"] == pytest.approx(data.std(), abs=1e-4)
         assert [stats["p0_5"], stats["p99_5"]] == pytest.approx(np.percentile(data, [0.5, 99.5]), abs=1e-9)
         assert stats["background_fraction"] == pytest.approx((data == 0).mean(), abs=1e-6)
+        assert [stats["p0_5_foreground"], stats["p99_5_foreground"]] == pytest.approx(
+            np.percentile(data[data != 0], [0.5, 99.5]), abs=1e-9)
         row = table[table.array == f"{split}/0"].iloc[0]
         assert row["mean"] == pytest.approx(data.mean()) and row["p99_5"] == stats["p99_5"]
         mito = np.asarray(root[f"{split}/labels/mito/0"][...])
@@ -161,14 +163,17 @@ def test_statistics_match_numpy_over_many_blocks(tmp_path, dtype):
     assert stats.mean == pytest.approx(float(data.astype(np.float64).mean()), rel=1e-9, abs=1e-9)
     assert stats.std == pytest.approx(float(data.astype(np.float64).std()), rel=1e-9)
     expected = np.percentile(data, [0.5, 99.5])
+    bin_width = (stats.max - stats.min) / APPROX_BINS
     if np.dtype(dtype).kind == "f":
         assert stats.method == "binned"
-        bin_width = (stats.max - stats.min) / APPROX_BINS
         assert [stats.p0_5, stats.p99_5] == pytest.approx(expected, abs=bin_width)
     else:
         assert stats.method == "exact"
         assert [stats.p0_5, stats.p99_5] == pytest.approx(expected, abs=1e-9)
     assert stats.background_fraction == pytest.approx((data == 0).mean())
+    tissue = np.percentile(data[data != 0], [0.5, 99.5])
+    assert [stats.p0_5_foreground, stats.p99_5_foreground] == pytest.approx(
+        tissue, abs=bin_width if stats.method == "binned" else 1e-9)
     stats10, _ = intensity_stats(array, 0, background_max=10)
     assert stats10.background_fraction == pytest.approx((data <= 10).mean()) and stats10.background == "<= 10"
 

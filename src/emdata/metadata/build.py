@@ -76,8 +76,12 @@ def collect(repo_root: Path, params: MetadataParams, thumbnails_dir: Path | None
                             lgroup = root[other.array.rsplit("/", 1)[0]]
                             assert isinstance(lgroup, zarr.Group)
                             labels.append((lgroup, other.label_colors))
-                    thumbs[rec.name] = write_thumbnails(group, labels, (stats.p0_5, stats.p99_5),
-                                                        params.thumbnail_px, thumbnails_dir, file_stem(rec.name))
+                    # Contrast from the tissue's percentiles: padding outside it would wash the picture out.
+                    window = (stats.p0_5, stats.p99_5)
+                    if stats.p0_5_foreground is not None and stats.p99_5_foreground is not None:
+                        window = (stats.p0_5_foreground, stats.p99_5_foreground)
+                    thumbs[rec.name] = write_thumbnails(group, labels, window, params.thumbnail_px, thumbnails_dir,
+                                                        file_stem(rec.name))
             else:
                 rec = replace(rec, foreground_fraction=foreground_fraction(array))
             log.info("metadata: %s %s done in %.1f s", dataset, rec.array, time.monotonic() - began)

@@ -162,7 +162,8 @@ class ArrayRecord:
         row.update({f"voxel_size_{a}": v for a, v in zip(self.axes, self.voxel_size, strict=True)})
         row.update({f"translation_{a}": t for a, t in zip(self.axes, self.translation, strict=True)})
         stats = asdict(self.stats) if self.stats else {}
-        for key in ("level", "min", "max", "mean", "std", "p0_5", "p99_5", "background_fraction"):
+        for key in ("level", "min", "max", "mean", "std", "p0_5", "p99_5", "background_fraction", "p0_5_foreground",
+                    "p99_5_foreground"):
             row[f"stats_{key}" if key == "level" else key] = stats.get(key)
         row["stats_method"] = stats.get("method", "")
         row["background"] = stats.get("background", "")

@@ -54,14 +54,18 @@ class IntensityStats:
     background_fraction: float
     background: str  # the rule that counted as background, e.g. "== 0" or "<= 10"
     method: str  # "exact" (one bin per value) or "binned" (percentiles within one bin width)
+    # The same percentiles over the voxels that are not background (tissue only; None when there are none).
+    p0_5_foreground: float | None = None
+    p99_5_foreground: float | None = None
 
-    def metrics(self) -> dict[str, float | int | str]:
+    def metrics(self) -> dict[str, float | int | str | None]:
         exact = self.method == "exact"  # integer data: min and max are whole grey values
         return {"level": self.level, "voxels": self.voxels, "min": int(self.min) if exact else self.min,
                 "max": int(self.max) if exact else self.max,
                 "mean": round(self.mean, 4), "std": round(self.std, 4), "p0_5": self.p0_5, "p99_5": self.p99_5,
                 "background_fraction": round(self.background_fraction, 6), "background": self.background,
-                "method": self.method}
+                "method": self.method, "p0_5_foreground": self.p0_5_foreground,
+                "p99_5_foreground": self.p99_5_foreground}
 
 
 def _block_shape(array: zarr.Array, max_bytes: int) -> list[int]:
@@ -163,16 +167,19 @@ def intensity_stats(array: zarr.Array, level: int, background_max: float | None 
         vmin, vmax = float(values[nz[0]]), float(values[nz[-1]])
         background = values == 0 if background_max is None else values <= background_max
         bg = int(hist.counts[background].sum())
+        fg_hist = Histogram(hist.start, 1.0, np.where(background, 0, hist.counts), True)
         # Keep only the bins between min and max: a 16-bit image often uses a small part of its range.
         hist = Histogram(vmin, 1.0, hist.counts[nz[0]:nz[-1] + 1].copy(), True)
         method = "exact"
     else:
         n, vmin, vmax, mean, var, bg = _moments(array, background_max, max_bytes)
-        hist = _binned_histogram(array, vmin, vmax, max_bytes)
+        hist, fg_hist = _binned_histogram(array, vmin, vmax, background_max, max_bytes)
         method = "binned"
     p_lo, p_hi = (percentile(hist, q) for q in PERCENTILES)
+    fg_lo, fg_hi = (percentile(fg_hist, q) if fg_hist.total else None for q in PERCENTILES)
     stats = IntensityStats(level=level, voxels=n, min=vmin, max=vmax, mean=mean, std=math.sqrt(max(var, 0.0)),
-                           p0_5=p_lo, p99_5=p_hi, background_fraction=bg / n, background=rule, method=method)
+                           p0_5=p_lo, p99_5=p_hi, background_fraction=bg / n, background=rule, method=method,
+                           p0_5_foreground=fg_lo, p99_5_foreground=fg_hi)
     return stats, hist
 
 
@@ -219,16 +226,20 @@ def _moments(array: zarr.Array, background_max: float | None,
     return n, vmin, vmax, mean, m2 / n, bg
 
 
-def _binned_histogram(array: zarr.Array, vmin: float, vmax: float, max_bytes: int) -> Histogram:
+def _binned_histogram(array: zarr.Array, vmin: float, vmax: float, background_max: float | None,
+                      max_bytes: int) -> tuple[Histogram, Histogram]:
+    """Histograms of all voxels and of the non-background ones, ``APPROX_BINS`` bins from ``vmin`` to ``vmax``."""
     width = (vmax - vmin) / APPROX_BINS if vmax > vmin else 1.0
     counts = np.zeros(APPROX_BINS, dtype=np.int64)
+    fg_counts = np.zeros(APPROX_BINS, dtype=np.int64)
     for block in read_blocks(array, max_bytes):
         data = block.reshape(-1)
         if data.dtype.kind == "f":
             data = data[np.isfinite(data)]
         idx = np.clip(((data.astype(np.float64) - vmin) / width).astype(np.int64), 0, APPROX_BINS - 1)
         counts += np.bincount(idx, minlength=APPROX_BINS)
-    return Histogram(vmin, width, counts, False)
+        fg_counts += np.bincount(idx[~_background_mask(data, background_max)], minlength=APPROX_BINS)
+    return Histogram(vmin, width, counts, False), Histogram(vmin, width, fg_counts, False)
 
 
 def foreground_fraction(array: zarr.Array, max_bytes: int = MAX_BLOCK_BYTES) -> float:

@@ -61,7 +61,9 @@ def summary_markdown(records: Sequence[ArrayRecord], thumbnails: Mapping[str, Se
     lines += ["", "## Intensity statistics", "",
               "Over every voxel of the pyramid level given (0 = full resolution), computed block by block; "
               "percentiles as `numpy.percentile` (exact for integer types up to 16 bits). To normalise inputs, "
-              "map `p0.5`..`p99.5` to 0..1 and clip. Background is the share of voxels matching the rule given. "
+              "map `p0.5`..`p99.5` to 0..1 and clip (or the percentiles of the voxels that are not background, "
+              "`p0_5_foreground`, `p99_5_foreground`, where padding or resin outside the tissue would skew them). "
+              "Background is the share of voxels matching the rule given. "
               f"DVC metrics: `{metrics_dir}/` (`dvc metrics show {metrics_dir}`); histograms per dtype: "
               f"`dvc plots show {plots_dir}`.", "",
               "```python",
@@ -69,13 +71,16 @@ def summary_markdown(records: Sequence[ArrayRecord], thumbnails: Mapping[str, Se
               f"s = json.load(open(\"{metrics_dir}/hemibrain.json\"))  # one file per image: <dataset>[.<image>].json",
               "x = ((raw.astype(\"float32\") - s[\"p0_5\"]) / (s[\"p99_5\"] - s[\"p0_5\"])).clip(0, 1)",
               "```", "",
-              "| image | dtype | level | min | max | mean | std | p0.5 | p99.5 | background | |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| image | dtype | level | min | max | mean | std | p0.5 | p99.5 | background | p0.5, p99.5 of the rest "
+              "| |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in images:
         st = r.stats
         assert st is not None
+        fg = (f"{_num(st.p0_5_foreground)}, {_num(st.p99_5_foreground)}"
+              if st.p0_5_foreground is not None and st.p99_5_foreground is not None else "no other voxels")
         lines.append(f"| {r.name} | {r.dtype} | {st.level} | {_num(st.min)} | {_num(st.max)} | {st.mean:.2f} | "
-                     f"{st.std:.2f} | {_num(st.p0_5)} | {_num(st.p99_5)} | {st.background_fraction:.2%} "
+                     f"{st.std:.2f} | {_num(st.p0_5)} | {_num(st.p99_5)} | {st.background_fraction:.2%} | {fg} "
                      f"| {st.background}, {st.method} |")
     labels = [r for r in records if r.kind == "label"]
     if labels:
@@ -87,7 +92,7 @@ def summary_markdown(records: Sequence[ArrayRecord], thumbnails: Mapping[str, Se
 
     lines += ["", "## Views", "",
               "Mid-slices through the volume's centre at physical aspect (each pixel square in nm), contrast "
-              "p0.5..p99.5; where the image has labels, a second row shows the same slices with each labelled "
+              "from p0.5..p99.5 of the voxels that are not background; where the image has labels, a second row shows the same slices with each labelled "
               "region tinted and outlined. The bar under each picture is to scale; the caption gives the slice "
               "and the pyramid level it was read from."]
     for r in images:
