@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tifffile
 import zarr
 
 from emdata import ngff
@@ -23,6 +22,7 @@ from emdata.acquire.context import RunContext
 from emdata.acquire.download import Downloader
 from emdata.acquire.params import check_chunks_and_shards, check_sha256_pins, dataclass_from_section
 from emdata.errors import InvalidParameterError, SourceMismatchError
+from emdata.formats import read_volume
 from emdata.sources.base import About, Converted, FileSource
 
 log = logging.getLogger(__name__)
@@ -95,11 +95,12 @@ class EpflSource(FileSource[EpflParams, None]):
 
 
 def read_tiff(path: Path) -> np.ndarray:
-    """The stack as a (z, y, x) array, memory-mapped when the file allows it (uncompressed, contiguous)."""
-    try:
-        return tifffile.memmap(path, mode="r")
-    except ValueError:
-        return tifffile.imread(path)
+    """The stack as a (z, y, x) array: memory-mapped when the file allows it, else decoded page by page within
+    the reader's bound (never silently whole); a file that is not a TIFF fails naming it."""
+    volume = read_volume(path)
+    if volume.source_format != "tiff":
+        raise SourceMismatchError(f"{path.name}: expected a TIFF stack, the file is {volume.source_format}")
+    return volume.data
 
 
 def convert_split(root: zarr.Group, split: str, image_path: Path, mask_path: Path | None,
