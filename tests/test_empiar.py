@@ -667,3 +667,14 @@ def test_live_api_and_listing_agree_with_what_we_know():
     listing = empiar.fetch_listing(downloader.fetch_bytes, facts.num_images, 3, facts.files_url,
                                    empiar.image_extensions(facts.data_format), downloader.head)
     assert list(listing.files) == SLICES and "F57-8_test1.xml.gz" in listing.others
+
+
+def test_slice_stack_reads_sections_across_files_lazily():
+    first = np.arange(2 * 4 * 5).reshape(2, 4, 5)
+    second = first[:1] + 100
+    stack = empiar.SliceStack([empiar.Slice("a", first, (1.0, 1.0)), empiar.Slice("b", second, (1.0, 1.0))])
+    whole = np.concatenate([first, second])
+    assert stack.shape == (3, 4, 5)
+    for key in [(slice(1, 3), slice(1, 3), slice(0, 2)), (slice(0, 3), slice(None), slice(None)),
+                (slice(2, 3), slice(3, 4), slice(4, 5)), (slice(3, 3), slice(None), slice(1, 4))]:
+        np.testing.assert_array_equal(stack[key], whole[key])

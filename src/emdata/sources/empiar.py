@@ -551,7 +551,8 @@ class SliceStack:
             if lo < hi:
                 parts.append(np.asarray(s.data[lo - self.starts[i]:hi - self.starts[i], y, x]))
         if not parts:
-            return np.zeros((0, *np.empty(self.shape[1:])[y, x].shape), self.dtype)
+            return np.zeros((0, len(range(*y.indices(self.shape[1]))), len(range(*x.indices(self.shape[2])))),
+                            self.dtype)
         return np.concatenate(parts)
 
 
