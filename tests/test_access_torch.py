@@ -50,6 +50,7 @@ def test_package_import_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow  # worker processes start and import torch: ~5 s idle, ~30 s on a loaded 2-core box
 @pytest.mark.parametrize("method", METHODS)
 def test_two_workers_yield_every_block_and_sample_once(volume, method):
     if method not in multiprocessing.get_all_start_methods():
@@ -104,6 +105,7 @@ def _open_in_child(path):
     return arr.backend, int(arr.read(arr.bounds).sum()), error
 
 
+@pytest.mark.slow  # worker processes start and import torch: ~5 s idle, ~30 s on a loaded 2-core box
 def test_two_ddp_ranks_times_two_workers_cover_everything_once(volume):
     path, _, _ = volume
     raw, mito = _parent_arrays(path)
@@ -121,6 +123,7 @@ def test_two_ddp_ranks_times_two_workers_cover_everything_once(volume):
     assert sorted(samples) == list(range(10)) and set(samples.values()) == {1}
 
 
+@pytest.mark.slow  # worker processes start and import torch: ~5 s idle, ~30 s on a loaded 2-core box
 @pytest.mark.parametrize("n_head", [1, 3])
 def test_resume_from_loader_checkpoint_with_workers(volume, n_head):
     path, _, _ = volume
