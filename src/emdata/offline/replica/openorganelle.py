@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -45,6 +47,7 @@ LABEL_PATH = "recon-2/labels/inference/segmentations/nuc"
 N_LEVELS = 9
 CHUNK = 64
 SEED = 2015  # imaging started in 2015; any fixed value
+CACHE_BYTES = 160 * 2**20  # generated chunks kept (all of s2 and its labels: a demo's HEAD-then-GET pass)
 
 # From the dump (children s0..s8 "shape"), z, y, x.
 SHAPES: tuple[tuple[int, int, int], ...] = (
@@ -226,9 +229,41 @@ class _Array:
         return _encoded(self, key, tuple(index), tuple(shape), tuple(chunks), str(meta.get("dtype")))
 
 
-@lru_cache(maxsize=96)  # a HEAD and the GET after it ask for the same chunk
+class _Cache:
+    """Recently generated chunks, bounded in bytes: a HEAD and the GET after it ask for the same chunk."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.items: OrderedDict[tuple[Any, ...], bytes | None] = OrderedDict()
+        self.size = 0
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...], make: Callable[[], bytes | None]) -> bytes | None:
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        value = make()
+        with self.lock:
+            if key not in self.items:
+                self.items[key] = value
+                self.size += len(value or b"")
+                while self.size > self.max_bytes and self.items:
+                    self.size -= len(self.items.popitem(last=False)[1] or b"")
+        return value
+
+
+_CACHE = _Cache(CACHE_BYTES)
+
+
 def _encoded(array: _Array, key: str, index: tuple[int, ...], shape: tuple[int, ...], chunks: tuple[int, ...],
              dtype: str) -> bytes | None:
+    return _CACHE.get((id(array), key, shape, chunks, dtype),
+                      lambda: _generate(array, index, shape, chunks, dtype))
+
+
+def _generate(array: _Array, index: tuple[int, ...], shape: tuple[int, ...], chunks: tuple[int, ...],
+              dtype: str) -> bytes | None:
     origin = tuple(i * c for i, c in zip(index, chunks, strict=True))
     inner = tuple(min(c, n - o) for c, n, o in zip(chunks, shape, origin, strict=True))
     # Always the whole chunk (its noise depends on the box generated), then fill beyond the array's edge.
