@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast bench lint clean
+.PHONY: demo test test-fast bench lint clean publish live-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is needed"'
@@ -28,6 +28,11 @@ test-fast: lint
 lint: $(STAMP)
 	$(PY) -m ruff check src tests bench stages
 	$(PY) -m mypy src
+
+## The maintainer's live run: dvc repro against the live sources, dvc push, then the files to commit.
+## Refuses replica-made data. Needs the internet and the remote's credentials (AWS environment or .dvc/config.local).
+publish: $(STAMP)
+	$(PY) -m emdata.publish $(STAGES)
 
 ## Benchmarks (see bench/README.md).
 bench: $(STAMP)

@@ -3,7 +3,10 @@
 In a scratch copy of the repository (your tracked files are never touched) it starts the replica and a
 moto S3 endpoint on loopback, runs ``dvc repro`` with ``mirror`` pointing at the replica, ``dvc push``,
 deletes the cache and the outputs, ``dvc pull``s them back, checks them, shows the metrics and stops
-every server it started.
+every server it started. The workspace stays usable afterwards: its outputs are also pushed to a local
+folder remote (``.emdata/demo-remote``, the workspace's default remote), so ``dvc pull`` works there after the
+demo has exited; and the replica keeps its port between runs (``.emdata/replica.json``), so ``dvc status``
+stays clean when it is started again.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -115,8 +119,11 @@ class Demo:
         print(f"demo workspace: {self.ws}\nstarting the replica ({self.profile} profile; the first run "
               "generates its synthetic volumes) and the S3 endpoint ...", flush=True)
         # The replica's log (what it generates, and how long it takes) goes to the console; moto's to a file.
-        with services.replica(self.profile) as mirror, \
+        state = self.ws.parent / "replica.json"
+        port = json.loads(state.read_text()).get("port", 0) if state.is_file() else 0
+        with self._replica(port) as mirror, \
                 services.s3([bucket], log_file=logs / "s3.log") as endpoint:
+            state.write_text(json.dumps({"port": int(mirror.rsplit(":", 1)[1]), "profile": self.profile}))
             print(f"replica at {mirror}; S3 endpoint at {endpoint} (bucket {bucket})", flush=True)
             self.write_params(mirror)
             subprocess.run([*dvc, "remote", "modify", "--local", "storage", "endpointurl", endpoint],
@@ -132,11 +139,28 @@ class Demo:
             # One table per stage: the stages report different figures, and one table of all is too wide to read.
             for metrics_file in self.metrics_files():
                 self.step("dvc metrics show", *dvc, "metrics", "show", "--md", metrics_file)
+            # A remote that outlives the demo: the workspace's default, so `dvc pull` works after we exit.
+            local = self.ws.parent / "demo-remote"
+            for cmd in (["remote", "add", "--local", "-f", "local", str(local)], ["remote", "default", "--local", "local"]):
+                subprocess.run([*dvc, *cmd], cwd=self.ws, env=self.env, check=True, capture_output=True)
+            self.step("dvc push to the local remote", *dvc, "push", "-r", "local")
         checks = {out: describe_output(self.ws / out) for out in outs}
         summary = {"workspace": str(self.ws), "profile": self.profile, "outputs": checks,
                    "step_seconds": self.timings, "total_seconds": round(time.monotonic() - began, 1)}
         (self.ws / "demo_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _replica(self, port: int) -> Any:
+        """The replica on the port of the previous demo (so params stay the same), or a free one."""
+        if port:
+            try:
+                with socket.create_server(("127.0.0.1", port)):
+                    pass
+            except OSError:
+                print(f"port {port} of the previous demo is busy: the replica takes a free one (the stages then "
+                      "show as changed in `dvc status`)", flush=True)
+                port = 0
+        return services.replica(self.profile, port=port)
 
     def _remote_url(self) -> str:
         out = subprocess.run([sys.executable, "-m", "dvc", "remote", "list"], cwd=self.ws, env=self.env,
@@ -201,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     print("step seconds:", ", ".join(f"{k} {v}" for k, v in summary["step_seconds"].items()))
     print(f"total {summary['total_seconds']} s. Results (pulled from the S3 remote) are in {demo.ws}/data;"
           f" metrics in {demo.ws}/metrics; summary in {demo.ws}/demo_summary.json")
+    print(f"The workspace stays usable: cd {demo.ws} && dvc pull data/hemibrain_crop.zarr (from the local remote "
+          f"{demo.ws.parent / 'demo-remote'}); to run stages again, start the replica on its port: "
+          f"python -m emdata.offline.replica serve --profile {demo.profile} --port "
+          f"{json.loads((demo.ws.parent / 'replica.json').read_text())['port']}")
     return 0
 
 

@@ -58,8 +58,9 @@ def child_server(args: Sequence[str], *, name: str, startup_timeout_s: float = 9
 
 
 @contextmanager
-def replica(profile: str = "full", sources: Sequence[str] | None = None, **kwargs: object) -> Iterator[str]:
-    args = ["emdata.offline.replica", "serve", "--profile", profile]
+def replica(profile: str = "full", sources: Sequence[str] | None = None, port: int = 0,
+            **kwargs: object) -> Iterator[str]:
+    args = ["emdata.offline.replica", "serve", "--profile", profile, "--port", str(port)]
     if sources is not None:
         args += ["--sources", ",".join(sources)]
     with child_server(args, name="replica", **kwargs) as url:  # type: ignore[arg-type]
