@@ -358,3 +358,14 @@ def test_head_reports_existence_without_raising(file_server, tmp_path):
     assert make(server).head(url.replace("there", "absent"))[0] == 404
     server.faults.path_contains, server.faults.status, server.faults.status_count = "there", 503, 1
     assert make(server).head(url)[0] == 200  # a 503 is retried
+
+
+def test_a_document_cut_short_with_a_matching_length_is_fetched_again(file_server, tmp_path):
+    server, tree = file_server
+    url = tree.add("doc.json", 10)
+    (tree.root / "example.org" / "files" / "doc.json").write_text(json.dumps({"values": list(range(200))}))
+    server.faults.truncate_to_bytes, server.faults.truncate_count = 50, 1  # looks complete, is not JSON
+    assert make(server).fetch_json(url) == {"values": list(range(200))}
+    server.faults.truncate_to_bytes, server.faults.truncate_count = 50, 10
+    with pytest.raises(Exception, match=r"doc.json: expected a JSON document.*after 3 attempts"):
+        make(server, retries=2).fetch_json(url)

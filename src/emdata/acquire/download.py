@@ -232,13 +232,27 @@ class Downloader:
         return self._with_retries(target, attempt)  # type: ignore[no-any-return]
 
     def fetch_json(self, url: str) -> Any:
-        """GET a JSON document; anything else (an HTML error page, garbled bytes) fails naming the URL."""
-        body = self.fetch_bytes(url)
-        try:
-            return json.loads(body)
-        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
-            raise SourceMismatchError(f"{redact(rewrite(url, self.mirror))}: expected a JSON document, got "
-                                      f"{body[:60]!r}... ({exc})") from exc
+        """GET a JSON document; see :meth:`fetch_json_and_bytes`."""
+        return self.fetch_json_and_bytes(url)[0]
+
+    def fetch_json_and_bytes(self, url: str) -> tuple[Any, bytes]:
+        """GET a JSON document and the bytes it came in.
+
+        A body that does not parse (cut short with a matching length, garbled, a maintenance page) is fetched
+        again with the same retries as a failed request; then it fails naming the URL and what came instead.
+        """
+        target = redact(rewrite(url, self.mirror))
+        for n in range(self.config.retries + 1):
+            body = self.fetch_bytes(url)
+            try:
+                return json.loads(body), body
+            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+                problem = f"expected a JSON document, got {body[:60]!r}... ({exc})"
+            if n < self.config.retries:
+                delay = min(self.config.backoff_s * 2**n, self.config.backoff_max_s)
+                log.warning("GET %s: %s; retry %d/%d in %.1f s", target, problem, n + 1, self.config.retries, delay)
+                self._sleep(delay)
+        raise SourceMismatchError(f"{target}: {problem} (after {self.config.retries + 1} attempts)")
 
     def download_all(self, items: Sequence[Download]) -> list[DownloadResult]:
         """Download every item (``config.workers`` at a time) with one progress bar; results keep the order."""
