@@ -459,3 +459,23 @@ def test_live_store_metadata_matches_what_we_know():
         path, _, _ = check_group_attrs(zattrs, level)
         shape, separator, _ = check_zarray(downloader.fetch_json(f"{GROUP_URL}/{path}/.zarray"), level)
         assert shape == PUBLISHED_SHAPES[level] and separator in (".", "/")
+
+
+def test_a_chunk_that_turns_403_after_the_checks_fails_naming_what_it_means(replica_tree, tmp_path):
+    """Present at the HEAD, gone (403) at the GET: tensorstore's PERMISSION_DENIED is explained, nothing written."""
+    seen: set[str] = set()
+
+    def once(provider: Callable[[str], bytes | None]) -> Callable[[str], bytes | None]:
+        def serve(name: str) -> bytes | None:
+            if name.endswith(MISSING) and name in seen:
+                return None
+            seen.add(name)
+            return provider(name)
+        return serve
+
+    providers = {prefix: once(p) for prefix, p in oo_replica.providers(replica_tree, "small").items()}
+    with serve_in_thread(replica_tree, providers=providers) as server:
+        server.set_behaviour({"missing_status": {HOST: 403}})
+        with pytest.raises(DownloadError, match=r"(?s)fibsem-int16/s0/2/38/39.*403.*A chunk answered HTTP 403.*anonymous listing"):
+            run(server, tmp_path, retries=0, roi_voxels=EDGE_ROI)
+    assert not (tmp_path / OUTPUT).exists()

@@ -523,8 +523,8 @@ def fetch_openorganelle(params: OpenOrganelleParams, ctx: RunContext, out: Path)
         except DownloadError as exc:
             # A chunk that turned 403 after the checks above (tensorstore: PERMISSION_DENIED).
             if "403" in str(exc) or "PERMISSION_DENIED" in str(exc):
-                raise DownloadError(f"{exc}\nA chunk of {GROUP_URL}/{plan.path} answered HTTP 403. "
-                                    f"{FORBIDDEN_MEANING}") from exc
+                raise DownloadError(f"{exc}\nA chunk answered HTTP 403 after the existence checks (its URL is "
+                                    f"above). {FORBIDDEN_MEANING}") from exc
             raise
         root.attrs["emdata"] = provenance(plan, zattrs, zarray_doc, files, ctx.origin, label_plans,
                                           checked).to_dict()
