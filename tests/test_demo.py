@@ -54,3 +54,21 @@ def test_demo_repro_push_pull_restores_every_output(tmp_path):
     for url in urls.groups():
         with pytest.raises(requests.ConnectionError):
             requests.get(url, timeout=2)
+
+    # After the demo has exited, its workspace still pulls (from its local folder remote) and is up to date.
+    dvc = [sys.executable, "-m", "dvc"]
+    crop = ws / "data" / "hemibrain_crop.zarr"
+    before_files = sorted(p.relative_to(crop) for p in crop.rglob("*") if p.is_file())
+    subprocess.run(["rm", "-rf", str(crop), str(ws / ".dvc" / "cache")], check=True)
+    pull = subprocess.run([*dvc, "pull", "data/hemibrain_crop.zarr"], cwd=ws, capture_output=True, text=True,
+                          timeout=300)
+    assert pull.returncode == 0, pull.stderr[-2000:]
+    assert sorted(p.relative_to(crop) for p in crop.rglob("*") if p.is_file()) == before_files
+    status = subprocess.run([*dvc, "status", "--json"], cwd=ws, capture_output=True, text=True, timeout=300)
+    assert status.returncode == 0 and json.loads(status.stdout or "{}") == {}, status.stdout
+    # Editing a shared module marks every stage that imports it as changed (deps by package folder).
+    with (ws / "src" / "emdata" / "acquire" / "fsutil.py").open("a") as f:
+        f.write("\n# an edit\n")
+    status = subprocess.run([*dvc, "status", "--json"], cwd=ws, capture_output=True, text=True, timeout=300)
+    changed = set(json.loads(status.stdout))
+    assert changed == set(stages), changed
