@@ -479,3 +479,14 @@ def test_a_chunk_that_turns_403_after_the_checks_fails_naming_what_it_means(repl
         with pytest.raises(DownloadError, match=r"(?s)fibsem-int16/s0/2/38/39.*403.*A chunk answered HTTP 403.*anonymous listing"):
             run(server, tmp_path, retries=0, roi_voxels=EDGE_ROI)
     assert not (tmp_path / OUTPUT).exists()
+
+
+def test_the_chunk_checks_are_bounded_before_any_request():
+    from emdata.sources.openorganelle import MAX_CHUNK_CHECKS, chunk_urls
+
+    whole_s0 = chunk_urls(f"{GROUP_URL}/s0", (0, 0, 0), PUBLISHED_SHAPES[0], (64, 64, 64), "/")
+    assert len(whole_s0) == 14760 <= MAX_CHUNK_CHECKS
+    assert whole_s0[0].endswith("/s0/0/0/0") and whole_s0[-1].endswith("/s0/8/39/40")
+    with pytest.raises(SourceMismatchError, match=r"nuc/s0: the ROI touches 14745600 chunks of \[1, 1, 1\]"):
+        chunk_urls(f"{STORE_URL}/recon-2/labels/inference/segmentations/nuc/s0", (0, 0, 0), (64, 240, 960),
+                   (1, 1, 1), "/")

@@ -85,6 +85,7 @@ CHUNKS = (64, 64, 64)
 COMPRESSOR = {"id": "zstd", "level": 1}
 CACHE_BYTES = 32 * 2**20  # decoded source chunks shared by neighbouring output shards
 HEAD_WORKERS = 16  # chunk existence checks in flight (at most ``concurrency``)
+MAX_CHUNK_CHECKS = 20_000  # chunks HEADed per array (the whole of s0 has 14,760; label chunks may be smaller)
 MAX_LABEL_CHUNK = 1024  # a label array's chunk edge above this is refused (bounded decode memory)
 FORBIDDEN_MEANING = (
     "S3 answers 403 instead of 404 for a key that does not exist when the bucket does not grant anonymous "
@@ -367,8 +368,14 @@ def plan_label(name: str, zattrs: Any, zarray_doc: Any, plan: LevelPlan, em_zatt
 # ----------------------------------------------------------------------------- chunk existence
 def chunk_urls(array_url: str, start: Sequence[int], stop: Sequence[int], chunks: Sequence[int],
                separator: str) -> list[str]:
-    """Live URLs of the chunks a box [start, stop) touches, in C order of their grid index."""
+    """Live URLs of the chunks a box [start, stop) touches, in C order of their grid index (at most
+    MAX_CHUNK_CHECKS: more fails naming the count, before any request)."""
     ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(start, stop, chunks, strict=True)]
+    count = math.prod(len(r) for r in ranges)
+    if count > MAX_CHUNK_CHECKS:
+        raise SourceMismatchError(
+            f"{array_url}: the ROI touches {count} chunks of {list(chunks)} voxels, more than the {MAX_CHUNK_CHECKS} "
+            "this stage checks one by one (the whole of s0 is 14,760)")
     return [f"{array_url}/{separator.join(map(str, index))}" for index in itertools.product(*ranges)]
 
 
