@@ -16,13 +16,14 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Multiscales, Reader
 
 from emdata import ngff
-from emdata.errors import DownloadError, InvalidParameterError
+from emdata.errors import DownloadError, InvalidParameterError, SourceMismatchError
 from emdata.acquire.context import MirrorConfig, RunContext
 from emdata.acquire.params import DownloadConfig
+from emdata.formats.precomputed import parse_info
 from emdata.offline.replica import ReplicaServer
 from emdata.offline.replica.hemibrain import BUCKET_DIR, EM_PATH, SEG_PATH
 from emdata.catalog import find
-from emdata.sources.hemibrain import EM_URL, SOURCE
+from emdata.sources.hemibrain import EM_URL, SEGMENTATION_URL, SOURCE
 
 CROP = [96, 112, 128]  # z, y, x: not a cube, so an axis mix-up cannot pass
 FAST_DOWNLOAD = DownloadConfig(retries=1, backoff_s=0.0)
@@ -109,15 +110,17 @@ def test_unaligned_origin_reads_chunks_that_straddle_blocks(replica, replica_tre
     np.testing.assert_array_equal(labels[0][:], crop_of(replica_view(replica_tree, SEG_PATH, 0), origin, CROP))
 
 
-def test_coarser_unsharded_scale(replica, replica_tree, tmp_path):
-    # The replica's EM scale 2 is unsharded; its segmentation scale 2 is sharded: both layouts in one run.
+def test_coarser_level_of_the_sharded_volume(replica, replica_tree, tmp_path):
+    # Every scale is sharded as FlyEM shards its JPEG volumes; a crop at 32 nm reads scale 2's shards.
     info = json.loads((replica_tree / BUCKET_DIR / EM_PATH / "info").read_text())
-    assert "sharding" not in info["scales"][2] and "sharding" in info["scales"][0]
+    assert all(s["sharding"]["data_encoding"] == "gzip" for s in info["scales"])
     crop = [48, 56, 64]
     metrics, out = run_crop(replica, tmp_path, level=2, crop_size=crop, origin_step=1)
     ms, arrays = ngff.open_multiscale(out)
     assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [32.0, 32.0, 32.0]
     origin = metrics["crop_origin_voxels"]
+    assert all("/32.0x32.0x32.0/" in r or "/1024.0x1024.0x1024.0/" in r for r in voxel_requests(replica)
+               if "/emdata/" in r)
     np.testing.assert_array_equal(arrays[0][:], crop_of(replica_view(replica_tree, EM_PATH, 2), origin, crop))
     _, labels = ngff.open_multiscale(out, label="segmentation")
     np.testing.assert_array_equal(labels[0][:], crop_of(replica_view(replica_tree, SEG_PATH, 2), origin, crop))
@@ -130,15 +133,30 @@ def test_crop_lands_in_tissue(replica, tmp_path):
     assert (arrays[0][:] > 10).mean() > 0.9  # at full resolution too, not only in the coarse check
 
 
-def test_without_segmentation_fetches_none(replica, tmp_path):
-    _, out = run_crop(replica, tmp_path, with_segmentation=False)
-    assert not (out / "labels").exists()
+@pytest.mark.parametrize("none", [None, False])
+def test_without_segmentation_fetches_none(replica, tmp_path, none):
+    metrics, out = run_crop(replica, tmp_path, segmentation=none)
+    assert not (out / "labels").exists() and metrics["segmentation"] is None
     assert not [r for r in replica.faults.requests_seen if "segmentation" in r]
+
+
+def test_segmentation_release_is_a_param_checked_before_any_voxel(replica, tmp_path):
+    metrics, out = run_crop(replica, tmp_path, segmentation="v1.0")
+    assert metrics["segmentation"] == "v1.0"
+    seg = zarr.open_group(str(out), mode="r").attrs["emdata"]["labels"]["segmentation"]
+    assert seg["release"] == "v1.0" and seg["source_url"] == SEGMENTATION_URL
+    replica.reset_faults()
+    # Another release: its info is fetched first; the replica has none (404), so the run stops there.
+    with pytest.raises(DownloadError, match="v1.2/segmentation/info"):
+        run_crop(replica, tmp_path / "other", segmentation="v1.2")
+    assert voxel_requests(replica) == []
+    assert not (tmp_path / "other" / "data").exists()
 
 
 # --------------------------------------------------------------------------------------------- determinism
 def test_same_seed_gives_byte_identical_output(replica, tmp_path):
     m1, out1 = run_crop(replica, tmp_path / "a", seed=5, origin_step=8)
+    assert m1["segmentation"] == "v1.0"
     m2, out2 = run_crop(replica, tmp_path / "b", seed=5, origin_step=8)
     assert m1["crop_origin_voxels"] == m2["crop_origin_voxels"]
     files1, files2 = all_files(out1), all_files(out2)
@@ -148,13 +166,13 @@ def test_same_seed_gives_byte_identical_output(replica, tmp_path):
 
 def test_different_seed_gives_different_origin(replica, tmp_path):
     origins = {seed: run_crop(replica, tmp_path / str(seed), seed=seed, origin_step=8,
-                              with_segmentation=False)[0]["crop_origin_voxels"] for seed in (1, 2)}
+                              segmentation=None)[0]["crop_origin_voxels"] for seed in (1, 2)}
     assert origins[1] != origins[2]
 
 
 def test_rerun_replaces_output_whole(replica, tmp_path):
-    _, out = run_crop(replica, tmp_path, seed=1, origin_step=8, with_segmentation=False)
-    _, out = run_crop(replica, tmp_path, seed=2, origin_step=8, with_segmentation=False)
+    _, out = run_crop(replica, tmp_path, seed=1, origin_step=8, segmentation=None)
+    _, out = run_crop(replica, tmp_path, seed=2, origin_step=8, segmentation=None)
     assert zarr.open_group(str(out), mode="r").attrs["emdata"]["seed"] == 2
     assert [p.name for p in tmp_path.joinpath("data").iterdir()] == ["hemibrain_crop.zarr"]
 
@@ -172,7 +190,10 @@ def test_rerun_replaces_output_whole(replica, tmp_path):
     ({"selection_level": "coarsest"}, "coarsest"),
     ({"origin_step": 0}, "0"),
     ({"concurrency": 0}, "0"),
-    ({"with_segmentation": "yes"}, "yes"),
+    ({"segmentation": "yes"}, "yes"),
+    ({"segmentation": True}, "True"),
+    ({"segmentation": "v1.0/../x"}, "v1.0/../x"),
+    ({"with_segmentation": True}, "with_segmentation"),
     ({"crop_sizes": [1, 1, 1]}, "crop_sizes"),
 ])
 def test_static_param_errors_name_the_value(section, named):
@@ -182,11 +203,13 @@ def test_static_param_errors_name_the_value(section, named):
 
 
 @pytest.mark.parametrize(("params", "named"), [
-    ({"crop_size": [10000, 64, 64]}, "[10000, 64, 64]"),
-    ({"crop_size": [64, 64, 385]}, "[64, 64, 385]"),  # x is one voxel larger than the replica's 384
+    ({"crop_size": [50000, 64, 64]}, "[50000, 64, 64]"),
+    ({"crop_size": [64, 64, 34428]}, "[64, 64, 34428]"),  # x is one voxel larger than the EM's 34427
+    ({"crop_size": [64, 39553, 64]}, "[64, 39553, 64]"),  # fits the EM's y (39725), not the segmentation's
     ({"level": 9}, "level 9"),
-    ({"level": 3, "crop_size": [64, 64, 64]}, "[64, 64, 64]"),  # fits level 0, not level 3
-    ({"selection_level": 7}, "selection_level 7"),
+    ({"level": 8, "crop_size": [163, 64, 64]}, "[163, 64, 64]"),  # fits level 0, not level 8 (162 in z)
+    ({"selection_level": 9}, "selection_level 9"),
+    ({"selection_level": 5}, "too large to read whole"),
 ])
 def test_info_dependent_errors_come_before_any_voxel_request(replica, tmp_path, params, named):
     with pytest.raises(InvalidParameterError) as err:
@@ -198,8 +221,9 @@ def test_info_dependent_errors_come_before_any_voxel_request(replica, tmp_path, 
 
 
 def test_unreachable_tissue_fraction_fails_clearly_without_output(replica, tmp_path):
+    # The replica's tissue is 384^3 voxels: a 512^3 window can never be all tissue.
     with pytest.raises(InvalidParameterError, match="min_tissue_fraction 1.0") as err:
-        run_crop(replica, tmp_path, crop_size=[320, 352, 384], min_tissue_fraction=1.0, max_attempts=5)
+        run_crop(replica, tmp_path, crop_size=[512, 512, 512], min_tissue_fraction=1.0, max_attempts=5)
     assert "best" in str(err.value)
     assert not (tmp_path / "data" / "hemibrain_crop.zarr").exists()
     # Only the coarse selection scale was read, never a chunk of scale 0.
@@ -207,15 +231,114 @@ def test_unreachable_tissue_fraction_fails_clearly_without_output(replica, tmp_p
 
 
 def test_failure_mid_crop_keeps_previous_output_and_leaves_no_partial(replica, tmp_path):
-    _, out = run_crop(replica, tmp_path, seed=1, origin_step=8, with_segmentation=False)
+    _, out = run_crop(replica, tmp_path, seed=1, origin_step=8, segmentation=None)
     before = all_files(out)
     replica.faults.path_contains = "/8.0x8.0x8.0/"
     replica.faults.status, replica.faults.status_count = 500, 10**6
     with pytest.raises(DownloadError, match="HTTP code 500"):
         run_crop(replica, tmp_path, DownloadConfig(retries=0, backoff_s=0.0), seed=2, origin_step=8,
-                 with_segmentation=False)
+                 segmentation=None)
     assert all_files(out) == before
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["hemibrain_crop.zarr"]
+
+
+# ------------------------------------------------------------------------- what the real servers do
+def test_selection_copes_with_the_noisy_background_and_records_it(replica, tmp_path):
+    metrics, out = run_crop(replica, tmp_path, seed=11, origin_step=8, min_tissue_fraction=0.95)
+    background = zarr.open_group(str(out), mode="r").attrs["emdata"]["selection"]["background"]
+    counts = background["low_value_counts"]
+    assert len(counts) == 22 and background["threshold"] == 10
+    # The coarse scale holds exact zeros (absent shards and chunks: most of the box) and a noisy halo in 1..10.
+    assert background["zero_fraction"] > 0.99 and sum(counts[1:11]) > 0
+    assert background["noise_p50"] == metrics["background_noise_p50"] < 5
+    assert background["reaches_threshold"] is metrics["background_reaches_threshold"] is False
+    # JPEG rings at the tissue's edge above the threshold: those coarse voxels are refused as tissue.
+    assert sum(counts[11:]) > 0 and background["edge_voxels_refused"] > 0
+    # The crop is tissue at full resolution, not the halo's noise.
+    _, arrays = ngff.open_multiscale(out)
+    em = arrays[0][:]
+    assert (em > 10).mean() > 0.9
+
+
+def test_threshold_below_the_noise_is_flagged(replica, tmp_path, caplog):
+    # At 1, the halo's coarse voxels (about 2) count as tissue: the measurement says the noise reaches it.
+    caplog.set_level("WARNING", logger="emdata.sources.hemibrain")
+    metrics, out = run_crop(replica, tmp_path, background_max_value=1, min_tissue_fraction=0.5, segmentation=None)
+    assert metrics["background_reaches_threshold"] is True and metrics["background_noise_p50"] == 1
+    assert "reaches background_max_value 1" in caplog.text
+    attrs = zarr.open_group(str(out), mode="r").attrs["emdata"]["selection"]
+    assert attrs["background"]["reaches_threshold"] is True
+
+
+def _crop_shard(tree: Path, origin: list[int], crop: list[int], level: int = 0) -> str:
+    """The shard file (relative to the EM volume) holding the crop's first chunk."""
+    info = parse_info(json.loads((tree / BUCKET_DIR / EM_PATH / "info").read_text()), EM_URL)
+    return info.scales[level].chunk_files(origin, [o + 1 for o in origin])[0]
+
+
+@pytest.mark.parametrize("missing", ["crop", "selection"])
+def test_403_on_a_missing_shard_fails_naming_it(replica, replica_copy, replica_copy_server, tmp_path, missing):
+    metrics, _ = run_crop(replica, tmp_path / "ok", segmentation=None)
+    origin = metrics["crop_origin_voxels"]
+    name = _crop_shard(replica_copy, origin, CROP) if missing == "crop" else "1024.0x1024.0x1024.0/0000.shard"
+    (replica_copy / BUCKET_DIR / EM_PATH / name).unlink()
+    replica_copy_server.set_behaviour({"missing_status": {"storage.googleapis.com": 403}})
+    with pytest.raises(DownloadError) as err:
+        run_crop(replica_copy_server, tmp_path / "bad", segmentation=None)
+    text = str(err.value)
+    assert f"{EM_URL}/{name} (fetched as http://127.0.0.1:" in text
+    assert "403 Forbidden" in text and "cannot be told from a forbidden one" in text
+    assert not (tmp_path / "bad" / "data" / "hemibrain_crop.zarr").exists()
+
+
+def test_404_on_a_missing_shard_reads_as_empty_space(replica, replica_copy, replica_copy_server, tmp_path):
+    metrics, _ = run_crop(replica, tmp_path / "ok", segmentation=None)
+    origin = metrics["crop_origin_voxels"]
+    name = _crop_shard(replica_copy, origin, CROP)
+    (replica_copy / BUCKET_DIR / EM_PATH / name).unlink()
+    again, out = run_crop(replica_copy_server, tmp_path / "gap", segmentation=None)
+    assert again["crop_origin_voxels"] == origin  # the selection scale is intact
+    _, arrays = ngff.open_multiscale(out)
+    em = arrays[0][:]
+    np.testing.assert_array_equal(em, crop_of(replica_view(replica_copy, EM_PATH, 0), origin, CROP))
+    assert (em[:64, :64, :64] == 0).all()  # the first chunk is gone with its shard
+
+
+@pytest.mark.parametrize(("path", "value", "named"), [
+    (("scales", 0, "sharding", "shard_bits"), 70, "scales[0].sharding.shard_bits"),
+    (("scales", 1, "sharding", "minishard_bits"), 40, "scales[1].sharding.minishard_bits"),
+    (("scales", 2, "sharding", "preshift_bits"), -1, "scales[2].sharding.preshift_bits"),
+    (("scales", 0, "sharding", "hash"), "md5", "scales[0].sharding.hash"),
+    (("scales", 0, "sharding", "data_encoding"), "zstd", "scales[0].sharding.data_encoding"),
+    (("scales", 3, "sharding", "@type"), "sharded_v2", "scales[3].sharding.@type"),
+    (("scales", 0, "size"), [2**40, 10, 10], "scales[0].size"),
+    (("scales", 0, "size"), [34427.5, 10, 10], "scales[0].size"),
+    (("scales", 0, "chunk_sizes"), [[64, 64, 2**20]], "scales[0].chunk_sizes[0]"),
+    (("scales", 0, "jpeg_quality"), 101, "scales[0].jpeg_quality"),
+    (("scales", 0, "encoding"), "webp", "scales[0].encoding"),
+    (("data_type",), "complex64", "data_type"),
+])
+def test_out_of_bounds_info_fails_before_any_voxel(replica_copy, replica_copy_server, tmp_path, path, value, named):
+    info_path = replica_copy / BUCKET_DIR / EM_PATH / "info"
+    doc = json.loads(info_path.read_text())
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    info_path.write_text(json.dumps(doc))
+    with pytest.raises(SourceMismatchError) as err:
+        run_crop(replica_copy_server, tmp_path)
+    assert f"{EM_URL}/info" in str(err.value) and named in str(err.value)
+    assert voxel_requests(replica_copy_server) == []
+
+
+def test_sharding_bits_beyond_64_are_refused():
+    doc = json.loads((Path(__file__).parent / "fixtures" / "reference" / "sources" /
+                      "hemibrain_v1.0_segmentation_info.json").read_text())
+    assert parse_info(doc, SEGMENTATION_URL).scales[0].sharding.shard_bits == 15  # type: ignore[union-attr]
+    doc["scales"][0]["sharding"].update(preshift_bits=30, minishard_bits=20, shard_bits=20)
+    with pytest.raises(SourceMismatchError, match=r"scales\[0\].sharding: preshift_bits \+ minishard_bits"):
+        parse_info(doc, SEGMENTATION_URL)
 
 
 # ------------------------------------------------------------------------------------------ live (opt-in)
@@ -223,13 +346,12 @@ def test_failure_mid_crop_keeps_previous_output_and_leaves_no_partial(replica, t
 def test_live_info_matches_what_the_code_expects():
     from emdata.acquire.download import Downloader
     from emdata.formats.precomputed import parse_info
-    from emdata.sources.hemibrain import SEGMENTATION_URL
-
     downloader = Downloader(DownloadConfig(retries=2), progress=False)
     em = parse_info(downloader.fetch_json(f"{EM_URL}/info"), EM_URL)
     assert em.data_type == "uint8" and em.num_channels == 1
     assert em.scales[0].resolution_nm == (8.0, 8.0, 8.0)
     assert all(s > 30000 for s in em.scales[0].size)
+    assert all(s.sharding is not None and s.sharding.hash == "identity" for s in em.scales)  # what the replica does
     seg = parse_info(downloader.fetch_json(f"{SEGMENTATION_URL}/info"), SEGMENTATION_URL)
     assert seg.data_type == "uint64" and seg.scale_with_resolution((8.0, 8.0, 8.0)) is not None
 
@@ -269,3 +391,16 @@ def test_step_range_stays_inside_the_allowed_origins(lo, span, offset, step):
     for a, b, o, ml, mh in zip(lo, hi, offset, m_lo, m_hi, strict=True):
         inside = [m for m in range(-200, 500) if a <= o + m * step <= b]
         assert (inside[0], inside[-1]) == (ml, mh) if inside else ml > mh
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32), shape=st.tuples(*[st.integers(1, 9)] * 3), data=st.data())
+def test_kth_tissue_voxel_is_the_kth_in_c_order(seed, shape, data):
+    from emdata.sources.hemibrain import _tissue_voxel, tissue_integral
+
+    coarse_em = np.random.default_rng(seed).integers(0, 14, shape, dtype=np.uint8)
+    voxels = np.argwhere(coarse_em > 10)
+    if not len(voxels):
+        return
+    k = data.draw(st.integers(0, len(voxels) - 1))
+    assert _tissue_voxel(tissue_integral(coarse_em, 10), k) == tuple(voxels[k])
