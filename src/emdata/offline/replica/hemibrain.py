@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import time
 from collections.abc import Iterator
@@ -46,7 +45,7 @@ from emdata.offline.replica.synth import em_like
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
 
 BUCKET_DIR = "storage.googleapis.com/neuroglancer-janelia-flyem-hemibrain"
 EM_PATH = "emdata/clahe_yz/jpeg"
@@ -96,10 +95,10 @@ class ReplicaProfile:
 
 PROFILES: dict[str, ReplicaProfile] = {
     # Tests: 384^3 voxels of tissue straddling shard boundaries (2048 voxels at scale 0) on every axis.
-    "small": ReplicaProfile(tissue_lo_xyz=(18176, 16256, 20352), tissue_size_xyz=(384, 384, 384), halo=32,
+    "small": ReplicaProfile(tissue_lo_xyz=(18176, 16256, 20352), tissue_size_xyz=(384, 384, 384), halo=64,
                             block=128, bank=4),
     # Demo: room for the default 1000^3 crop (and its coarse selection window) inside the tissue.
-    "full": ReplicaProfile(tissue_lo_xyz=(17792, 15744, 19840), tissue_size_xyz=(1280, 1280, 1280), halo=48,
+    "full": ReplicaProfile(tissue_lo_xyz=(17792, 15744, 19840), tissue_size_xyz=(1280, 1280, 1280), halo=64,
                            block=256),
 }
 
@@ -199,7 +198,7 @@ def outside_distance(profile: ReplicaProfile, origin_zyx: tuple[int, ...], shape
 def halo_values(dist: np.ndarray, halo: int, rng: np.random.Generator) -> np.ndarray:
     """Noisy background near the tissue (``dist`` voxels away): about 8 at its edge, decaying to about 2, never
     0 (uint8)."""
-    level = 2.0 + 6.0 * np.exp(-dist / np.float32(halo / 3.0)) + 1.5 * rng.standard_normal(dist.shape, np.float32)
+    level = 2.0 + 6.0 * np.exp(-dist / np.float32(halo / 2.0)) + 1.5 * rng.standard_normal(dist.shape, np.float32)
     return np.clip(np.rint(level), 1, 12).astype(np.uint8)
 
 
@@ -298,10 +297,11 @@ def build(root: Path, profile: str) -> None:
                for c, lo, hi in zip((z, y, x), tissue_lo, tissue_hi, strict=True)):
             continue  # beyond the halo: never written, absent from its shard
         dist = outside_distance(prof, (z, y, x), (prof.block,) * 3)
-        block_em = np.empty(dist.shape, np.uint8)
-        block_seg = np.empty(dist.shape, np.uint64)
-        bank.fill(z, y, x, block_em, block_seg)
         outside = dist > 0
+        block_em = np.zeros(dist.shape, np.uint8)
+        block_seg = np.zeros(dist.shape, np.uint64)
+        if not outside.all():
+            bank.fill(z, y, x, block_em, block_seg)
         if outside.any():
             near = outside & (dist <= prof.halo)
             block_em[outside] = 0
