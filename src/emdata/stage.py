@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from emdata import __version__
 from emdata.acquire.context import run_context
 from emdata.acquire.fsutil import stage_lock, write_json_atomic
@@ -55,4 +57,6 @@ def _commit(root: Path) -> str | None:
 def main(name: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    run_stage(name)
+    # Log lines go around the progress bars (tqdm's redirect), never through them.
+    with logging_redirect_tqdm():
+        run_stage(name)

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
+from tqdm import tqdm
+
 from emdata.acquire.download import ChecksumRegistry, Downloader
 from emdata.acquire.params import DownloadConfig, dataclass_from_section
 from emdata.acquire.tsio import ReadPolicy
@@ -125,6 +127,11 @@ class RunContext:
         if copy_threads is not None:
             spec["data_copy_concurrency"] = {"limit": int(copy_threads)}
         return ts.Context(spec)
+
+    def progress(self, desc: str, total: float | None, unit: str = "B") -> tqdm:
+        """A progress bar for one phase (bytes written, chunks, slices), shown only on a terminal."""
+        return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
+                    disable=None, mininterval=1.0, leave=False)
 
     @property
     def read_policy(self) -> ReadPolicy:

@@ -85,9 +85,9 @@ class EpflSource(FileSource[EpflParams, None]):
         figures: dict[str, Any] = {}
         for split in params.splits:
             figures[split] = convert_split(root, split, files[f"{split}.tif"], files[f"{split}_groundtruth.tif"],
-                                           params)
+                                           params, ctx)
         if params.include_volumedata:
-            figures["volumedata"] = convert_split(root, "volumedata", files["volumedata.tif"], None, params)
+            figures["volumedata"] = convert_split(root, "volumedata", files["volumedata.tif"], None, params, ctx)
         return Converted(
             voxel_size_nm=params.voxel_size_nm, figures={"arrays": figures},
             voxel_size_note="about 5 nm isotropic, from the web page; the TIFFs carry no resolution tags",
@@ -104,7 +104,7 @@ def read_tiff(path: Path) -> np.ndarray:
 
 
 def convert_split(root: zarr.Group, split: str, image_path: Path, mask_path: Path | None,
-                  params: EpflParams) -> dict[str, Any]:
+                  params: EpflParams, ctx: RunContext) -> dict[str, Any]:
     """Write one split as an image (+ mito labels) group, each read back and compared with its TIFF."""
     image = read_tiff(image_path)
     if image.ndim != 3 or image.dtype != np.uint8:
@@ -125,10 +125,11 @@ def convert_split(root: zarr.Group, split: str, image_path: Path, mask_path: Pat
                                  properties={MITO_LABEL: {"name": "mitochondrion"}}, method="nearest"))
         figures["mito_fraction"] = round(float(mito.mean()), 5)
         figures["mask_values"] = values[:10].tolist()
-    written = ngff.write_image(root.create_group(split), name=split, source=image,
-                               geometry=ngff.Geometry(tuple(params.voxel_size_nm)),  # type: ignore[arg-type]
-                               chunks=params.chunks, shards=params.shards, method="mean", labels=labels,
-                               what=image_path.name)
+    with ctx.progress(f"write {split}", image.nbytes * (1 + len(labels))) as bar:
+        written = ngff.write_image(root.create_group(split), name=split, source=image,
+                                   geometry=ngff.Geometry(tuple(params.voxel_size_nm)),  # type: ignore[arg-type]
+                                   chunks=params.chunks, shards=params.shards, method="mean", labels=labels,
+                                   what=image_path.name, on_block=bar.update)
     figures["levels"] = written["levels"]
     return figures
 
