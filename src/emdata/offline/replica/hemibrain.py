@@ -316,8 +316,9 @@ def build(root: Path, profile: str) -> None:
                 lo = tuple(c // 2**s for c in (z, y, x))
                 futures += [em.write(s, lo, block_em), seg.write(s, lo, block_seg)]
             else:
-                local = tuple(slice((c - r) // 2**s, (c - r) // 2**s + n)
-                              for c, r, n in zip((z, y, x), region_lo, block_em.shape, strict=True))
+                start = [(c - r) // 2**s for c, r in zip((z, y, x), region_lo, strict=True)]
+                piece: tuple[int, ...] = block_em.shape
+                local = tuple(slice(a, a + k) for a, k in zip(start, piece, strict=True))
                 gathered[0][local] = block_em
                 gathered[1][local] = block_seg
         for f in futures:
