@@ -455,3 +455,19 @@ def test_live_idr_documents_and_tiff_agree_with_what_we_know():
     assert info["dataset_name"] == "U2OS_chromatin"
     r = requests.get(idr.TIFF_URL, headers={**headers, "Range": "bytes=0-7"}, timeout=30)
     assert r.status_code == 206 and r.content[:4] == b"II*\x00"
+
+
+# ----------------------------------------------------------------------------- the replica's other behaviours
+def test_gzip_encoded_omero_documents_are_decoded_and_cross_checked(replica, tmp_path):
+    replica.set_behaviour({"gzip_paths": [f"/{OMERO_HOST}/"]})
+    run_stage("idr", repo_root=workspace(tmp_path, replica.base_url))
+    prov = zarr.open_group(str(tmp_path / "ws" / OUTPUT), mode="r").attrs["emdata"]
+    assert prov["omero_cross_check"]["status"] == "done" and len(prov["metadata_documents"]) == 2
+
+
+def test_a_tiff_recoded_in_transit_fails_naming_the_url_and_the_encoding(replica, tmp_path):
+    replica.set_behaviour({"gzip_paths": [idr_replica.FILE_NAME]})
+    ws = workspace(tmp_path, replica.base_url)
+    with pytest.raises(DownloadError, match=idr_replica.FILE_NAME + r".*Content-Encoding 'gzip'"):
+        run_stage("idr", repo_root=ws)
+    assert_no_output(ws)

@@ -490,3 +490,21 @@ def test_the_chunk_checks_are_bounded_before_any_request():
     with pytest.raises(SourceMismatchError, match=r"nuc/s0: the ROI touches 14745600 chunks of \[1, 1, 1\]"):
         chunk_urls(f"{STORE_URL}/recon-2/labels/inference/segmentations/nuc/s0", (0, 0, 0), (64, 240, 960),
                    (1, 1, 1), "/")
+
+
+# ----------------------------------------------------------------------------- the replica's other behaviours
+def test_gzip_content_encoding_on_documents_and_chunks_reads_the_same(replica, tmp_path):
+    """A proxy that gzips everything on the fly: the documents and the chunks decode to the same voxels."""
+    replica.set_behaviour({"gzip_paths": ["/fibsem-int16/"]})
+    run(replica, tmp_path, level=3, roi_voxels=[[0, 60, 60], [70, 130, 130]])
+    out = zarr.open_group(str(tmp_path / OUTPUT), mode="r")
+    np.testing.assert_array_equal(out["0"][...], oo_replica.read_level(3, (0, 60, 60), (70, 130, 130)))
+    assert out.attrs["emdata"]["info"][".zattrs"] == json.loads(DUMP.read_text())["attrs"]
+
+
+def test_an_outage_of_the_bucket_fails_at_the_first_document_naming_it(replica, tmp_path):
+    replica.set_behaviour({"outage_hosts": [HOST]})
+    with pytest.raises(DownloadError, match=r"fibsem-int16/\.zattrs failed after 2 attempts: HTTP 503"):
+        run(replica, tmp_path, retries=1, level=4)
+    assert chunk_requests(replica) == []
+    assert not (tmp_path / "data").exists()

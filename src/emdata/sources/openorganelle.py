@@ -23,6 +23,7 @@ delete; the metadata documents' sizes and sha256 are recorded in the provenance 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -499,7 +500,7 @@ def fetch_openorganelle(params: OpenOrganelleParams, ctx: RunContext, out: Path)
         # Label stores leave all-background chunks out: a 404 there is background, only counted.
         checked[lp.name] = {"checked": len(urls),
                             "missing": len(missing_chunks(fetch, urls, workers, f"label layer {lp.name!r}"))}
-    plan = LevelPlan(**{**plan.__dict__, "discrepancies": tuple(discrepancies)})
+    plan = dataclasses.replace(plan, discrepancies=tuple(discrepancies))
 
     context = ctx.tensorstore_context(concurrency=params.concurrency, cache_bytes=CACHE_BYTES)
     # tensorstore reads the array's .zarray itself, so either chunk key separator works.
