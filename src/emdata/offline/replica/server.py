@@ -48,7 +48,8 @@ class Behaviour:
     # Stored ``.gz`` files under these hosts go out as they are, labelled ``Content-Encoding: gzip`` (Apache's
     # AddEncoding): a client that decodes transparently sees other bytes and another length than the server's.
     gz_as_encoding_hosts: list[str] = field(default_factory=lambda: ["ftp.ebi.ac.uk"])
-    # On demand: any path containing one of these is gzip-compressed on the fly (``Content-Encoding: gzip``).
+    # On demand: any path containing one of these is gzip-compressed on the fly (``Content-Encoding: gzip``), as a
+    # proxy or CDN may do whatever the client asked; never a file that already is ``.gz``.
     gzip_paths: list[str] = field(default_factory=list)
     # Status of a missing object per host (404 unless named: 403 is an S3 bucket without anonymous listing).
     missing_status: dict[str, int] = field(default_factory=dict)
@@ -312,7 +313,7 @@ class ReplicaHandler(BaseHTTPRequestHandler):
             headers["x-goog-hash"] = f"crc32c={crc},md5={base64.b64encode(bytes.fromhex(md5)).decode()}"
         elif behaviour.server_hashes and host.endswith(".s3.amazonaws.com"):
             headers["ETag"] = f'"{server.object_hashes(target)[0]}"'
-        if any(p in self.path for p in behaviour.gzip_paths):
+        if any(p in self.path for p in behaviour.gzip_paths) and not target.name.endswith(".gz"):
             # Compressed on the fly: what is sent is the gzip stream, its length and ranges are the stream's.
             data = gzip.compress(b"".join(target.blocks(0, target.size)), mtime=0)
             target = _Resource(target.name, len(data), target.mtime, data=data)
