@@ -68,13 +68,19 @@ def check_sha256_pins(section: str, pins: Any, is_known: Callable[[str], bool], 
             raise InvalidParameterError(f"{section}.sha256[{name!r}] must be 64 lowercase hex digits, got {digest!r}")
 
 
-def _number(name: str, value: Any, *, kind: type = float, low: float, high: float, low_open: bool = True) -> None:
-    """``download.<name>`` must be a finite number (an int where ``kind`` is int) in its range."""
+def check_number(where: str, value: Any, *, kind: type = float, low: float, high: float,
+                 low_open: bool = True) -> None:
+    """The param ``where`` (e.g. ``download.retries``) must be a finite number (an int where ``kind`` is int) in
+    its range; nan, inf and booleans fail, naming the param and the value."""
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and (
         kind is not int or isinstance(value, int)) and (low < value if low_open else low <= value) and value <= high
     if not ok:
         bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise InvalidParameterError(f"download.{name} must be a finite {kind.__name__} in {bound}, got {value!r}")
+        raise InvalidParameterError(f"{where} must be a finite {kind.__name__} in {bound}, got {value!r}")
+
+
+def _number(name: str, value: Any, **bounds: Any) -> None:
+    check_number(f"download.{name}", value, **bounds)
 
 
 @dataclass(frozen=True)
