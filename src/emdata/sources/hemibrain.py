@@ -550,8 +550,9 @@ def fetch_hemibrain_crop(params: HemibrainParams, ctx: RunContext, out: Path) ->
     context = ctx.tensorstore_context(concurrency=params.concurrency, cache_bytes=CACHE_BYTES)
     t0 = time.monotonic()
     selection_view = open_scale(ctx, EM_URL, plan.selection_scale.index, context, "hemibrain EM")
+    policy = ctx.read_policy
     coarse = _read_or_explain(ctx, [EM_URL], lambda: ts_result(
-        selection_view.read(), f"hemibrain EM selection level {plan.selection_scale.index}"))
+        selection_view.read(), f"hemibrain EM selection level {plan.selection_scale.index}", policy.timeout_s))
     tissue, refused = tissue_mask(coarse, params.background_max_value)
     background = measure_background(coarse, params.background_max_value, refused)
     del coarse
@@ -574,7 +575,8 @@ def fetch_hemibrain_crop(params: HemibrainParams, ctx: RunContext, out: Path) ->
 
     def blocks(live_url: str, level: int, dtype: Any, what: str) -> ngff.Blocks:
         view = open_scale(ctx, live_url, level, context, what)
-        return remote_blocks(view, params.crop_size, sel.origin, dtype=dtype, max_inflight_bytes=budget, what=what)
+        return remote_blocks(view, params.crop_size, sel.origin, dtype=dtype, max_inflight_bytes=budget, what=what,
+                             policy=policy)
 
     labels = []
     if plan.segmentation_scale is not None and seg_url is not None:
