@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 from numcodecs import Zstd
+from scipy import ndimage
 
 from emdata.offline.replica.synth import em_like
 
@@ -166,23 +167,38 @@ def _centres_nm(level: int, origin: tuple[int, ...], shape: tuple[int, ...]) -> 
             for i, (s, t, o, n) in enumerate(zip(scale, translation, origin, shape, strict=True))]
 
 
+def _nucleus_radius2(level: int, origin: tuple[int, ...], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per voxel: the nucleus id (uint64, 0 = none) and the squared ellipsoid radius of the nearest nucleus."""
+    z, y, x = _centres_nm(level, origin, shape)
+    ids = np.zeros(shape, dtype=np.uint64)
+    nearest = np.full(shape, np.inf)
+    for i, (centre, radii) in enumerate(NUCLEI, start=1):
+        r2 = np.broadcast_to(((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2
+                             + ((x - centre[2]) / radii[2]) ** 2, shape)
+        ids[r2 < 1.0] = i
+        nearest = np.minimum(nearest, r2)
+    return ids, nearest
+
+
 def nuclei(level: int, origin: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
     """Nucleus ids (uint64, 0 = none) of voxels ``origin .. origin + shape`` of EM level ``level``."""
-    z, y, x = _centres_nm(level, origin, shape)
-    out = np.zeros(shape, dtype=np.uint64)
-    for i, (centre, radii) in enumerate(NUCLEI, start=1):
-        r2 = ((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((x - centre[2]) / radii[2]) ** 2
-        out[np.broadcast_to(r2 < 1.0, shape)] = i
-    return out
+    return _nucleus_radius2(level, origin, shape)[0]
 
 
 def em_block(level: int, origin: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
-    """int16 voxels of EM level ``level``: cells and mitochondria scaled to the level, darker granular nuclei."""
+    """int16 voxels of EM level ``level``: cells and mitochondria scaled to the level; nuclei with a dark envelope
+    and a grainy, membrane-free chromatin texture."""
     f = 2 ** level
     em = em_like(shape, seed=SEED + level, origin=origin, cell_size=max(24, 160 // f),
                  mito_spacing=max(28, 120 // f), mito_radius=max(3.0, 20.0 / f)).em.astype(np.float32)
-    inside = nuclei(level, origin, shape) > 0
-    em = np.where(inside, em * 0.55 + 40.0, em)
+    ids, r2 = _nucleus_radius2(level, origin, shape)
+    if ids.any() or ((r2 > 0.96) & (r2 < 1.04)).any():
+        # Inside: grainy chromatin (no membranes or mitochondria), denser towards the envelope; then the envelope.
+        rng = np.random.default_rng([SEED, level, *origin])
+        grain = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape).astype(np.float32), 1.2) * 45.0
+        chromatin = 125.0 + grain + rng.normal(0.0, 8.0, shape) - 40.0 * np.clip(r2 - 0.7, 0.0, 0.3)
+        em = np.where(ids > 0, chromatin, em)
+        em = np.where((r2 > 0.96) & (r2 < 1.04), 50.0 + rng.normal(0.0, 8.0, shape), em)
     # A signed range like the real fibsem-int16 (which spans negative values).
     return ((np.clip(em, 0, 255) - 120.0) * 96.0).astype(np.int16)
 
