@@ -49,7 +49,7 @@ def start_server(profile: str, root: Path | None, latency: float) -> tuple[subpr
 
 
 def run_crop(mirror: str, crop: int, seed: int, concurrency: int) -> dict[str, float]:
-    params = SOURCE.parse_params({"seed": seed, "crop_size": [crop] * 3, "with_segmentation": False,
+    params = SOURCE.parse_params({"seed": seed, "crop_size": [crop] * 3, "segmentation": None,
                                   "min_tissue_fraction": 0.9, "concurrency": concurrency})
     with tempfile.TemporaryDirectory(prefix="bench-hemibrain-") as tmp:
         began = time.monotonic()
