@@ -471,3 +471,12 @@ def test_a_tiff_recoded_in_transit_fails_naming_the_url_and_the_encoding(replica
     with pytest.raises(DownloadError, match=idr_replica.FILE_NAME + r".*Content-Encoding 'gzip'"):
         run_stage("idr", repo_root=ws)
     assert_no_output(ws)
+
+
+def test_a_dropped_connection_to_omero_counts_as_an_outage(replica, tmp_path):
+    replica.faults.path_contains = "/webclient/imgData/"
+    replica.faults.drop_after_bytes, replica.faults.drop_count = 10, 10
+    ws = workspace(tmp_path, replica.base_url)
+    run_stage("idr", repo_root=ws)
+    cross = zarr.open_group(str(ws / OUTPUT), mode="r").attrs["emdata"]["omero_cross_check"]
+    assert cross["status"] == "partial" and "failed after 2 attempts" in cross["unavailable"][idr.IMGDATA_URL]
