@@ -481,7 +481,10 @@ def fetch_openorganelle(params: OpenOrganelleParams, ctx: RunContext, out: Path)
     workers = min(params.concurrency, HEAD_WORKERS)
     what = f"openorganelle s{plan.level}"
     em_urls = chunk_urls(f"{GROUP_URL}/{plan.path}", plan.roi_start, plan.roi_stop, CHUNKS, plan.dimension_separator)
+    checks_began = time.monotonic()
     missing = missing_chunks(fetch, em_urls, workers, what)
+    log.info("openorganelle: %d chunks of %s checked (HEAD) in %.1f s, %d missing", len(em_urls), what,
+             time.monotonic() - checks_began, len(missing))
     discrepancies = list(plan.discrepancies)
     if len(missing) > params.max_missing_chunks:
         raise SourceMismatchError(
