@@ -34,11 +34,10 @@ lint: $(STAMP)
 publish: $(STAMP)
 	$(PY) -m emdata.publish $(STAGES)
 
-## Benchmarks (see bench/README.md).
+## Benchmarks (see bench/README.md): all of them, a summary of ratios, bench/RESULTS.md (~20 min on 2 cores).
+## A smoke run of a few minutes (results to bench/out/RESULTS.quick.md): make bench BENCH_ARGS=--quick
 bench: $(STAMP)
-	$(PY) bench/bench_download.py
-	$(PY) bench/bench_hemibrain.py
-	$(PY) bench/bench_access.py
+	$(PY) bench/bench_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .emdata .pytest_cache

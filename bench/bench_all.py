@@ -1,0 +1,176 @@
+"""`make bench`: run every benchmark, print a summary of ratios with the machine's core count, write bench/RESULTS.md.
+
+Each benchmark runs as its own command (shown in the results); their outputs are gathered verbatim. With
+``--quick`` every benchmark runs its smallest configuration (a smoke run of a few minutes) and the results go
+to ``bench/out/RESULTS.quick.md`` instead, so a smoke run never replaces measured results.
+
+    .venv/bin/python bench/bench_all.py [--quick] [--only download,dvc,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+OUT = HERE / "out"
+PY = ".venv/bin/python"
+
+# name -> (full command, quick command, the owner's results file or None); {out} is bench/out.
+BENCHMARKS: dict[str, tuple[str, str, str | None]] = {
+    "download": ("bench/bench_download.py --json {out}/download.json",
+                 "bench/bench_download.py --quick --json {out}/download.json", None),
+    "dvc": ("bench/bench_dvc.py --json {out}/dvc.json", "bench/bench_dvc.py --quick --json {out}/dvc.json", None),
+    "memory": ("bench/bench_memory.py --json {out}/memory.json",
+               "bench/bench_memory.py --quick --json {out}/memory.json", None),
+    "pyramid": ("bench/bench_pyramid.py",
+                "bench/bench_pyramid.py --size 128 --shards 64 --repeats 1 --memory-sizes 128 "
+                "--out {out}/RESULTS_pyramid.quick.md",
+                "RESULTS_pyramid.md"),
+    "access": ("bench/bench_access.py --json {out}/access.json",
+               "bench/bench_access.py --size 128 --block 64 --repeats 1 --out {out} --json {out}/access.json",
+               "RESULTS_access.md"),
+    "hemibrain": ("bench/bench_hemibrain.py --profile full --crop 512 --latency 0.02 --repeats 3",
+                  "bench/bench_hemibrain.py --profile small --crop 128 --repeats 1", None),
+}
+RATIO = re.compile(r"\d+(\.\d+)?x\b|\bratio\b", re.IGNORECASE)
+
+
+def machine() -> str:
+    model = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("model name")), "")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return (f"{os.cpu_count()} cores ({model or platform.processor()}), Python {platform.python_version()}, "
+            f"load average at start {load[0]:.1f}")
+
+
+def run(name: str, command: str) -> dict[str, Any]:
+    print(f"\n===== {name}: {PY} {command}", flush=True)
+    began = time.perf_counter()
+    proc = subprocess.Popen([PY, *command.split()], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        lines.append(line.rstrip("\n"))
+    code = proc.wait()
+    return {"command": f"{PY} {command}", "seconds": time.perf_counter() - began, "exit": code, "lines": lines}
+
+
+def summary(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """The ratios each target is judged by: computed from the JSON of ours, the ratio lines of the others."""
+    out = [f"machine: {machine()}", ""]
+    dl = _json("download.json")
+    if dl:
+        for set_name, s in dl["sets"].items():
+            default = next(v for k, v in s["cases"].items() if k.startswith("defaults ("))
+            line = (f"download, {set_name} files: defaults / best engine case = {default['ratio']:.2f}x "
+                    f"({default['ratio_min']:.2f}..{default['ratio_max']:.2f}; target <= 1.1x)")
+            if "default_vs_aria2c" in s:
+                a = s["default_vs_aria2c"]
+                line += f"; defaults / aria2c -x8 -s8 = {a['ratio']:.2f}x ({a['ratio_min']:.2f}..{a['ratio_max']:.2f})"
+            out.append(line)
+        first = dl["sets"]["large"]["cases"].get("defaults, first download (unpinned: fetched twice)")
+        if first:
+            out.append(f"download, first download of an unverifiable file (fetched twice) / best pinned = "
+                       f"{first['ratio']:.2f}x")
+    dvc = _json("dvc.json")
+    if dvc:
+        for shard, lay in dvc["layouts"].items():
+            r = lay["ratios"]
+            pulls = {k: v for k, v in r.items() if k.startswith("dvc pull") and "median" in v}
+            best = min(pulls, key=lambda k: pulls[k]["median"])
+            out.append(f"dvc, {shard}^3 shards ({lay['files']} files, {lay['bytes'] / 1e6:.0f} MB): best pull "
+                       f"`{best}` / (GET + untar) = {pulls[best]['median']:.2f}x ({pulls[best]['min']:.2f}.."
+                       f"{pulls[best]['max']:.2f}; target <= 1.5x); push / (tar + upload) = "
+                       f"{r['dvc push']['median']:.2f}x")
+        m = dvc.get("model")
+        if m:
+            for name, p in m["projections"].items():
+                out.append(f"dvc, projected to {name}: pull / tar = {p['ratio']:.2f}x")
+    mem = _json("memory.json")
+    if mem:
+        for name, per in mem["stages"].items():
+            sizes = list(per)
+            out.append(f"memory, {name}: peak RSS " + " -> ".join(f"{per[s]['peak_rss_mb']:.0f} MB ({s}, output "
+                                                                  f"{per[s]['output_mb']:.0f} MB)" for s in sizes))
+    for name in ("pyramid", "access", "hemibrain"):
+        if name in runs:
+            ratio_lines = [line.strip() for line in runs[name]["lines"] if RATIO.search(line)]
+            out += [f"{name}: {line}" for line in ratio_lines[-12:]]
+    return out
+
+
+def _json(name: str) -> Any:
+    path = OUT / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smallest configurations; results to bench/out")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated, from {list(BENCHMARKS)}")
+    args = parser.parse_args(argv)
+    names = [n for n in args.only.split(",") if n]
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; valid: {list(BENCHMARKS)}")
+    OUT.mkdir(exist_ok=True)
+    for name in names:
+        (OUT / f"{name}.json").unlink(missing_ok=True)
+    began = datetime.datetime.now(datetime.UTC)
+    header = machine()
+    runs = {}
+    for name in names:
+        full, quick, _ = BENCHMARKS[name]
+        runs[name] = run(name, (quick if args.quick else full).format(out=OUT.relative_to(REPO)))
+    lines = summary(runs)
+    print("\n===== summary\n" + "\n".join(lines))
+    target = OUT / "RESULTS.quick.md" if args.quick else HERE / "RESULTS.md"
+    target.write_text(results_md(runs, lines, began, header, args.quick))
+    print(f"\nwrote {target.relative_to(REPO)}")
+    failed = [n for n, r in runs.items() if r["exit"]]
+    if failed:
+        print(f"FAILED: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def results_md(runs: dict[str, dict[str, Any]], lines: list[str], began: datetime.datetime, header: str,
+               quick: bool) -> str:
+    total = sum(r["seconds"] for r in runs.values())
+    md = ["# Benchmark results", "",
+          f"Made by `make bench{' BENCH_ARGS=--quick' if quick else ''}` (`{PY} bench/bench_all.py"
+          f"{' --quick' if quick else ''}`) on {began:%Y-%m-%d %H:%M} UTC in {total / 60:.1f} min; {header}.",
+          "The machine is shared and noisy: every ratio was measured side by side within one run (cases "
+          "interleaved); read the ratios, not the absolute seconds. How each benchmark works: "
+          "[README.md](README.md).", "", "## Summary of ratios", ""]
+    md += [f"- {line}" if line else "" for line in lines]
+    for name, r in runs.items():
+        owner_file = BENCHMARKS[name][2]
+        md += ["", f"## {name}", "", f"Command: `{r['command']}` ({r['seconds']:.0f} s, exit {r['exit']})."]
+        if owner_file:
+            md.append(f"Details and discussion: [{owner_file}]({owner_file}).")
+        body = r["lines"]
+        if name in ("download", "dvc", "memory"):  # ours print markdown
+            md += ["", *body]
+        else:
+            md += ["", "```", *body[-80:], "```"]
+    return "\n".join(md) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
