@@ -304,6 +304,21 @@ def test_404_on_a_missing_shard_reads_as_empty_space(replica, replica_copy, repl
     assert (em[:64, :64, :64] == 0).all()  # the first chunk is gone with its shard
 
 
+@pytest.mark.parametrize("gzipped", ["/info", "/emdata/"])
+def test_gzip_content_encoding(replica, tmp_path, gzipped):
+    # On demand, the replica gzips responses on the fly (Content-Encoding: gzip, ranges of the gzip stream).
+    # The info documents are decoded (they are parsed); a shard's ranges cannot be: the run stops naming it.
+    replica.set_behaviour({"gzip_paths": [gzipped]})
+    if gzipped == "/info":
+        metrics, out = run_crop(replica, tmp_path)
+        assert ngff.open_multiscale(out)[1][0].shape == tuple(CROP)
+        return
+    with pytest.raises(DownloadError) as err:
+        run_crop(replica, tmp_path, segmentation=None)
+    assert ".shard" in str(err.value) and "Content or Transfer-Encoding" in str(err.value)
+    assert not (tmp_path / "data" / "hemibrain_crop.zarr").exists()
+
+
 @pytest.mark.parametrize(("path", "value", "named"), [
     (("scales", 0, "sharding", "shard_bits"), 70, "scales[0].sharding.shard_bits"),
     (("scales", 1, "sharding", "minishard_bits"), 40, "scales[1].sharding.minishard_bits"),
@@ -317,6 +332,8 @@ def test_404_on_a_missing_shard_reads_as_empty_space(replica, replica_copy, repl
     (("scales", 0, "jpeg_quality"), 101, "scales[0].jpeg_quality"),
     (("scales", 0, "encoding"), "webp", "scales[0].encoding"),
     (("data_type",), "complex64", "data_type"),
+    (("scales", 0, "key"), "../../other-bucket/x", "scales[0].key"),
+    (("scales", 0, "key"), None, "scales[0].key"),
 ])
 def test_out_of_bounds_info_fails_before_any_voxel(replica_copy, replica_copy_server, tmp_path, path, value, named):
     info_path = replica_copy / BUCKET_DIR / EM_PATH / "info"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -217,6 +218,16 @@ def parse_sharding(doc: Any, where: str) -> ShardingInfo:
     return ShardingInfo(preshift, minishard, shard, **values)  # type: ignore[arg-type]
 
 
+# A scale key becomes part of every chunk URL: plain path segments only (no "..", no absolute path, no query).
+_KEY = re.compile(r"[A-Za-z0-9_.,\-]{1,128}(/[A-Za-z0-9_.,\-]{1,128}){0,7}")
+
+
+def _key(key: Any, where: str) -> str:
+    if not isinstance(key, str) or not _KEY.fullmatch(key) or any(p in (".", "..") for p in key.split("/")):
+        raise SourceMismatchError(f"{where}.key must be a relative path of plain segments, got {key!r}")
+    return key
+
+
 def _check_bounds(scale: ScaleInfo, url: str) -> None:
     where = f"{url}/info scales[{scale.index}]"
     if not all(0 < n <= MAX_AXIS_VOXELS for n in scale.size):
@@ -273,7 +284,7 @@ def parse_info(doc: Mapping[str, Any], url: str) -> VolumeInfo:
         _check_scale_extras(s, i, url)
         sharding = s.get("sharding")
         scales.append(ScaleInfo(
-            index=i, key=str(s.get("key")),
+            index=i, key=_key(s.get("key"), where),
             resolution_nm=_zyx(s.get("resolution"), f"scales[{i}].resolution", url, float),
             voxel_offset=_zyx(s.get("voxel_offset", [0, 0, 0]), f"scales[{i}].voxel_offset", url),
             size=_zyx(s.get("size"), f"scales[{i}].size", url),
