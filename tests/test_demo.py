@@ -41,6 +41,7 @@ def test_demo_repro_push_pull_restores_every_output(tmp_path):
     assert summary["outputs"]["data/idr_9846137.zarr"]["."]["voxel_size_nm"] == [20.0, 20.0, 20.0]
     assert summary["outputs"]["data/empiar_11759.zarr"]["."]["voxel_size_nm"] == [50.0, 7.99825, 7.99825]
     assert summary["outputs"]["data/jrc_mus-nacc-2.zarr"]["."]["dtype"] == "int16"
+    assert summary["outputs"]["data/jrc_mus-nacc-2.zarr"]["."]["labels"] == ["nuc"]
     assert set(summary["step_seconds"]) == {"dvc repro", "dvc push", "dvc pull", "dvc metrics show"}
     assert all(f"metrics/{m}.json" in proc.stdout for m in stages)  # dvc metrics show printed them
     lock = (ws / "dvc.lock").read_text()

@@ -36,6 +36,15 @@ _LOCAL_S3_ENV = {"AWS_ACCESS_KEY_ID": "emdata-local", "AWS_SECRET_ACCESS_KEY": "
                  "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+# The replica serves OpenOrganelle at its real size (s0 is 7.38 GB, generated chunk by chunk): the demo reads a
+# level (or ROI) that fits its time budget, with the nucleus labels on their own grid (s2).
+DEMO_PARAMS: dict[str, dict[str, Any]] = {
+    "full": {"openorganelle.level": 2, "openorganelle.labels": ["nuc"]},
+    "small": {"openorganelle.level": 2, "openorganelle.roi_voxels": [[0, 128, 128], [64, 384, 384]],
+              "openorganelle.labels": ["nuc"]},
+}
+
+
 class Demo:
     def __init__(self, repo: Path, workspace: Path, profile: str, stages: list[str] | None,
                  overrides: dict[str, Any]) -> None:
@@ -81,7 +90,7 @@ class Demo:
         path = self.ws / "params.yaml"
         params = yaml.safe_load(path.read_text())
         params["mirror"] = {"url": mirror, "serves": "replica"}
-        for dotted, value in self.overrides.items():
+        for dotted, value in {**DEMO_PARAMS[self.profile], **self.overrides}.items():
             section, _, key = dotted.partition(".")
             if section not in params or (key and key not in params[section]):
                 raise InvalidParameterError(f"--set {dotted}: no such param in params.yaml")
