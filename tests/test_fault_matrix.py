@@ -37,7 +37,7 @@ SECTIONS: dict[str, dict[str, Any]] = {
     "idr": {},
     "empiar": {},
     "hemibrain": {"seed": 7, "crop_size": [64, 64, 64], "min_tissue_fraction": 0.5},
-    "openorganelle": {"level": 2},
+    "openorganelle": {"level": 2, "roi_voxels": [[0, 128, 128], [64, 256, 256]]},
 }
 ALL_HOSTS = ["documents.epfl.ch", "ftp.ebi.ac.uk", "www.ebi.ac.uk", "idr.openmicroscopy.org",
              "storage.googleapis.com", "janelia-cosem-datasets.s3.amazonaws.com"]
