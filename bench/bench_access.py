@@ -91,6 +91,12 @@ def gaussian_model(data: np.ndarray) -> np.ndarray:
     return ndimage.gaussian_filter(data.astype(np.float32), sigma=2.0)
 
 
+def waiting_model(data: np.ndarray) -> np.ndarray:
+    """A model that waits 20 ms per block (a GPU or a remote service) and uses almost no CPU."""
+    time.sleep(0.02)
+    return data.astype(np.float32)
+
+
 def per_sample_cost(path: str, n: int, queue: object = None) -> tuple[float, float]:
     """Wall and CPU milliseconds per augmented sample, measured in the calling process."""
     from emdata.access import RandomBlockSampler
@@ -109,14 +115,9 @@ def per_sample_cost(path: str, n: int, queue: object = None) -> tuple[float, flo
 
 def scale_suite(args: argparse.Namespace) -> None:
     """DataLoader workers, dask LocalCluster vs. one process, loopback S3 vs. local: ratios side by side."""
-    import shutil
-    import tempfile
 
     import torch
 
-    from emdata.access import RandomBlockSampler
-    from emdata.access.dask import map_blocks
-    from emdata.access.torch import data_loader, safe_start_method, sampler_dataset
 
     path = build_volume(args.out / f"bench_{args.size}.zarr", args.size)
     for f in (path / "0").rglob("*"):
@@ -130,6 +131,25 @@ def scale_suite(args: argparse.Namespace) -> None:
         print(f"{name:58s} {m:9.1f} {unit:10s} runs {' '.join(f'{v:.1f}' for v in values)}  {note}")
         rows.append({"case": name, "median": m, "unit": unit, "runs": values, "note": note})
         return m
+
+    if "loader" in args.parts:
+        loader_part(args, path, report)
+    if "dask" in args.parts:
+        dask_part(args, path, report)
+    if "stream" in args.parts:
+        stream_part(args, path, report)
+    print(f"\nload average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f}; {os.cpu_count()} CPUs; "
+          f"torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+Report = Callable[..., float]
+
+
+def loader_part(args: argparse.Namespace, path: Path, report: Report) -> None:
+    from emdata.access import RandomBlockSampler
+    from emdata.access.torch import data_loader, safe_start_method, sampler_dataset
 
     # 1. DataLoader: samples/s with 0, 1, 2 workers. Each sample is a random 64^3 block read with no decoded
     # chunk cache (ChunkCache(0): every sample decodes its chunks) and augmented on the CPU.
@@ -158,7 +178,6 @@ def scale_suite(args: argparse.Namespace) -> None:
         m = report(f"DataLoader, {w} workers, steady state", rates[w], "samples/s")
         if w:
             print(f"{'':58s} -> {m / base:.2f}x of {args.workers[0]} workers (target for 2: >= 1.6x)")
-            rows[-1]["ratio_to_0_workers"] = m / base
 
     # Is a sample dearer in the main process than in a worker? (It must not be: then the ratios above are
     # the parallelism alone; on a machine shared with other jobs they also include the CPU share that more
@@ -195,9 +214,17 @@ def scale_suite(args: argparse.Namespace) -> None:
         if w:
             print(f"{'':58s} -> {m / base_plain:.2f}x of {args.workers[0]} workers")
 
-    # 2. dask: LocalCluster with 2 worker processes vs. the same tasks in this process.
+
+
+def dask_part(args: argparse.Namespace, path: Path, report: Report) -> None:
+    import shutil
+    import tempfile
+
     import distributed
 
+    from emdata.access.dask import map_blocks
+
+    # 2. dask: LocalCluster with 2 worker processes vs. the same tasks in this process.
     spec = BlockSpec(64, halo_voxels=8, border="reflect")
     grid = BlockGrid(open_array(path), spec, prefetch=0)
     tmp = Path(tempfile.mkdtemp(prefix="emdata-bench-"))
@@ -207,25 +234,29 @@ def scale_suite(args: argparse.Namespace) -> None:
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cl, \
             distributed.Client(cl) as client:
         start_s = time.perf_counter() - t0
-        single, cluster = [], []
-        for r in range(args.repeats):
-            res = map_blocks(gaussian_model, grid, tmp / f"single{r}.zarr", blend="none", dtype="float32")
-            single.append(res.seconds)
-            res2 = map_blocks(gaussian_model, grid, tmp / f"cluster{r}.zarr", client=client, blend="none",
-                              dtype="float32")
-            cluster.append(res2.seconds)
-            assert (tmp / f"single{r}.zarr" / "0").exists()
+        times: dict[str, list[float]] = {}
+        for model in (gaussian_model, waiting_model):
+            single, cluster = times.setdefault(f"{model.__name__}, single process", []), times.setdefault(
+                f"{model.__name__}, LocalCluster 2 processes", [])
+            for r in range(args.repeats):
+                res = map_blocks(model, grid, tmp / f"single{r}.zarr", blend="none", overwrite=True)
+                single.append(res.seconds)
+                res2 = map_blocks(model, grid, tmp / f"cluster{r}.zarr", client=client, blend="none", overwrite=True)
+                cluster.append(res2.seconds)
         overlap = BlockGrid(open_array(path), BlockSpec(64, halo_voxels=8, overlap_voxels=16), prefetch=0)
         ovl = map_blocks(gaussian_model, overlap, tmp / "overlap.zarr", client=client, blend="smooth")
-    s = report("single process (client=None)", single, "s")
-    c = report("LocalCluster, 2 worker processes", cluster, "s", f"(cluster start {start_s:.1f} s, not counted)")
-    print(f"{'':58s} -> cluster speed-up {s / c:.2f}x")
-    rows[-1]["speedup"] = s / c
+    print(f"(cluster start {start_s:.1f} s, not counted)")
+    for model in ("gaussian_model", "waiting_model"):
+        s = report(f"{model}, single process (client=None)", times[f"{model}, single process"], "s")
+        c = report(f"{model}, LocalCluster 2 worker processes", times[f"{model}, LocalCluster 2 processes"], "s")
+        print(f"{'':58s} -> cluster speed-up {s / c:.2f}x")
     print(f"{'':58s} blocks computed: blend none {res.blocks_computed}/{res.n_blocks}; smooth with overlap 16: "
           f"{ovl.blocks_computed}/{ovl.n_blocks} ({ovl.blocks_computed / ovl.n_blocks:.2f}x, blocks on shard "
           f"borders are computed by each shard's task)")
     shutil.rmtree(tmp, ignore_errors=True)
 
+
+def stream_part(args: argparse.Namespace, path: Path, report: Report) -> None:
     # 3. Streaming: all 128^3 blocks through open_array from a loopback S3 (moto) vs. the local files.
     import s3fs
 
@@ -259,10 +290,6 @@ def scale_suite(args: argparse.Namespace) -> None:
         med = {name: report(name, v, "MB/s") for name, v in res_s.items()}
         print(f"{'':58s} -> S3 / local tensorstore {med['loopback S3 (moto), zarr-python + s3fs'] / med['local, tensorstore']:.2f}x; "
               f"S3 / local zarr-python {med['loopback S3 (moto), zarr-python + s3fs'] / med['local, zarr-python']:.2f}x")
-    print(f"\nload average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f}; {os.cpu_count()} CPUs; "
-          f"torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
 
 
 def main() -> None:
@@ -271,6 +298,8 @@ def main() -> None:
                         help="reads: block reads (default); scale: DataLoader workers, dask, streaming")
     parser.add_argument("--samples", type=int, default=400, help="scale suite: samples per DataLoader epoch")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="scale suite: worker counts")
+    parser.add_argument("--parts", nargs="+", default=["loader", "dask", "stream"], choices=("loader", "dask", "stream"),
+                        help="scale suite: which parts to run")
     parser.add_argument("--size", type=int, default=512, help="edge of the cubic volume (voxels)")
     parser.add_argument("--block", type=int, nargs="+", default=[256, 128], help="block edges to test (voxels)")
     parser.add_argument("--halo", type=int, default=16)
