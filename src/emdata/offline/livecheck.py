@@ -567,7 +567,9 @@ def check_openorganelle(report: Report, profile: str) -> None:
     if any(not isinstance(d, dict) for d in docs):
         down = [side for side in (report.live, report.replica) if urlsplit(GROUP_URL).hostname in side.down]
         verdict = ERROR if not down else LIVE_DOWN if down[0] is report.live else REPLICA_DOWN
-        report.add(f"s{level} chunk", "not compared", "not compared", verdict, array_url,
+        cells = {LIVE_DOWN: ("no answer", "not compared"), REPLICA_DOWN: ("not compared", "no answer")}.get(
+            verdict, ("not compared", "not compared"))
+        report.add(f"s{level} chunk", *cells, verdict, array_url,
                    f"no s{level}/.zarray on both sides to read a chunk with")
     else:
         seps = [str(d.get("dimension_separator", ".")) for d in docs]
@@ -606,6 +608,7 @@ def run_checks(live_base: str, replica_base: str, *, profile: str = "small", sou
         raise ValueError(f"unknown source(s) {unknown}; valid: {list(CHECKS)}")
     if not replica_base:
         raise ValueError("replica_base must be the URL of a replica server")
+    MirrorConfig(live_base, "cache"), MirrorConfig(replica_base, "replica")  # a bad URL fails here, naming it
     config = config or check_config()
     with tempfile.TemporaryDirectory(prefix="emdata-live-check-") as tmp:
         # Each source gets its own sides (downloaders are not shared across threads' host-down memos).
