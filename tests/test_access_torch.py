@@ -83,6 +83,9 @@ def test_zero_and_one_worker_yield_every_block_once(volume, workers):
     assert sorted(i for i, _ in items) == list(range(len(grid)))
     sampler = RandomBlockSampler({"raw": raw, "mito": mito}, 8, seed=5, num_samples=7)
     assert sorted(_sample_ids(data_loader(sampler_dataset(sampler), batch_size=3, num_workers=workers))) == list(range(7))
+    # A sampler given its own rank keeps it: rank 1 of 2 draws the odd indices.
+    ranked = RandomBlockSampler({"raw": raw}, 8, seed=5, num_samples=3, rank=1, world_size=2)
+    assert sorted(_sample_ids(data_loader(sampler_dataset(ranked), num_workers=workers))) == [1, 3, 5]
 
 
 def test_forked_child_of_a_tensorstore_process_reads_through_zarr(volume):

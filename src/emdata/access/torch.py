@@ -124,7 +124,9 @@ class SamplerDataset(IterableDataset):  # type: ignore[type-arg]
 
     def __init__(self, sampler: RandomBlockSampler, *, rank: int | None = None,
                  world_size: int | None = None) -> None:
-        self.rank, self.world_size = _rank_world(rank, world_size, (sampler.rank, sampler.world_size))
+        if rank is None and world_size is None and sampler.world_size > 1:
+            rank, world_size = sampler.rank, sampler.world_size  # the sampler was given its rank explicitly
+        self.rank, self.world_size = _rank_world(rank, world_size)
         self.start = sampler.position
         self.num_samples = sampler.num_samples
         self.prefetch = sampler.prefetch
