@@ -34,6 +34,11 @@ lint: $(STAMP)
 publish: $(STAMP)
 	$(PY) -m emdata.publish $(STAGES)
 
+## The maintainer's check of the replica against the live sources (needs the internet; a few small requests each):
+## a table of agreements and differences. LIVE_CHECK_ARGS e.g. --replica-profile full, --json rows.json.
+live-check: $(STAMP)
+	$(PY) -m emdata.offline.livecheck $(LIVE_CHECK_ARGS)
+
 ## Benchmarks (see bench/README.md): all of them, a summary of ratios, bench/RESULTS.md (~20 min on 2 cores).
 ## A smoke run of a few minutes (results to bench/out/RESULTS.quick.md): make bench BENCH_ARGS=--quick
 bench: $(STAMP)
