@@ -177,3 +177,16 @@ def test_bad_arguments_fail_naming_them(replica: ReplicaServer) -> None:
     with pytest.raises(ValueError, match="unknown source"):
         livecheck.run_checks("", replica.base_url, sources=("nope",))
     assert livecheck.main(["--replica-base", replica.base_url, "--live-base", "ftp://x", "--sources", "epfl"]) == 1
+
+
+def test_a_field_missing_from_an_omero_document_is_named(replica: ReplicaServer, replica_copy: Path,
+                                                        replica_copy_server: ReplicaServer) -> None:
+    imgdata = replica_copy / "idr.openmicroscopy.org/webclient/imgData/9846137/index.html"
+    doc = json.loads(imgdata.read_bytes())
+    doc["meta"]["pixelsType_renamed"] = doc["meta"].pop("pixelsType")
+    imgdata.write_text(json.dumps(doc))
+    rows = run(replica_copy_server, replica, ("idr",))
+    differ = verdicts(rows, DIFFER)
+    assert differ[("idr", "webclient imgData: fields")].note == \
+        "only live: ['meta.pixelsType_renamed']; only in the replica: ['meta.pixelsType']"
+    assert differ[("idr", "webclient imgData: dtype")].live == "-"  # the parser found no pixelsType live

@@ -104,12 +104,12 @@ class Side:
         try:
             return request()
         except DownloadError as exc:
+            if "redirect" in str(exc):  # to a host the downloader does not follow: say where it pointed
+                return Answer(error=str(exc))
             m = _STATUS.search(str(exc))
             status = int(m.group(1)) if m else None
             if status is not None and status not in _DOWN_STATUSES:
                 return Answer(status=status)  # a 4xx is an answer (compared), not a failure
-            if status is None and "redirect" in str(exc):
-                return Answer(error=str(exc))
             self.down[host] = str(exc)
             return Answer(down=str(exc))
 
@@ -439,7 +439,11 @@ def check_idr(report: Report, profile: str) -> None:
                 break
         else:
             (ldoc, lfacts), (rdoc, rfacts) = facts
-            report.value(f"{name}: fields", _fields(ldoc), _fields(rdoc), url=url)
+            lkeys, rkeys = _fields(ldoc), _fields(rdoc)
+            extra = [f"only live: {sorted(set(lkeys) - set(rkeys))}" if set(lkeys) - set(rkeys) else "",
+                     f"only in the replica: {sorted(set(rkeys) - set(lkeys))}" if set(rkeys) - set(lkeys) else ""]
+            report.add(f"{name}: fields", f"{len(lkeys)} fields", f"{len(rkeys)} fields",
+                       AGREE if set(lkeys) == set(rkeys) else DIFFER, url, "; ".join(e for e in extra if e))
             for key in ("image_id", "image_name", "project_name", "dataset_name", "dtype", "voxel_size_nm",
                         "channels", "timepoints"):
                 if key in lfacts or key in rfacts:
@@ -449,8 +453,8 @@ def check_idr(report: Report, profile: str) -> None:
     compare_file(report, "TIFF", TIFF_URL)
 
 
-def _fields(doc: Any) -> str:
-    """The field set of an OMERO document: its keys and those one level down (``meta``, ``data``, ``Pixels``)."""
+def _fields(doc: Any) -> list[str]:
+    """The field set of an OMERO document: its keys, two levels down (``meta.imageName``, ``data.Pixels.SizeX``)."""
     keys: list[str] = []
 
     def walk(value: Any, prefix: str, depth: int) -> None:
@@ -461,13 +465,7 @@ def _fields(doc: Any) -> str:
                     walk(value[k], f"{prefix}{k}.", depth + 1)
 
     walk(doc, "", 0)
-    return f"{len(keys)} fields, sha256 {_digest(','.join(keys))}"
-
-
-def _digest(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return keys
 
 
 def check_hemibrain(report: Report, profile: str) -> None:
