@@ -270,6 +270,38 @@ def test_threshold_below_the_noise_is_flagged(replica, tmp_path, caplog):
     assert attrs["background"]["reaches_threshold"] is True
 
 
+def test_threshold_above_all_tissue_fails_before_any_crop_voxel(replica, tmp_path):
+    with pytest.raises(InvalidParameterError, match="background_max_value 254: no voxel") as err:
+        run_crop(replica, tmp_path, background_max_value=254)
+    assert "scale 7" in str(err.value)
+    assert not [r for r in voxel_requests(replica) if "/8.0x8.0x8.0/" in r]
+
+
+def test_draws_within_the_tissue_box_equal_draws_over_the_whole_scale():
+    from emdata.formats.precomputed import ScaleInfo
+    from emdata.sources.hemibrain import (CropPlan, _bounds, choose_origin, mask_integral, tissue_integral)
+
+    rng = np.random.default_rng(5)
+    coarse_em = np.zeros((40, 36, 32), np.uint8)
+    coarse_em[10:20, 12:25, 5:14] = rng.integers(0, 60, (10, 13, 9), dtype=np.uint8)
+    coarse = ScaleInfo(4, "c", (128.0, 128.0, 128.0), (2, 0, 1), coarse_em.shape, (64, 64, 64), "jpeg")
+    fine = ScaleInfo(0, "f", (8.0, 8.0, 8.0), (32, 0, 16), (640, 576, 512), (64, 64, 64), "jpeg")
+    params = SOURCE.parse_params({"seed": 3, "crop_size": [40, 48, 56], "min_tissue_fraction": 0.6,
+                                  "origin_step": 8})
+    plan = CropPlan(em=None, em_info={}, em_scale=fine, selection_scale=coarse,  # type: ignore[arg-type]
+                    selection_note=None, segmentation_version=None, segmentation=None, segmentation_info=None,
+                    segmentation_scale=None, origin_lo=fine.voxel_offset,
+                    origin_hi=tuple(e - c for e, c in zip(fine.end, params.crop_size)))  # type: ignore[arg-type]
+    whole = choose_origin(params, plan, tissue_integral(coarse_em, 10))
+    mask = coarse_em > 10
+    box = _bounds(mask, 0)
+    import dataclasses
+    within = dataclasses.replace(coarse, voxel_offset=tuple(o + b.start for o, b in zip(coarse.voxel_offset, box)),
+                                 size=tuple(b.stop - b.start for b in box))
+    assert choose_origin(params, plan, mask_integral(mask[box]), within) == whole
+    assert whole.tissue_fraction >= 0.6
+
+
 def _crop_shard(tree: Path, origin: list[int], crop: list[int], level: int = 0) -> str:
     """The shard file (relative to the EM volume) holding the crop's first chunk."""
     info = parse_info(json.loads((tree / BUCKET_DIR / EM_PATH / "info").read_text()), EM_URL)

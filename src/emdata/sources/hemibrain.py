@@ -36,6 +36,7 @@ selection volume (capped at 64 Mi voxels) and tensorstore's cache pool; never th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -360,11 +361,26 @@ def tissue_mask(coarse_em: np.ndarray, background_max_value: int) -> tuple[np.nd
     from scipy import ndimage
 
     above = coarse_em > background_max_value
-    brightest = coarse_em
+    tissue = np.zeros_like(above)
+    if not above.any():
+        return tissue, 0
+    # Only the box around the voxels above the threshold (and the reach of their neighbours) matters.
+    box = _bounds(above)
+    region = coarse_em[box]
+    brightest = region
     for axis in range(3):  # a box maximum is separable
         brightest = ndimage.maximum_filter1d(brightest, 2 * EDGE_REACH + 1, axis=axis, mode="constant", cval=0)
-    tissue = above & (coarse_em >= np.ceil(EDGE_CONTRAST * brightest.astype(np.float32)).astype(np.uint8))
+    tissue[box] = above[box] & (region >= np.ceil(EDGE_CONTRAST * brightest.astype(np.float32)).astype(np.uint8))
     return tissue, int(above.sum() - tissue.sum())
+
+
+def _bounds(mask: np.ndarray, margin: int = EDGE_REACH) -> tuple[slice, ...]:
+    """The bounding box of ``mask``'s true voxels (at least one), widened by ``margin`` (clipped to the array)."""
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(hits[0]) - margin, 0), int(hits[-1]) + margin + 1))
+    return tuple(box)
 
 
 def _tissue_voxel(integral: np.ndarray, k: int) -> tuple[int, int, int]:
@@ -381,21 +397,24 @@ def _tissue_voxel(integral: np.ndarray, k: int) -> tuple[int, int, int]:
     return z, y, x
 
 
-def choose_origin(params: HemibrainParams, plan: CropPlan, integral: np.ndarray) -> Selection:
+def choose_origin(params: HemibrainParams, plan: CropPlan, integral: np.ndarray,
+                  coarse: ScaleInfo | None = None) -> Selection:
     """Draw origins from the seed until one lands in tissue; the same seed and info give the same origin.
 
     Each draw picks a tissue voxel of the coarse scale uniformly, then an origin on the ``origin_step`` grid
-    uniformly among those whose window contains it; the window's tissue fraction decides.
+    uniformly among those whose window contains it; the window's tissue fraction decides. ``integral`` covers
+    ``coarse`` (default: the whole selection scale; a box of it holding every tissue voxel gives the same draws).
     """
     rng = np.random.default_rng(params.seed)
-    scale, coarse = plan.em_scale, plan.selection_scale
+    scale, coarse = plan.em_scale, coarse or plan.selection_scale
     offset, step = scale.voxel_offset, params.origin_step
     m_lo, m_hi = _step_range(plan.origin_lo, plan.origin_hi, offset, step)
     total = int(integral[-1, -1, -1])
     if total == 0:
         raise InvalidParameterError(
-            f"hemibrain.background_max_value {params.background_max_value}: no voxel of EM {coarse.describe()} is "
-            "above it, so there is no tissue to crop; check the EM URL or lower the threshold")
+            f"hemibrain.background_max_value {params.background_max_value}: no voxel of EM {coarse.describe()} "
+            "counts as tissue (above it, and not JPEG ringing at an edge), so there is nothing to crop; check the "
+            "EM URL or lower the threshold")
     best = 0.0
     for attempt in range(1, params.max_attempts + 1):
         voxel = _tissue_voxel(integral, int(rng.integers(total)))
@@ -561,9 +580,15 @@ def fetch_hemibrain_crop(params: HemibrainParams, ctx: RunContext, out: Path) ->
                     "values 1..%d is %s): noise may count as tissue; raise hemibrain.background_max_value",
                     plan.selection_scale.describe(), params.background_max_value, params.background_max_value,
                     background.noise_p50)
-    integral = mask_integral(tissue)
+    # The integral of the box holding the tissue is all the draws need (outside it nothing is tissue).
+    box = _bounds(tissue, 0) if tissue.any() else tuple(slice(0, 1) for _ in range(3))
+    within = dataclasses.replace(
+        plan.selection_scale, voxel_offset=tuple(o + b.start for o, b in zip(
+            plan.selection_scale.voxel_offset, box, strict=True)),  # type: ignore[arg-type]
+        size=tuple(b.stop - b.start for b in box))  # type: ignore[arg-type]
+    integral = mask_integral(tissue[box])
     del tissue
-    sel = choose_origin(params, plan, integral)
+    sel = choose_origin(params, plan, integral, within)
     selection_s = time.monotonic() - t0
     origin_nm = [o * r for o, r in zip(sel.origin, scale.resolution_nm, strict=True)]
     log.info("hemibrain: origin %s voxels = %s nm (z, y, x), tissue %.3f after %d draw(s); background: %.3f "
