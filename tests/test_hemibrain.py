@@ -323,6 +323,32 @@ def test_403_on_a_missing_shard_fails_naming_it(replica, replica_copy, replica_c
     assert not (tmp_path / "bad" / "data" / "hemibrain_crop.zarr").exists()
 
 
+def test_stage_run_as_users_run_it_exits_nonzero_on_a_403(replica, replica_copy, replica_copy_server, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    metrics, _ = run_crop(replica, tmp_path / "ok", segmentation=None)
+    name = _crop_shard(replica_copy, metrics["crop_origin_voxels"], CROP)
+    (replica_copy / BUCKET_DIR / EM_PATH / name).unlink()
+    replica_copy_server.set_behaviour({"missing_status": {"storage.googleapis.com": 403}})
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["mirror"] = {"url": replica_copy_server.base_url, "serves": "replica"}
+    params["download"] = {**params.get("download", {}), "retries": 1, "backoff_s": 0.0}
+    params["hemibrain"].update(seed=7, crop_size=CROP, segmentation=None)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = subprocess.run([sys.executable, str(repo / "stages" / "hemibrain.py")], cwd=work, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"{EM_URL}/{name}" in proc.stderr and "answered 403 Forbidden" in proc.stderr
+    assert not (work / "data" / "hemibrain_crop.zarr").exists()
+    assert not (work / find("hemibrain").metrics).exists()
+
+
 def test_404_on_a_missing_shard_reads_as_empty_space(replica, replica_copy, replica_copy_server, tmp_path):
     metrics, _ = run_crop(replica, tmp_path / "ok", segmentation=None)
     origin = metrics["crop_origin_voxels"]
