@@ -46,6 +46,7 @@ def test_two_servers_of_the_same_replica_agree_on_every_check(replica: ReplicaSe
                      ("empiar", "listing: image files"), ("empiar", "F57-8_test1.xml.gz: Content-Encoding"),
                      ("openorganelle", "s8 chunk 0/0/0: ETag (server MD5)"),
                      ("hemibrain", "EM chunk (coarsest scale, centre): shape, dtype"),
+                     ("hemibrain", "segmentation chunk (coarsest scale, centre): shape, dtype"),
                      ("openorganelle", "s8 chunk 0/0/0 decoded: shape, dtype"),
                      ("epfl", "training.tif: GET bytes=0-15 content"), ("idr", "TIFF: GET bytes=0-15 content")]:
         assert expected in checks, expected

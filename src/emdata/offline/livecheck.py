@@ -469,42 +469,68 @@ def _fields(doc: Any) -> list[str]:
 
 
 def check_hemibrain(report: Report, profile: str) -> None:
-    from emdata.formats.precomputed import parse_info
     from emdata.sources.hemibrain import EM_URL, SEGMENTATION_URL
 
-    live, replica = report.live.get(f"{SEGMENTATION_URL}/info"), report.replica.get(f"{SEGMENTATION_URL}/info")
-    compare_document(report, "v1.0 segmentation info", f"{SEGMENTATION_URL}/info", live, replica)
+    url = f"{SEGMENTATION_URL}/info"
+    seg_docs = compare_document(report, "v1.0 segmentation info", url, report.live.get(url), report.replica.get(url))
     url = f"{EM_URL}/info"
     live, replica = report.live.get(url), report.replica.get(url)
-    if report.unavailable("EM info", live, replica, url) or not report.status("EM info: status", live, replica, url) \
-            or live.status != 200 or replica.status != 200:
-        return
+    em = None
+    if not report.unavailable("EM info", live, replica, url) and report.status("EM info: status", live, replica, url) \
+            and live.status == replica.status == 200:
+        em = _parse_infos(report, "EM info", EM_URL, [json_or_none(a.body) for a in (live, replica)])
+    if em is not None:
+        li, ri = em
+        report.value("EM info: data_type, channels", (li.data_type, li.num_channels),
+                     (ri.data_type, ri.num_channels), url=url)
+        report.value("EM info: scale keys", [s.key for s in li.scales], [s.key for s in ri.scales], url=url)
+        for what, get in (("size (z, y, x)", lambda s: s.size), ("voxel_offset", lambda s: s.voxel_offset),
+                          ("chunk size", lambda s: s.chunk_size), ("encoding", lambda s: s.encoding),
+                          ("sharding", lambda s: _sharding(s.sharding))):
+            lv, rv = [get(s) for s in li.scales], [get(s) for s in ri.scales]
+            first = next((i for i, (a, b) in enumerate(zip(lv, rv, strict=False)) if a != b), None)
+            if first is None and len(lv) == len(rv):
+                report.value(f"EM info: {what}, every scale", lv[0] if lv else None, rv[0] if rv else None,
+                             url=url, note="" if len(set(map(str, lv))) == 1 else f"{len(lv)} scales, scale 0 shown")
+            else:
+                i = first if first is not None else min(len(lv), len(rv))
+                report.value(f"EM info: {what}, scale {i}", lv[i] if i < len(lv) else "absent",
+                             rv[i] if i < len(rv) else "absent", url=url)
+        _precomputed_chunk(report, "EM", EM_URL, em, shard_hash="x-goog-hash")
+        compare_missing(report, f"{EM_URL}/{li.scales[-1].key}")
+    if seg_docs[0] is not None and seg_docs[1] is not None:
+        seg = _parse_infos(report, "v1.0 segmentation info", SEGMENTATION_URL, list(seg_docs))
+        if seg is not None:
+            _precomputed_chunk(report, "segmentation", SEGMENTATION_URL, seg)
+
+
+def json_or_none(body: bytes | None) -> Any:
+    try:
+        return None if body is None else json.loads(body)
+    except ValueError:
+        return None
+
+
+def _parse_infos(report: Report, name: str, volume_url: str, docs: Sequence[Any]) -> tuple[Any, Any] | None:
+    """Both sides' precomputed ``info`` checked by the project's parser (an error row names what it refused)."""
+    from emdata.formats.precomputed import parse_info
+
     infos = []
-    for side, answer in (("live", live), ("replica", replica)):
+    for side, doc in zip(("live", "replica"), docs, strict=True):
         try:
-            infos.append(parse_info(json.loads(answer.body), EM_URL))  # type: ignore[arg-type]
-        except (ValueError, EmDataError) as exc:
-            report.add("EM info", "", "", ERROR, url, f"{side}: {exc}")
-            return
-    li, ri = infos
-    report.value("EM info: data_type, channels", (li.data_type, li.num_channels), (ri.data_type, ri.num_channels),
-                 url=url)
-    report.value("EM info: scale keys", [s.key for s in li.scales], [s.key for s in ri.scales], url=url)
-    for what, get in (("size (z, y, x)", lambda s: s.size), ("voxel_offset", lambda s: s.voxel_offset),
-                      ("chunk size", lambda s: s.chunk_size), ("encoding", lambda s: s.encoding),
-                      ("sharding", lambda s: _sharding(s.sharding))):
-        lv, rv = [get(s) for s in li.scales], [get(s) for s in ri.scales]
-        first = next((i for i, (a, b) in enumerate(zip(lv, rv, strict=False)) if a != b), None)
-        if first is None and len(lv) == len(rv):
-            report.value(f"EM info: {what}, every scale", lv[0] if lv else None, rv[0] if rv else None, url=url,
-                         note="" if len(set(map(str, lv))) == 1 else f"{len(lv)} scales, scale 0 shown")
-        else:
-            i = first if first is not None else min(len(lv), len(rv))
-            report.value(f"EM info: {what}, scale {i}", lv[i] if i < len(lv) else "absent",
-                         rv[i] if i < len(rv) else "absent", url=url)
-    # One chunk of the coarsest scale, at the volume's centre (tissue there, in the real brain and the replica).
+            infos.append(parse_info(doc, volume_url))
+        except (ValueError, TypeError, AttributeError, EmDataError) as exc:
+            report.add(f"{name}: parsed", "", "", ERROR, f"{volume_url}/info", f"{side}: {exc}")
+            return None
+    return infos[0], infos[1]
+
+
+def _precomputed_chunk(report: Report, name: str, volume_url: str, infos: tuple[Any, Any],
+                       shard_hash: str | None = None) -> None:
+    """One chunk of the coarsest scale at the volume's centre (tissue, in the real brain and the replica), read
+    by tensorstore as the stage reads it; with ``shard_hash``, the HEAD and a range of the object holding it."""
     chunks = []
-    for reader, info in ((report.live, li), (report.replica, ri)):
+    for reader, info in zip((report.live, report.replica), infos, strict=True):
         scale = info.scales[-1]
         lo = [o + (n // 2) // c * c for o, n, c in zip(scale.voxel_offset, scale.size, scale.chunk_size, strict=True)]
         hi = [min(a + c, e) for a, c, e in zip(lo, scale.chunk_size, scale.end, strict=True)]
@@ -516,18 +542,18 @@ def check_hemibrain(report: Report, profile: str) -> None:
             return view, (scale, lo, hi)
 
         chunks.append(reader.read_chunk({"driver": "neuroglancer_precomputed", "scale_index": len(info.scales) - 1},
-                                      EM_URL, box, "hemibrain EM"))
-    _compare_chunks(report, "EM chunk (coarsest scale, centre)", EM_URL, chunks)
-    (la, lread), (ra, rread) = chunks
-    if lread is not None and rread is not None:
-        names = []
-        for _, (scale, lo, hi) in (lread, rread):
-            files = scale.chunk_files(lo, hi)
-            names.append(files[0] if files else None)
-        report.value("EM chunk: object holding it", names[0], names[1], url=EM_URL)
-        if names[0] is not None:
-            compare_file(report, f"shard {names[0]}", f"{EM_URL}/{names[0]}", hash_header="x-goog-hash")
-    compare_missing(report, f"{EM_URL}/{li.scales[-1].key}")
+                                        volume_url, box, f"hemibrain {name}"))
+    _compare_chunks(report, f"{name} chunk (coarsest scale, centre)", volume_url, chunks)
+    (_, lread), (_, rread) = chunks
+    if shard_hash is None or lread is None or rread is None:
+        return
+    names = []
+    for _, (scale, lo, hi) in (lread, rread):
+        files = scale.chunk_files(lo, hi)
+        names.append(files[0] if files else None)
+    report.value(f"{name} chunk: object holding it", names[0], names[1], url=volume_url)
+    if names[0] is not None:
+        compare_file(report, f"shard {names[0]}", f"{volume_url}/{names[0]}", hash_header=shard_hash)
 
 
 def _sharding(s: Any) -> str | None:
@@ -646,7 +672,7 @@ def format_table(rows: Sequence[Row], width: int = 38) -> str:
         return text if len(text) <= n else text[:n - 3] + "..."
 
     header = ("source", "check", "live", "replica", "verdict")
-    cells = [header] + [(r.source, cut(r.check, 52), cut(r.live, width), cut(r.replica, width), r.verdict)
+    cells = [header] + [(r.source, cut(r.check, 66), cut(r.live, width), cut(r.replica, width), r.verdict)
                         for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
