@@ -147,3 +147,21 @@ def test_build_is_deterministic(replica_tree, tmp_path):
     fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert len(fresh) > 30
     assert all((tmp_path / rel).read_bytes() == (replica_tree / rel).read_bytes() for rel in fresh)
+
+
+def test_chunk_files_name_what_tensorstore_writes(tmp_path):
+    # Unsharded: the chunk files themselves (what a 403 would name); the volume has an offset and a ragged edge.
+    info = {"@type": "neuroglancer_multiscale_volume", "data_type": "uint8", "num_channels": 1, "type": "image",
+            "scales": [{"chunk_sizes": [[8, 8, 8]], "encoding": "raw", "key": "s0", "resolution": [4, 4, 4],
+                        "size": [20, 12, 9], "voxel_offset": [3, 5, 7]}]}
+    (tmp_path / "info").write_text(json.dumps(info))
+    store = ts.open({"driver": "neuroglancer_precomputed", "kvstore": {"driver": "file", "path": str(tmp_path)},
+                     "open": True}).result()
+    store.write(np.ones(store.shape, np.uint8)).result()
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()
+                     and p.name != "info")
+    scale = parse_info(json.loads((tmp_path / "info").read_text()), "test").scales[0]
+    assert scale.chunk_files(scale.voxel_offset, scale.end) == written
+    assert len(written) == 3 * 2 * 2
+    one = scale.chunk_files((7, 5, 3), (8, 6, 4))  # the first voxel (z, y, x)
+    assert one == [f"{scale.key}/3-11_5-13_7-15"]
