@@ -191,3 +191,15 @@ def test_a_field_missing_from_an_omero_document_is_named(replica: ReplicaServer,
     assert differ[("idr", "webclient imgData: fields")].note == \
         "only live: ['meta.pixelsType_renamed']; only in the replica: ['meta.pixelsType']"
     assert differ[("idr", "webclient imgData: dtype")].live == "-"  # the parser found no pixelsType live
+
+
+def test_a_redirect_elsewhere_is_an_error_naming_where_it_points_not_an_outage(
+        replica: ReplicaServer, replica_copy_server: ReplicaServer) -> None:
+    replica_copy_server.set_faults({"redirect_to": "http://mirror.invalid", "redirect_count": 5,
+                                    "path_contains": "/api/v0/m/images/"})
+    rows = run(replica_copy_server, replica, ("idr",))
+    errors = verdicts(rows, livecheck.ERROR)
+    assert set(errors) == {("idr", "JSON API image (document)")}
+    assert "redirect to http://mirror.invalid/" in errors[("idr", "JSON API image (document)")].note
+    # The host is not taken as down: the next document from it is compared.
+    assert ("idr", "webclient imgData: fields") in verdicts(rows, AGREE)

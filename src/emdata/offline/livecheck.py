@@ -72,10 +72,6 @@ class Answer:
     down: str | None = None  # the host did not answer (no connection, 5xx after the retries): why
     error: str | None = None  # an answer that could not be used (a redirect elsewhere, a body too large, ...)
 
-    @property
-    def ok(self) -> bool:
-        return self.down is None and self.error is None
-
     def header(self, name: str) -> str | None:
         for key, value in self.headers.items():
             if key.lower() == name.lower():
@@ -86,9 +82,7 @@ class Answer:
 class Side:
     """One side of the comparison: the live hosts (or a mirror of them), or the replica."""
 
-    def __init__(self, label: str, base: str, serves: str, config: DownloadConfig, repo_root: Path) -> None:
-        self.label = label
-        self.base = base
+    def __init__(self, base: str, serves: str, config: DownloadConfig, repo_root: Path) -> None:
         self.ctx = RunContext(mirror=MirrorConfig(base, serves), download=config, repo_root=repo_root)
         self.fetch: Downloader = self.ctx.downloader(progress=False)
         self.down: dict[str, str] = {}  # host -> why it is taken as down (asked once, then skipped)
@@ -104,14 +98,16 @@ class Side:
         try:
             return request()
         except DownloadError as exc:
-            if "redirect" in str(exc):  # to a host the downloader does not follow: say where it pointed
-                return Answer(error=str(exc))
-            m = _STATUS.search(str(exc))
+            text = str(exc)
+            m = _STATUS.search(text)
             status = int(m.group(1)) if m else None
+            if "redirect" in text or (status is None and "failed after" not in text):
+                return Answer(error=text)  # a redirect elsewhere, a body too large or undecodable: say so
             if status is not None and status not in _DOWN_STATUSES:
                 return Answer(status=status)  # a 4xx is an answer (compared), not a failure
-            self.down[host] = str(exc)
-            return Answer(down=str(exc))
+            # No connection, timeouts or 5xx through every retry: the host is down for this run.
+            self.down[host] = text
+            return Answer(down=text)
 
     def get(self, url: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Answer:
         """GET a document (decoded if sent gzip-encoded); a 4xx is an answer with that status."""
@@ -147,7 +143,6 @@ class Side:
                    what: str) -> tuple[Answer, Any]:
         """Open a store with ``RunContext.open_tensorstore`` and read the one chunk ``box(store)`` names:
         (answer, (array, extra)) where extra is what ``box`` returns besides the index expression."""
-
         from emdata.acquire.tsio import ts_result
 
         host = urlsplit(live_prefix).hostname or ""
@@ -637,8 +632,8 @@ def run_checks(live_base: str, replica_base: str, *, profile: str = "small", sou
     with tempfile.TemporaryDirectory(prefix="emdata-live-check-") as tmp:
         # Each source gets its own sides (downloaders are not shared across threads' host-down memos).
         def one(source: str) -> list[Row]:
-            live = Side("live", live_base, "cache", config, Path(tmp))
-            replica = Side("replica", replica_base, "replica", config, Path(tmp))
+            live = Side(live_base, "cache", config, Path(tmp))
+            replica = Side(replica_base, "replica", config, Path(tmp))
             report = Report(source, live, replica)
             try:
                 CHECKS[source](report, profile)
