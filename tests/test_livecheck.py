@@ -203,3 +203,26 @@ def test_a_redirect_elsewhere_is_an_error_naming_where_it_points_not_an_outage(
     assert "redirect to http://mirror.invalid/" in errors[("idr", "JSON API image (document)")].note
     # The host is not taken as down: the next document from it is compared.
     assert ("idr", "webclient imgData: fields") in verdicts(rows, AGREE)
+
+
+def test_what_the_small_profile_changes_on_purpose_is_the_replicas_own(
+        replica: ReplicaServer, replica_copy: Path, replica_copy_server: ReplicaServer) -> None:
+    from emdata.offline.replica import empiar as replica_empiar
+    from emdata.offline.replica import idr as replica_idr
+
+    # "Live" serves the verbatim EMPIAR entry (5628 x 5632) and IDR documents of the real shape (184, 775, 1121).
+    (replica_copy / replica_empiar.API_PATH / "index.html").write_text(replica_empiar.API_DOCUMENT)
+    real = replica_idr.SHAPES["full"]
+    replica_idr.write_json(replica_copy / replica_idr.API_PATH, replica_idr.api_image_document(real))
+    rows = run(replica_copy_server, replica, ("empiar", "idr"))
+    own = verdicts(rows, OWN)
+    assert set(own) == {("empiar", "API entry (document)"), ("idr", "JSON API image: shape (z, y, x)")}
+    assert own[("empiar", "API entry (document)")].note.startswith("the small profile's slice size: ")
+    assert "image_width: \"5628\" live, \"128\" in the replica" in own[("empiar", "API entry (document)")].note
+    assert own[("idr", "JSON API image: shape (z, y, x)")].live == "[184, 775, 1121]"
+    assert verdicts(rows, DIFFER) == {}
+    # Against the full profile (real slice size and shapes), the same answers are differences.
+    full = livecheck.run_checks(replica_copy_server.base_url, replica.base_url, profile="full",
+                                sources=("empiar", "idr"), config=CONFIG)
+    assert {("empiar", "API entry (document)"), ("idr", "JSON API image: shape (z, y, x)")} <= set(
+        verdicts(full, DIFFER))
