@@ -69,7 +69,8 @@ def run(name: str, command: str) -> dict[str, Any]:
         print(line, end="", flush=True)
         lines.append(line.rstrip("\n"))
     code = proc.wait()
-    return {"command": f"{PY} {command}", "seconds": time.perf_counter() - began, "exit": code, "lines": lines}
+    return {"command": f"{PY} {command}", "seconds": time.perf_counter() - began, "exit": code, "lines": lines,
+            "utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")}
 
 
 def summary(runs: dict[str, dict[str, Any]]) -> list[str]:
@@ -131,20 +132,25 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; valid: {list(BENCHMARKS)}")
     OUT.mkdir(exist_ok=True)
+    tag = ".quick" if args.quick else ""
     for name in names:
         (OUT / f"{name}.json").unlink(missing_ok=True)
     began = datetime.datetime.now(datetime.UTC)
     header = machine()
-    runs = {}
     for name in names:
         full, quick, _ = BENCHMARKS[name]
-        runs[name] = run(name, (quick if args.quick else full).format(out=OUT.relative_to(REPO)))
+        record = run(name, (quick if args.quick else full).format(out=OUT.relative_to(REPO)))
+        (OUT / f"run_{name}{tag}.json").write_text(json.dumps(record))
+    # A subset (--only) re-renders RESULTS.md with the latest record of every other benchmark (each section
+    # says when it ran), so one benchmark can be re-run without running all.
+    runs = {name: json.loads((OUT / f"run_{name}{tag}.json").read_text()) for name in BENCHMARKS
+            if (OUT / f"run_{name}{tag}.json").exists()}
     lines = summary(runs)
     print("\n===== summary\n" + "\n".join(lines))
     target = OUT / "RESULTS.quick.md" if args.quick else HERE / "RESULTS.md"
     target.write_text(results_md(runs, lines, began, header, args.quick))
     print(f"\nwrote {target.relative_to(REPO)}")
-    failed = [n for n, r in runs.items() if r["exit"]]
+    failed = [n for n in names if runs[n]["exit"]]
     if failed:
         print(f"FAILED: {failed}", file=sys.stderr)
     return 1 if failed else 0
@@ -155,14 +161,16 @@ def results_md(runs: dict[str, dict[str, Any]], lines: list[str], began: datetim
     total = sum(r["seconds"] for r in runs.values())
     md = ["# Benchmark results", "",
           f"Made by `make bench{' BENCH_ARGS=--quick' if quick else ''}` (`{PY} bench/bench_all.py"
-          f"{' --quick' if quick else ''}`) on {began:%Y-%m-%d %H:%M} UTC in {total / 60:.1f} min; {header}.",
+          f"{' --quick' if quick else ''}`), last run {began:%Y-%m-%d %H:%M} UTC; the benchmarks took "
+          f"{total / 60:.1f} min in all; {header}.",
           "The machine is shared and noisy: every ratio was measured side by side within one run (cases "
           "interleaved); read the ratios, not the absolute seconds. How each benchmark works: "
           "[README.md](README.md).", "", "## Summary of ratios", ""]
     md += [f"- {line}" if line else "" for line in lines]
     for name, r in runs.items():
         owner_file = BENCHMARKS[name][2]
-        md += ["", f"## {name}", "", f"Command: `{r['command']}` ({r['seconds']:.0f} s, exit {r['exit']})."]
+        md += ["", f"## {name}", "", f"Command: `{r['command']}` (run {r['utc']} UTC, {r['seconds']:.0f} s, "
+               f"exit {r['exit']})."]
         if owner_file:
             md.append(f"Details and discussion: [{owner_file}]({owner_file}).")
         body = r["lines"]

@@ -69,10 +69,24 @@ def run_engine(mirror: str, files: list[tuple[str, str]], dest: Path, config: di
     results = downloader.download_all(items)
     seconds = time.perf_counter() - began
     for item, result in zip(items, results, strict=True):
-        if result.sha256 != dict(files)[item.url]:
-            raise AssertionError(f"{item.dest}: wrong bytes")
-        item.dest.unlink()
+        if result.sha256 != dict(files)[item.url] or sha256_of(item.dest) != dict(files)[item.url]:
+            raise AssertionError(f"{item.dest}: wrong bytes ({label(config)}, pinned={pinned})")
+    fresh(dest)
     return seconds
+
+
+def fresh(dest: Path) -> None:
+    """Every case is a first download: nothing of an earlier case (partials, parts lists) stays in ``dest``."""
+    shutil.rmtree(dest)
+    dest.mkdir()
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(2**20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def run_aria2c(mirror: str, files: list[tuple[str, str]], dest: Path, args: list[str]) -> float:
@@ -82,12 +96,10 @@ def run_aria2c(mirror: str, files: list[tuple[str, str]], dest: Path, args: list
     subprocess.run(["aria2c", *args, "-q", "--allow-overwrite=true", "--auto-file-renaming=false",
                     "--file-allocation=none", "-d", str(dest), "-i", str(listing)], check=True)
     seconds = time.perf_counter() - began
-    listing.unlink()
     for u, sha in files:
-        path = dest / Path(u).name
-        if hashlib.sha256(path.read_bytes()).hexdigest() != sha:
-            raise AssertionError(f"aria2c: {path} has the wrong bytes")
-        path.unlink()
+        if sha256_of(dest / Path(u).name) != sha:
+            raise AssertionError(f"aria2c: {dest / Path(u).name} has the wrong bytes")
+    fresh(dest)
     return seconds
 
 
