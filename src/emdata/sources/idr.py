@@ -13,7 +13,6 @@ facts, any known discrepancy) is in the root's ``emdata`` attributes.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -128,18 +127,18 @@ def fetch_document(fetch: Downloader, url: str, require: bool) -> tuple[Any, str
     ``require`` is True.
     """
     try:
-        body = fetch.fetch_bytes(url)
+        # fetch_json fetches a body that does not parse again, within the retries (a transient fault), before
+        # it is taken for a maintenance page.
+        return fetch.fetch_json(url), None
     except DownloadError as exc:
         m = _STATUS.search(str(exc))
         if require or (m is not None and int(m.group(1)) not in OUTAGE_STATUSES):
             raise
         return None, str(exc)
-    try:
-        return json.loads(body), None
-    except ValueError as exc:
+    except SourceMismatchError as exc:
         if require:
-            raise SourceMismatchError(f"{url}: the answer is not JSON ({exc}): {body[:120]!r}") from exc
-        return None, f"{url}: the answer is not JSON (a maintenance page?): {body[:120]!r}"
+            raise
+        return None, f"the answer is not JSON (a maintenance page?): {exc}"
 
 
 class IdrSource(FileSource[IdrParams, IdrPlan]):
