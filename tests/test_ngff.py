@@ -160,6 +160,8 @@ def test_write_image_keeps_attrs_and_registers_labels(tmp_path):
     assert ngff.label_names(back) == ["seg"]
     ms, arrays = ngff.open_multiscale(tmp_path / "a.zarr", label="seg")
     assert ms["type"] == "mode" and len(arrays) == 2
+    # A mode-pooled voxel sits at the centre of its cell, like a mean: half a level-0 voxel on.
+    assert ms["datasets"][1]["coordinateTransformations"][1]["translation"] == [2.0, 2.0, 2.0]
     np.testing.assert_array_equal(arrays[0][...], seg)
     label_attrs = ngff.ome_attrs(back["labels/seg"])["image-label"]
     # Colors and properties are completed to the same label values (background 0 transparent).
