@@ -55,6 +55,10 @@ def test_epfl_stage_writes_ome_zarr_with_labels(replica, replica_tree, tmp_path)
         np.testing.assert_array_equal(mito, (truth > 127).astype(np.uint8))
         assert metrics["arrays"][split]["shape"] == list(source.shape)
         assert zarr.open_array(str(out / split / "0"), mode="r").shards is not None
+    # The root is an NGFF collection of its images (readers find them by name), its provenance kept beside.
+    root_attrs = zarr.open_group(str(out), mode="r").attrs.asdict()
+    assert root_attrs["ome"]["bioformats2raw.layout"] == 3
+    assert zarr.open_group(str(out / "OME"), mode="r").attrs["ome"]["series"] == ["training", "testing"]
     prov = zarr.open_group(str(out), mode="r").attrs["emdata"]
     assert {f["name"] for f in prov["files"]} == {"training.tif", "training_groundtruth.tif", "testing.tif",
                                                   "testing_groundtruth.tif"}
