@@ -626,9 +626,6 @@ def test_keep_downloads_keeps_the_raw_files(replica_copy_server, tmp_path):
     assert len(kept) == 17 and "F57-8_test1.xml.gz" in kept
 
 
-def test_stage_script_is_thin():
-    script = (Path(__file__).parents[1] / "stages" / "empiar.py").read_text()
-    assert 'main("empiar")' in script and "from emdata.stage import main" in script
 
 
 def test_run_stage_reads_the_params_yaml_section(replica_copy_server, tmp_path):

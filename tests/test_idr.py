@@ -426,9 +426,6 @@ def test_replica_is_deterministic(replica_tree, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the stage script
-def test_stage_script_is_thin():
-    text = (Path(__file__).parents[1] / "stages" / "idr.py").read_text()
-    assert 'main("idr")' in text and "from emdata.stage import main" in text
 
 
 def test_stage_script_runs(replica, tmp_path):

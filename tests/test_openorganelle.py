@@ -444,9 +444,6 @@ def test_the_replica_s_labels_match_its_em(replica_tree):
 
 
 # ----------------------------------------------------------------------------- the stage script, the live store
-def test_stage_script_is_thin():
-    text = (Path(__file__).parents[1] / "stages" / "openorganelle.py").read_text()
-    assert 'main("openorganelle")' in text and "from emdata.stage import main" in text
 
 
 @pytest.mark.network
