@@ -21,7 +21,8 @@ from emdata import ngff
 from emdata.acquire.context import RunContext
 from emdata.acquire.download import Download, Downloader, DownloadResult, discard_downloads, transfer_figures
 from emdata.acquire.fsutil import atomic_dir
-from emdata.catalog import find
+from emdata.acquire.params import dataclass_from_section
+from emdata.catalog import About, find
 
 
 class Source(Protocol):
@@ -41,17 +42,6 @@ class Source(Protocol):
 def output_path(name: str, ctx: RunContext) -> Path:
     """Where dataset ``name``'s output goes in the repository of ``ctx``."""
     return ctx.repo_root / find(name).output
-
-
-@dataclass(frozen=True)
-class About:
-    """The fixed facts of a source: what it is, where it is described, how to cite it, under which licence."""
-
-    title: str
-    page: str
-    licence: str
-    citation: str
-    doi: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,6 +103,21 @@ P = TypeVar("P")
 Plan = TypeVar("Plan")
 
 
+class SourceBase(Generic[P]):
+    """What every source shares: its name (the catalog's), its facts, and its params section parsed into
+    ``params_type`` (a frozen dataclass that validates itself), unknown keys named."""
+
+    name: str
+    params_type: type[P]
+
+    @property
+    def about(self) -> About:
+        return find(self.name).about
+
+    def parse_params(self, section: Mapping[str, Any] | None) -> P:
+        return dataclass_from_section(self.params_type, section, self.name)
+
+
 @dataclass(frozen=True)
 class Converted:
     """What a file source's conversion says about the output it wrote."""
@@ -125,17 +130,11 @@ class Converted:
     details: Mapping[str, Any] = field(default_factory=dict)
 
 
-class FileSource(ABC, Generic[P, Plan]):
+class FileSource(SourceBase[P], ABC, Generic[P, Plan]):
     """A source whose data are whole files over HTTP: says which files, and how to convert them.
 
     Its params need ``keep_downloads`` (bool) and ``sha256`` (file name -> pinned sha256 of the live file).
     """
-
-    name: str
-    about: About
-
-    @abstractmethod
-    def parse_params(self, section: Mapping[str, Any] | None) -> P: ...
 
     @abstractmethod
     def plan(self, params: P, ctx: RunContext, fetch: Downloader) -> tuple[Plan, Mapping[str, str]]:

@@ -19,7 +19,7 @@ import zarr
 from emdata import ngff
 from emdata.acquire.context import RunContext
 from emdata.acquire.download import Download, Downloader
-from emdata.acquire.params import check_chunks_and_shards, check_sha256_pins, dataclass_from_section
+from emdata.acquire.params import check_chunks_and_shards, check_sha256_pins
 from emdata.catalog import find
 from emdata.errors import DownloadError, IntegrityError, InvalidParameterError, SourceMismatchError
 from emdata.formats import VolumeFormatError, read_volume
@@ -34,14 +34,7 @@ ENTRY = f"EMPIAR-{DEFAULT_ENTRY}"
 API_URL = API_URL_TEMPLATE.format(entry=DEFAULT_ENTRY)
 DATA_URL = FILES_URL_TEMPLATE.format(entry=DEFAULT_ENTRY) + "data/"
 XML_NAME = "F57-8_test1.xml.gz"
-ABOUT = About(
-    title=f"{ENTRY}: Developing retina in zebrafish 55 hpf larval eye (SBF-SEM)",
-    page="https://www.ebi.ac.uk/empiar/EMPIAR-11759/",
-    licence="CC0 1.0 (all EMPIAR entries are released under CC0)",
-    citation="EMPIAR-11759, Electron Microscopy Public Image Archive (EMBL-EBI). Iudin et al., EMPIAR: the Electron "
-             "Microscopy Public Image Archive, Nucleic Acids Research 51(D1), 2023.",
-    doi=("10.6019/EMPIAR-11759",),
-)
+ABOUT = find("empiar").about  # title, page, licence, citation, DOI (emdata.catalog)
 # The API says 5628 x 5632 pixels; every live slice decodes to 5496 x 5500 (checked twice, SOURCES.md).
 KNOWN_SIZE_DISAGREEMENT = {"api_width_height": (5628, 5632), "files_width_height": (5496, 5500)}
 # sha256(ndarray.tobytes()) of live decoded slices, published by a third party (reedmarkham/macroscope catalog,
@@ -718,10 +711,8 @@ class EmpiarSource(FileSource[EmpiarParams, EmpiarPlan]):
     """
 
     name = "empiar"
-    about = ABOUT
+    params_type = EmpiarParams
 
-    def parse_params(self, section: Mapping[str, Any] | None) -> EmpiarParams:
-        return dataclass_from_section(EmpiarParams, section, "empiar")
 
     def run(self, params: EmpiarParams, ctx: RunContext) -> dict[str, Any]:
         output = find(self.name).output_name
@@ -788,7 +779,11 @@ class _EntrySource(EmpiarSource):
     """The source for one run: its ``about`` is the entry's."""
 
     def __init__(self, about: About) -> None:
-        self.about = about
+        self._about = about
+
+    @property
+    def about(self) -> About:
+        return self._about
 
     def run(self, params: EmpiarParams, ctx: RunContext) -> dict[str, Any]:
         return run_file_source(self, params, ctx)

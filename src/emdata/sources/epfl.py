@@ -20,23 +20,17 @@ import zarr
 from emdata import ngff
 from emdata.acquire.context import RunContext
 from emdata.acquire.download import Downloader
-from emdata.acquire.params import check_chunks_and_shards, check_sha256_pins, dataclass_from_section
+from emdata.acquire.params import check_chunks_and_shards, check_sha256_pins
+from emdata.catalog import find
 from emdata.errors import InvalidParameterError, SourceMismatchError
 from emdata.formats import read_volume
-from emdata.sources.base import About, Converted, FileSource
+from emdata.sources.base import Converted, FileSource
 
 log = logging.getLogger(__name__)
 
 BASE_URL = "https://documents.epfl.ch/groups/c/cv/cvlab-unit/www/data/%20ElectronMicroscopy_Hippocampus/"
 SPLITS = ("training", "testing")
-ABOUT = About(
-    title="EPFL CVLab electron microscopy dataset, hippocampus CA1 (mitochondria)",
-    page="https://www.epfl.ch/labs/cvlab/data/data-em/",
-    licence="not stated (research use; cite Lucchi et al.)",
-    citation="A. Lucchi, K. Smith, R. Achanta, G. Knott, P. Fua. Supervoxel-Based Segmentation of Mitochondria in "
-             "EM Image Stacks with Learned Shape Features. IEEE Transactions on Medical Imaging 31(2), 2012.",
-    doi=("10.1109/TMI.2011.2171705",),
-)
+ABOUT = find("epfl").about  # title, page, licence, citation, DOI (emdata.catalog)
 MITO_LABEL = 1
 
 
@@ -72,10 +66,8 @@ class EpflParams:
 
 class EpflSource(FileSource[EpflParams, None]):
     name = "epfl"
-    about = ABOUT
+    params_type = EpflParams
 
-    def parse_params(self, section: Mapping[str, Any] | None) -> EpflParams:
-        return dataclass_from_section(EpflParams, section, "epfl")
 
     def plan(self, params: EpflParams, ctx: RunContext, fetch: Downloader) -> tuple[None, dict[str, str]]:
         return None, {name: BASE_URL + name for name in params.files}  # no documents: the files are all there is

@@ -53,12 +53,13 @@ import zarr
 from emdata import ngff
 from emdata.acquire.context import RunContext
 from emdata.acquire.fsutil import atomic_dir
-from emdata.acquire.params import dataclass_from_section
+from emdata.acquire.params import check_number
 from emdata.acquire.tsio import remote_blocks, ts_result
 from emdata.acquire.urls import redact
+from emdata.catalog import find
 from emdata.errors import DownloadError, InvalidParameterError, SourceMismatchError
 from emdata.formats.precomputed import ScaleInfo, VolumeInfo, parse_info
-from emdata.sources.base import About, Provenance, output_path
+from emdata.sources.base import Provenance, SourceBase, output_path
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +90,7 @@ MAX_SELECTION_VOXELS = 2**26  # the coarse volume read whole for tissue selectio
 EDGE_CONTRAST = 0.3  # coarse tissue is at least this fraction of the brightest voxel near it (JPEG ringing is not)
 EDGE_REACH = 7  # voxels: how far JPEG ringing reaches from an edge (within its 8x8 block)
 CACHE_BYTES = 64 * 2**20  # tensorstore cache: shard indices and chunks shared by neighbouring blocks
-ABOUT = About(
-    title="Janelia FlyEM hemibrain v1.0/v1.2 grayscale (CLAHE, JPEG)",
-    page="https://www.janelia.org/project-team/flyem/hemibrain",
-    # Janelia releases the hemibrain under CC BY 4.0 (FlyEM release page; not restated in the bucket itself).
-    licence="CC BY 4.0",
-    citation="L. K. Scheffer et al. A connectome and analysis of the adult Drosophila central brain. eLife 9, "
-             "e57443, 2020.",
-    doi=("10.7554/eLife.57443",),
-)
+ABOUT = find("hemibrain").about  # title, page, licence, citation, DOI (emdata.catalog)
 
 
 def _is_int(v: Any) -> bool:
@@ -148,12 +141,8 @@ class HemibrainParams:
         if not _is_int(b) or not 0 <= b < 255:
             raise InvalidParameterError(f"hemibrain.background_max_value must be an integer in [0, 254], got {b!r}")
         for name, lo, hi in (("origin_step", 1, 2**20), ("max_attempts", 1, 10**7), ("concurrency", 1, 1024)):
-            v = getattr(self, name)
-            if not _is_int(v) or not lo <= v <= hi:
-                raise InvalidParameterError(f"hemibrain.{name} must be an integer in [{lo}, {hi}], got {v!r}")
-        m = self.max_inflight_mb
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
-            raise InvalidParameterError(f"hemibrain.max_inflight_mb must be a positive number, got {m!r}")
+            check_number(f"hemibrain.{name}", getattr(self, name), kind=int, low=lo, high=hi, low_open=False)
+        check_number("hemibrain.max_inflight_mb", self.max_inflight_mb, low=0, high=2**16)
 
 
 @dataclass(frozen=True)
@@ -489,11 +478,10 @@ def provenance(params: HemibrainParams, plan: CropPlan, sel: Selection, backgrou
                       labels=labels, details=details)
 
 
-class HemibrainSource:
+class HemibrainSource(SourceBase[HemibrainParams]):
     name = "hemibrain"
+    params_type = HemibrainParams
 
-    def parse_params(self, section: Mapping[str, Any] | None) -> HemibrainParams:
-        return dataclass_from_section(HemibrainParams, section, "hemibrain")
 
     def run(self, params: HemibrainParams, ctx: RunContext) -> dict[str, Any]:
         return fetch_hemibrain_crop(params, ctx, output_path(self.name, ctx))

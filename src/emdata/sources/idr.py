@@ -28,9 +28,10 @@ import zarr
 from emdata import ngff
 from emdata.acquire.context import RunContext
 from emdata.acquire.download import Downloader
-from emdata.acquire.params import check_chunks_and_shards, check_sha256_pins, dataclass_from_section
+from emdata.acquire.params import check_chunks_and_shards, check_sha256_pins
+from emdata.catalog import find
 from emdata.errors import DownloadError, InvalidParameterError, SourceMismatchError
-from emdata.sources.base import About, Converted, FileSource
+from emdata.sources.base import Converted, FileSource
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +44,7 @@ TIFF_URL = ("https://ftp.ebi.ac.uk/pub/databases/IDR/idr0086-miron-micrographs/2
             f"Miron_FIB-SEM/Miron_FIB-SEM_processed/{FILE_NAME}")
 API_URL = f"https://idr.openmicroscopy.org/api/v0/m/images/{IMAGE_ID}/"
 IMGDATA_URL = f"https://idr.openmicroscopy.org/webclient/imgData/{IMAGE_ID}/"
-ABOUT = About(
-    title="IDR idr0086 experimentD: FIB-SEM of chromatin in a U2OS cell (Miron et al. 2020, Figure S3B)",
-    page=f"https://idr.openmicroscopy.org/webclient/img_detail/{IMAGE_ID}/",
-    licence="CC BY 4.0",
-    citation="E. Miron et al. Chromatin arranges in chains of mesoscale domains with nanoscale functional topography "
-             "independent of cohesin. Science Advances 6(39), eaba8811, 2020. Data: Image Data Resource idr0086.",
-    doi=("10.1126/sciadv.aba8811",),
-)
+ABOUT = find("idr").about  # title, page, licence, citation, DOI (emdata.catalog)
 
 # Length units -> nanometres. ImageJ writes µm as the escape "\u00B5m" (six characters) in its description;
 # OMERO names units by enum ("MICROMETER") and symbol ("µm").
@@ -143,10 +137,8 @@ def fetch_document(fetch: Downloader, url: str, require: bool) -> tuple[Any, str
 
 class IdrSource(FileSource[IdrParams, IdrPlan]):
     name = "idr"
-    about = ABOUT
+    params_type = IdrParams
 
-    def parse_params(self, section: Mapping[str, Any] | None) -> IdrParams:
-        return dataclass_from_section(IdrParams, section, "idr")
 
     def plan(self, params: IdrParams, ctx: RunContext, fetch: Downloader) -> tuple[IdrPlan, dict[str, str]]:
         # The documents first: a source that changed is caught before 152 MB are fetched.

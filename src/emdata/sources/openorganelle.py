@@ -43,10 +43,11 @@ from emdata import ngff
 from emdata.acquire.context import RunContext
 from emdata.acquire.download import ChecksumRegistry, Downloader
 from emdata.acquire.fsutil import atomic_dir
-from emdata.acquire.params import check_chunks_and_shards, dataclass_from_section
+from emdata.acquire.params import check_chunks_and_shards, check_number
 from emdata.acquire.tsio import remote_blocks
+from emdata.catalog import find
 from emdata.errors import DownloadError, InvalidParameterError, SourceMismatchError
-from emdata.sources.base import About, FileRecord, Provenance, output_path
+from emdata.sources.base import FileRecord, Provenance, SourceBase, output_path
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +57,7 @@ STORE_S3 = f"s3://janelia-cosem-datasets/{DATASET}/{DATASET}.zarr"
 GROUP_PATH = "recon-2/em/fibsem-int16"
 GROUP_URL = f"{STORE_URL}/{GROUP_PATH}"
 LAYER = f"zarr://{STORE_S3}/{GROUP_PATH}"  # the layer link of the dataset's web page
-ABOUT = About(
-    title=f"Janelia OpenOrganelle {DATASET} (mouse nucleus accumbens) FIB-SEM, {GROUP_PATH}",
-    page=f"https://openorganelle.janelia.org/datasets/{DATASET}",
-    licence="CC BY 4.0 (Janelia COSEM open data)",
-    citation=f"Janelia COSEM Project Team, OpenOrganelle {DATASET}: reconstructed FIB-SEM data, Janelia Research "
-             "Campus (figshare), doi:10.25378/janelia.24222898.",
-    doi=("10.25378/janelia.24222898",),
-)
+ABOUT = find("openorganelle").about  # title, page, licence, citation, DOI (emdata.catalog)
 NUCLEI_DOI = "10.25378/janelia.26513209"  # the nucleus segmentation's figshare record (a pointer to the bucket)
 
 # Label layers that ``labels`` can select: name -> (group path in the store, what it is).
@@ -148,12 +142,8 @@ class OpenOrganelleParams:
             raise InvalidParameterError(
                 f"openorganelle.max_missing_chunks must be an integer >= 0, got {self.max_missing_chunks!r}")
         check_chunks_and_shards("openorganelle", self.chunks, self.shards)
-        if not _is_int(self.concurrency) or not 1 <= self.concurrency <= 1024:
-            raise InvalidParameterError(
-                f"openorganelle.concurrency must be an integer in [1, 1024], got {self.concurrency!r}")
-        m = self.max_inflight_mb
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
-            raise InvalidParameterError(f"openorganelle.max_inflight_mb must be a positive number, got {m!r}")
+        check_number("openorganelle.concurrency", self.concurrency, kind=int, low=1, high=1024, low_open=False)
+        check_number("openorganelle.max_inflight_mb", self.max_inflight_mb, low=0, high=2**16)
 
 
 @dataclass(frozen=True)
@@ -447,11 +437,10 @@ def provenance(plan: LevelPlan, zattrs: Any, zarray_doc: Any, files: list[FileRe
         })
 
 
-class OpenOrganelleSource:
+class OpenOrganelleSource(SourceBase[OpenOrganelleParams]):
     name = "openorganelle"
+    params_type = OpenOrganelleParams
 
-    def parse_params(self, section: Mapping[str, Any] | None) -> OpenOrganelleParams:
-        return dataclass_from_section(OpenOrganelleParams, section, "openorganelle")
 
     def run(self, params: OpenOrganelleParams, ctx: RunContext) -> dict[str, Any]:
         return fetch_openorganelle(params, ctx, output_path(self.name, ctx))
