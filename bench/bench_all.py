@@ -100,10 +100,9 @@ def summary(runs: dict[str, dict[str, Any]]) -> list[str]:
                        f"`{best}` / (GET + untar) = {pulls[best]['median']:.2f}x ({pulls[best]['min']:.2f}.."
                        f"{pulls[best]['max']:.2f}; target <= 1.5x); push / (tar + upload) = "
                        f"{r['dvc push']['median']:.2f}x")
-        m = dvc.get("model")
-        if m:
-            for name, p in m["projections"].items():
-                out.append(f"dvc, projected to {name}: pull / tar = {p['ratio']:.2f}x")
+        for m in (dvc.get("model"), dvc.get("model_hardlink")):
+            for name, p in (m or {}).get("projections", {}).items():
+                out.append(f"dvc, `{m['case']}` projected to {name}: pull / tar = {p['ratio']:.2f}x (target <= 1.5x)")
     mem = _json("memory.json")
     if mem:
         for name, per in mem["stages"].items():

@@ -106,7 +106,8 @@ def run_aria2c(mirror: str, files: list[tuple[str, str]], dest: Path, args: list
 def grid(quick: bool) -> list[dict[str, Any]]:
     if quick:  # small files: a low threshold and small parts so that the ranges are exercised
         return [{"workers": 8, "range_workers": 8, "range_threshold_mb": 4.0, "range_part_mb": 2.0}]
-    combos = [(8, r, p) for r in (4, 8, 16) for p in (8.0, 16.0, 32.0)] + [(4, 8, 16.0), (16, 8, 16.0)]
+    combos = [(8, r, p) for r in (8, 16) for p in (8.0, 16.0, 32.0)] + [(8, 4, 16.0), (8, 16, 4.0), (4, 16, 8.0),
+                                                                      (16, 8, 16.0), (16, 16, 8.0)]
     return [{"workers": w, "range_workers": r, "range_threshold_mb": 32.0, "range_part_mb": p} for w, r, p in combos]
 
 

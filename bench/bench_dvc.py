@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for case in (*cases[4:], "dvc pull, nothing to do"):
             lay["ratios"][case] = {"median_s": statistics.median(t[case])}
     results["model"] = model(results, cases[1])
+    results["model_hardlink"] = model(results, cases[3])
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
@@ -243,8 +244,9 @@ def report(results: dict[str, Any]) -> str:
             ratio = f"{r['median']:.2f}x ({r['min']:.2f}..{r['max']:.2f})" if "median" in r else "1 (baseline)"
             lines.append(f"{head} | {case} | {r['median_s']:.2f} | {ratio} |")
             head = "| | | | "
-    m = results.get("model")
-    if m:
+    for m in (results.get("model"), results.get("model_hardlink")):
+        if not m:
+            continue
         lines += ["", f"Model of `{m['case']}`: {m['fixed_s']:.2f} s fixed (a pull with nothing to do) + "
                   f"{m['per_file_ms']:.1f} ms per file + {m['per_mb_ms']:.2f} ms per MB; one GET + untar "
                   f"{m['tar_per_mb_ms']:.2f} ms per MB. Projected:", ""]

@@ -87,15 +87,16 @@ def _number(name: str, value: Any, **bounds: Any) -> None:
 class DownloadConfig:
     """Settings of the download engine (params.yaml section ``download``)."""
 
-    # Defaults measured by bench/bench_download.py (replica +30 ms per response, 20 MB/s per connection,
-    # 2 cores; median of 3, bench/RESULTS.md): files of 40 + 96 + 256 MB took 3.7 s with these values, 3.4 s
-    # with the best grid point (16 workers), 3.9 s with aria2c -x8 -s8, 15.1 s with the previous 4 workers /
-    # 4 ranges x 64 MiB from 256 MB (no ranges below 256 MB: one capped stream per file). 4 ranges: 1.5-1.7x
-    # slower; 16 ranges or 32 MiB parts: no gain. 24 files of 2 MB: 4 workers 1.9x slower than 8.
+    # Defaults measured by bench/bench_download.py (replica +30 ms per response, 20 MB/s per connection, 2 cores;
+    # files of 40 + 96 + 256 MB; two runs of 3 repeats, ratios to the best grid point, bench/RESULTS.md): these
+    # values 1.03x and 1.00x; 8 ranges x 16 MiB 1.06x and 1.51x; 4 ranges 1.5-2.7x; the previous 4 workers /
+    # 4 ranges x 64 MiB from 256 MB (one capped stream per file below 256 MB) 4.3x and 8.3x. aria2c -x8 -s8
+    # took 1.15x and 1.24x. 24 files of 2 MB: 4 workers 1.9-2.4x slower than 8. A host that limits
+    # connections per client wants fewer range_workers (each large file opens that many).
     workers: int = 8  # files downloaded at once
-    range_workers: int = 8  # concurrent byte ranges of one large file
+    range_workers: int = 16  # concurrent byte ranges of one large file
     range_threshold_mb: float = 32.0  # files at least this large are fetched as parallel ranges
-    range_part_mb: float = 16.0
+    range_part_mb: float = 8.0
     retries: int = 5  # attempts after the first one
     backoff_s: float = 1.0  # first retry delay, doubled each time (capped at backoff_max_s)
     backoff_max_s: float = 30.0
