@@ -2,8 +2,8 @@
 
 Each stage runs as users run it (``python stages/<name>.py`` in a scratch workspace whose params.yaml has
 ``mirror: {url: <replica>, serves: replica}``), once against the small replica profile and once against the
-full one (the real shapes of EPFL and IDR; hemibrain's crop at its params.yaml size), one process at a
-time; its peak resident set size comes from ``os.wait4`` (``ru_maxrss`` of that process). The output's
+full one (the real shapes of EPFL and IDR; hemibrain's crop at its params.yaml size; OpenOrganelle by ROI),
+one process at a time; its peak resident set size comes from ``os.wait4`` (``ru_maxrss`` of that process). The output's
 bytes show how much larger the second size is.
 
     .venv/bin/python bench/bench_memory.py [--quick] [--stages epfl,hemibrain,...] [--json F]
@@ -30,10 +30,12 @@ from emdata.offline import services
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["epfl", "hemibrain", "empiar", "idr", "openorganelle", "metadata"]
 # Per size: the replica profile and params overrides (section -> values). The small replica's hemibrain tissue
-# is 384^3, so its crop is smaller than params.yaml's 1000^3.
+# is 384^3, so its crop is smaller than params.yaml's 1000^3. OpenOrganelle's replica keeps the real s0 shape
+# (7.4 GB) at both profiles: its ROI sets the size (8 MB vs 134 MB of int16).
 SIZES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
-    "small": ("small", {"hemibrain": {"crop_size": [256, 256, 256], "min_tissue_fraction": 0.5}}),
-    "full": ("full", {}),
+    "small": ("small", {"hemibrain": {"crop_size": [256, 256, 256], "min_tissue_fraction": 0.5},
+                        "openorganelle": {"roi_voxels": [[0, 0, 0], [64, 256, 256]]}}),
+    "full": ("full", {"openorganelle": {"roi_voxels": [[0, 0, 0], [256, 512, 512]]}}),
 }
 
 
