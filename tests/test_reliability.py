@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from emdata.acquire.download import Download, Downloader
 from emdata.acquire.fsutil import StageBusyError, stage_lock
 from emdata.acquire.params import DownloadConfig
+from emdata.catalog import DATASETS
 from emdata.errors import DownloadError, InvalidParameterError
 from emdata.stage import run_stage
 
@@ -124,3 +127,47 @@ def test_params_outside_their_bounds_fail_naming_the_param(replica, tmp_path, te
 def test_checksums_file_in_a_subfolder_of_the_repository_is_fine(tmp_path):
     assert DownloadConfig(checksums_file="pins/checksums.json").checksums_file == "pins/checksums.json"
     assert Path("pins/checksums.json").suffix == ".json"
+
+
+# ----------------------------------------------------------------------------- class 4: absurd numbers, hard cap
+def _edit(path: Path, edit: Any) -> None:
+    import json
+
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+
+
+ABSURD = {
+    "hemibrain": ("storage.googleapis.com/neuroglancer-janelia-flyem-hemibrain/emdata/clahe_yz/jpeg/info",
+                  lambda d: [s.update(chunk_sizes=[[10**6, 10**6, 10**6]], size=[2**40] * 3) for s in d["scales"]],
+                  r"info scales\[0\]"),
+    "empiar": ("www.ebi.ac.uk/empiar/api/entry/11759/index.html",
+               lambda d: d["EMPIAR-11759"]["imagesets"][0].update(num_images_or_tilt_series=10**12),
+               r"api/entry/11759/: imagesets\[0\].*num_images_or_tilt_series 1000000000000"),
+    "openorganelle": ("janelia-cosem-datasets.s3.amazonaws.com/jrc_mus-nacc-2/jrc_mus-nacc-2.zarr/recon-2/em/"
+                      "fibsem-int16/s0/.zarray", lambda d: d.update(shape=[10**6, 10**6, 10**6]),
+                      r"s0/.zarray: shape \[1000000, 1000000, 1000000\]"),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(ABSURD))
+def test_absurd_numbers_fail_naming_the_field_under_a_hard_memory_cap(stage, replica_copy, replica_copy_server,
+                                                                      tmp_path):
+    import subprocess
+    import sys
+
+    path, edit, message = ABSURD[stage]
+    _edit(replica_copy / path, edit)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    section = "{seed: 7, crop_size: [64, 64, 64]}" if stage == "hemibrain" else "{}"
+    (ws / "params.yaml").write_text(params(replica_copy_server, extra=f"{stage}: {section}\n"))
+    cap = 3 * 2**30  # address space: far below what the absurd numbers would ask for
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (%d, %d)); "
+            "from emdata.stage import main; main(%r)" % (cap, cap, stage))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ws, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]  # a Python error, not an abort (bad_alloc) or a kill
+    assert "SourceMismatchError" in proc.stderr and re.search(message, proc.stderr), proc.stderr[-2000:]
+    assert "MemoryError" not in proc.stderr and "bad_alloc" not in proc.stderr
+    assert not (ws / "data" / DATASETS[stage].output.removeprefix("data/")).exists()

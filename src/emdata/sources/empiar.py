@@ -74,6 +74,10 @@ EXTENSIONS = {"dm3": (".dm3",), "dm4": (".dm4",), "tiff": (".tif", ".tiff"),
               "mrc": (".mrc", ".mrcs", ".map", ".st", ".ali", ".rec")}
 ALL_EXTENSIONS = tuple(e for exts in EXTENSIONS.values() for e in exts)
 SIDE_FILE_SUFFIXES = (".xml", ".xml.gz")  # metadata beside the images: optional
+# Bounds on what an entry may claim before anything is sized from it: EMPIAR's largest image sets hold some
+# tens of thousands of images of at most tens of thousands of pixels a side.
+MAX_IMAGES = 100_000
+MAX_IMAGE_SIDE = 1 << 17
 MAX_SIDE_FILE_DECODED = 1 << 30  # an .xml.gz decoding past this is refused (a gzip bomb), not read on
 _Z_TEXT = re.compile(r"(\d+(?:\.\d+)?)\s*(nm|Å|A|µm|um)\s*(?:per|/)\s*(?:section|slice)", re.IGNORECASE)
 _UNIT_NM = {"nm": 1.0, "å": 0.1, "a": 0.1, "µm": 1000.0, "um": 1000.0}
@@ -190,9 +194,14 @@ def parse_api(document: Any, entry: int = DEFAULT_ENTRY, imageset: int | str = 0
         )
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise SourceMismatchError(f"{url}: imagesets[{index}] of the {key} entry lacks or garbles {exc}") from exc
-    if not facts.directory or ".." in facts.directory.split("/") or facts.num_images < 1:
+    if not facts.directory or ".." in facts.directory.split("/") or not 1 <= facts.num_images <= MAX_IMAGES:
         raise SourceMismatchError(f"{url}: imagesets[{index}] has directory {facts.directory!r} and "
-                                  f"num_images_or_tilt_series {facts.num_images}: not an image set we can fetch")
+                                  f"num_images_or_tilt_series {facts.num_images}: not an image set we can fetch "
+                                  f"(1..{MAX_IMAGES} images)")
+    for field_name in ("image_width", "image_height"):
+        value = getattr(facts, field_name)
+        if isinstance(value, int) and not 0 < value <= MAX_IMAGE_SIDE:
+            raise SourceMismatchError(f"{url}: imagesets[{index}].{field_name} {value} is outside 1..{MAX_IMAGE_SIDE}")
     return facts
 
 
