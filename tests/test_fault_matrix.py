@@ -58,6 +58,7 @@ FAULTS: dict[str, tuple[dict[str, Any], dict[str, Any], bool]] = {
 }
 RESULTS: dict[tuple[str, str], dict[str, Any]] = {}
 HOSTILE: list[tuple[str, str, str]] = []
+RESULTS_KILL: dict[str, list[float]] = {}
 
 
 def _workspace(path: Path, server: ReplicaServer, stage: str) -> Path:
@@ -110,7 +111,8 @@ def clean(replica_tree: Path, tmp_path_factory: pytest.TempPathFactory,
 @pytest.fixture(scope="module", autouse=True)
 def report() -> Iterator[None]:
     yield
-    if len(RESULTS) == len(DATASETS) * len(FAULTS) and len(HOSTILE) == len(HOSTILE_CASES):  # complete runs only
+    if len(RESULTS) == len(DATASETS) * len(FAULTS) and len(HOSTILE) == len(HOSTILE_CASES) \
+            and len(RESULTS_KILL) == len(DATASETS):  # complete runs only
         _write_report()
 
 
@@ -165,25 +167,37 @@ def _write_report() -> None:
         "Each stage ran on the small replica with one fault switched on (faults act on every request, counted ones",
         "on the first requests, documents included). **pass** = completed with output byte-identical to a clean",
         "run; **fail-clear** = failed within the deadline with an error naming the URL or file and the cause, no",
-        "partial output, and a rerun without the fault completed byte-identically.",
+        "partial output, and a rerun without the fault completed byte-identically. Every cell ran within its",
+        f"deadline ({DEADLINE_S:.0f} s; the longest took {max(c['seconds'] for c in RESULTS.values()):.0f} s).",
         "",
         "| fault | " + " | ".join(stages) + " |",
         "|---|" + "---|" * len(stages),
     ]
     for fault in FAULTS:
-        cells = [f"{RESULTS[(s, fault)]['outcome']} ({RESULTS[(s, fault)]['seconds']} s)" for s in stages]
+        cells = [RESULTS[(s, fault)]["outcome"] for s in stages]
         lines.append(f"| {fault} | " + " | ".join(cells) + " |")
     lines += ["", "## What each failure said", ""]
     for (stage, fault), cell in RESULTS.items():
         if cell["outcome"] != "pass":
             lines.append(f"- **{stage} / {fault}**: {cell['detail']}; rerun: {cell.get('rerun')}")
+    lines += ["", "## SIGKILL halfway", "",
+              f"Each stage was killed (SIGKILL) {KILLS_PER_STAGE} times at seeded random points of a run, one run after "
+              "another, then run again: the output was byte-identical to a clean run and no temporary folder was left.",
+              "", "| stage | killed after (s) |", "|---|---|"]
+    lines += [f"| {stage} | {', '.join(map(str, points))} |" for stage, points in RESULTS_KILL.items()]
     lines += ["", "## Hostile inputs", "",
               "Documents and files with absurd or wrong content, each served by a tampered copy of the replica:",
               "every one fails before any large allocation or download, with the error below.", "",
               "| stage | hostile input | error |", "|---|---|---|"]
     lines += [f"| {stage} | {case} | {msg} |" for stage, case, msg in HOSTILE]
     REPORT.parent.mkdir(exist_ok=True)
-    REPORT.write_text("\n".join(lines) + "\n")
+    REPORT.write_text(_stable("\n".join(lines) + "\n"))
+
+
+def _stable(text: str) -> str:
+    """The report without what changes from run to run (ports, temporary folders), so it diffs meaningfully."""
+    text = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", text)
+    return re.sub(r"/tmp/[^\s:'\"]*?/ws/", "<workspace>/", text)
 
 
 # ----------------------------------------------------------------------------- hostile inputs
@@ -246,3 +260,40 @@ def test_hostile_input(case: str, replica_copy: Path, replica_copy_server: Repli
     assert _names_where(message), message
     assert seconds < 60
     HOSTILE.append((stage, case, f"{type(value).__name__}: {message[:240]}".replace("|", "\\|")))
+
+
+# ----------------------------------------------------------------------------- SIGKILL halfway
+KILLS_PER_STAGE = 2
+
+
+@pytest.mark.parametrize("stage", list(DATASETS))
+def test_sigkill_at_seeded_points_then_a_rerun_gives_identical_output(
+        stage: str, clean: dict[str, tuple[Path, dict[str, str]]], replica: ReplicaServer, tmp_path: Path) -> None:
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    _, expected = clean[stage]
+    ws = _workspace(tmp_path / "ws", replica, stage)
+    shutil.copytree(REPO / "stages", ws / "stages")
+    cmd = [sys.executable, f"stages/{stage}.py"]
+    began = time.monotonic()
+    subprocess.run(cmd, cwd=ws, check=True, capture_output=True, timeout=DEADLINE_S)  # how long a whole run takes
+    whole = time.monotonic() - began
+    output = ws / DATASETS[stage].output
+    shutil.rmtree(output)
+    (ws / "checksums.json").unlink(missing_ok=True)
+    rng = random.Random(f"kill-{stage}")
+    points = sorted(rng.uniform(0.2, whole) for _ in range(KILLS_PER_STAGE))
+    for at in points:  # each kill interrupts the run after the previous kill: leftovers pile up, then clear
+        proc = subprocess.Popen(cmd, cwd=ws, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(at)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    rerun = subprocess.run(cmd, cwd=ws, capture_output=True, text=True, timeout=DEADLINE_S)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert _tree(output) == expected, f"{stage}: output after SIGKILLs at {points} s differs from a clean run"
+    leftovers = [p.name for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")]
+    assert not leftovers, leftovers
+    RESULTS_KILL[stage] = [round(p, 2) for p in points]
