@@ -156,3 +156,36 @@ def test_stage_script_is_thin_and_runs(replica, tmp_path):
     proc = subprocess.run([sys.executable, "stages/epfl.py"], cwd=ws, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (ws / "data/epfl.zarr/training/0/zarr.json").exists()
+
+
+def test_a_cache_mirror_is_verified_against_the_live_pins(replica, replica_tree, tmp_path):
+    """A mirror that serves a cache of the live bytes is held to the live pins, not the replica's section."""
+    import hashlib
+
+    from emdata.sources.epfl import BASE_URL
+
+    url = BASE_URL + "training.tif"
+    digest = hashlib.sha256((replica_tree / HOST_PATH / "training.tif").read_bytes()).hexdigest()
+    cache = f'mirror: {{url: "{replica.base_url}", serves: cache}}\n'
+    section = "download: {retries: 0, backoff_s: 0}\nepfl: {splits: [training]}\n"
+    # A live pin that the cache's bytes do not match: refused, although the replica section would accept them.
+    ws = tmp_path / "wrong"
+    ws.mkdir()
+    (ws / "params.yaml").write_text(cache + section)
+    (ws / "checksums.json").write_text(json.dumps({"live": {url: {"size": 1, "sha256": "ab" * 32}},
+                                                   "replica": {url: {"sha256": digest}}}))
+    with pytest.raises(IntegrityError, match=r"training.tif.*(size|sha256)"):
+        run_stage("epfl", repo_root=ws)
+    assert not (ws / "data" / "epfl.zarr").exists()
+    # The right live pin: verified with one download, the origin recorded as cache.
+    ws = tmp_path / "right"
+    ws.mkdir()
+    (ws / "params.yaml").write_text(cache + section)
+    size = (replica_tree / HOST_PATH / "training.tif").stat().st_size
+    (ws / "checksums.json").write_text(json.dumps({"live": {url: {"size": size, "sha256": digest}}}))
+    replica.faults.requests_seen.clear()
+    metrics = run_stage("epfl", repo_root=ws)
+    prov = zarr.open_group(str(ws / "data" / "epfl.zarr"), mode="r").attrs["emdata"]
+    assert prov["origin"] == "cache" and metrics["run"]["origin"] == "cache"
+    gets = [r for r in replica.faults.requests_seen if "training.tif" in r]
+    assert len(gets) == 1  # pinned: no second download to confirm it
