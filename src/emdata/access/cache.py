@@ -50,16 +50,6 @@ class ChunkCache:
                 self._ts_context = ts.Context({"cache_pool": {"total_bytes_limit": self.total_bytes}})
             return self._ts_context
 
-    def get(self, key: Hashable) -> np.ndarray | None:
-        with self._lock:
-            chunk = self._lru.get(key)
-            if chunk is None:
-                self.misses += 1
-                return None
-            self._lru.move_to_end(key)
-            self.hits += 1
-            return chunk
-
     def get_or_load(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
         """The cached chunk, or ``load()`` it once even when several threads miss it at the same time."""
         with self._lock:
