@@ -62,7 +62,7 @@ def run_stage(ws: Path, name: str) -> dict[str, Any]:
     if proc.returncode:
         raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); last lines:\n"
                            + "\n".join(log.read_text().splitlines()[-15:]))
-    output = ws / find(name).output
+    output = ws / ("metadata" if name == "metadata" else find(name).output)
     nbytes = sum(p.stat().st_size for p in output.rglob("*") if p.is_file()) if output.is_dir() else \
         (output.stat().st_size if output.exists() else 0)
     return {"peak_rss_mb": usage.ru_maxrss / 1024, "seconds": seconds, "output_mb": nbytes / 1e6}
