@@ -88,12 +88,12 @@ class DownloadConfig:
     """Settings of the download engine (params.yaml section ``download``)."""
 
     # Defaults measured by bench/bench_download.py (replica +30 ms per response, 20 MB/s per connection, 2 cores;
-    # files of 40 + 96 + 256 MB; two runs of 3 repeats, ratios to the best grid point, bench/RESULTS.md): these
-    # values 1.03x and 1.00x; 8 ranges x 16 MiB 1.06x and 1.51x; 4 ranges 1.5-2.7x; the previous 4 workers /
-    # 4 ranges x 64 MiB from 256 MB (one capped stream per file below 256 MB) 4.3x and 8.3x. aria2c -x8 -s8
-    # took 1.15x and 1.24x. 24 files of 2 MB: 4 workers 1.9-2.4x slower than 8. A host that limits
-    # connections per client wants fewer range_workers (each large file opens that many).
-    workers: int = 8  # files downloaded at once
+    # median of 3, ratio to the best grid point; bench/RESULTS.md). Files of 40 + 96 + 256 MB: 16 ranges x 8 MiB
+    # 1.00x (1.44 s), 8 ranges x 16 MiB 1.58x, 4 ranges 2.8x, aria2c -x8 -s8 1.46x, the previous 4 workers /
+    # 4 ranges x 64 MiB from 256 MB (one capped stream per file below 256 MB) 9.4x. 24 files of 2 MB (EMPIAR's
+    # slices): 16 workers 1.00x, 8 workers 1.40x, 4 workers 2.6x, aria2c 2.2x. A host that limits connections per
+    # client wants fewer workers and range_workers (a large file opens range_workers connections).
+    workers: int = 16  # files downloaded at once
     range_workers: int = 16  # concurrent byte ranges of one large file
     range_threshold_mb: float = 32.0  # files at least this large are fetched as parallel ranges
     range_part_mb: float = 8.0
