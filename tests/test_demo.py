@@ -56,6 +56,24 @@ def test_demo_repro_push_pull_restores_every_output(tmp_path):
         with pytest.raises(requests.ConnectionError):
             requests.get(url, timeout=2)
 
+    # Every output passes the strict OME-NGFF 0.5 models (ome-zarr-models): images, their labels, EPFL's collection.
+    import warnings
+
+    import zarr
+    from ome_zarr_models.v05 import BioFormats2Raw, Image
+
+    from emdata.ngff import find_images
+
+    for out in summary["outputs"]:
+        root = zarr.open_group(str(ws / out), mode="r")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # ome-zarr-models warns about what it has to repair: nothing here
+            warnings.filterwarnings("ignore", message=".*METADATA.ome.xml.*")  # zarr on the collection's OME-XML
+            if "bioformats2raw.layout" in root.attrs.asdict().get("ome", {}):
+                BioFormats2Raw.from_zarr(root)
+            for _, group in find_images(root):
+                image = Image.from_zarr(group)
+                assert image.attributes.ome.multiscales[0].datasets
     # After the demo has exited, its workspace still pulls (from its local folder remote) and is up to date.
     dvc = [sys.executable, "-m", "dvc"]
     crop = ws / "data" / "hemibrain_crop.zarr"

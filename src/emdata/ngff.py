@@ -31,7 +31,7 @@ DEFAULT_CHUNKS: tuple[int, int, int] = (64, 64, 64)
 DEFAULT_SHARDS: tuple[int, int, int] = (256, 256, 256)
 
 Downsampling = Literal["mean", "mode", "nearest"]
-PROGRESS_EVERY_S = 10.0
+PROGRESS_EVERY_S = 5.0  # a long write logs its progress at least this often
 
 
 @dataclass(frozen=True)
