@@ -28,18 +28,18 @@ PY = ".venv/bin/python"
 
 # name -> (full command, quick command, the owner's results file or None); {out} is bench/out.
 BENCHMARKS: dict[str, tuple[str, str, str | None]] = {
-    "download": ("bench/bench_download.py --json {out}/download.json",
-                 "bench/bench_download.py --quick --json {out}/download.json", None),
-    "dvc": ("bench/bench_dvc.py --json {out}/dvc.json", "bench/bench_dvc.py --quick --json {out}/dvc.json", None),
-    "memory": ("bench/bench_memory.py --json {out}/memory.json",
-               "bench/bench_memory.py --quick --json {out}/memory.json", None),
+    "download": ("bench/bench_download.py --json {out}/download{tag}.json",
+                 "bench/bench_download.py --quick --json {out}/download{tag}.json", None),
+    "dvc": ("bench/bench_dvc.py --json {out}/dvc{tag}.json", "bench/bench_dvc.py --quick --json {out}/dvc{tag}.json", None),
+    "memory": ("bench/bench_memory.py --json {out}/memory{tag}.json",
+               "bench/bench_memory.py --quick --json {out}/memory{tag}.json", None),
     # Its results file goes to bench/out (the owner's bench/RESULTS_pyramid.md is theirs) and is included below.
     "pyramid": ("bench/bench_pyramid.py --repeats 3 --memory-sizes 256 512 --out {out}/RESULTS_pyramid.md",
                 "bench/bench_pyramid.py --size 128 --shards 64 --repeats 1 --memory-sizes 128 "
                 "--out {out}/RESULTS_pyramid.quick.md",
                 "RESULTS_pyramid.md"),
-    "access": ("bench/bench_access.py --json {out}/access.json",
-               "bench/bench_access.py --size 128 --block 64 --repeats 1 --out {out} --json {out}/access.json",
+    "access": ("bench/bench_access.py --json {out}/access{tag}.json",
+               "bench/bench_access.py --size 128 --block 64 --repeats 1 --out {out} --json {out}/access{tag}.json",
                "RESULTS_access.md"),
     "hemibrain": ("bench/bench_hemibrain.py --profile full --crop 512 --latency 0.02 --repeats 3",
                   "bench/bench_hemibrain.py --profile small --crop 128 --repeats 1", None),
@@ -73,10 +73,10 @@ def run(name: str, command: str) -> dict[str, Any]:
             "utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")}
 
 
-def summary(runs: dict[str, dict[str, Any]]) -> list[str]:
+def summary(runs: dict[str, dict[str, Any]], tag: str = "") -> list[str]:
     """The ratios each target is judged by: computed from the JSON of ours, the ratio lines of the others."""
     out = [f"machine: {machine()}", ""]
-    dl = _json("download.json")
+    dl = _json(f"download{tag}.json")
     if dl:
         for set_name, s in dl["sets"].items():
             default = next(v for k, v in s["cases"].items() if k.startswith("defaults ("))
@@ -90,7 +90,7 @@ def summary(runs: dict[str, dict[str, Any]]) -> list[str]:
         if first:
             out.append(f"download, first download of an unverifiable file (fetched twice) / best pinned = "
                        f"{first['ratio']:.2f}x")
-    dvc = _json("dvc.json")
+    dvc = _json(f"dvc{tag}.json")
     if dvc:
         for shard, lay in dvc["layouts"].items():
             r = lay["ratios"]
@@ -103,7 +103,7 @@ def summary(runs: dict[str, dict[str, Any]]) -> list[str]:
         for m in (dvc.get("model"), dvc.get("model_hardlink")):
             for name, p in (m or {}).get("projections", {}).items():
                 out.append(f"dvc, `{m['case']}` projected to {name}: pull / tar = {p['ratio']:.2f}x (target <= 1.5x)")
-    mem = _json("memory.json")
+    mem = _json(f"memory{tag}.json")
     if mem:
         for name, per in mem["stages"].items():
             sizes = list(per)
@@ -133,18 +133,18 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(exist_ok=True)
     tag = ".quick" if args.quick else ""
     for name in names:
-        (OUT / f"{name}.json").unlink(missing_ok=True)
+        (OUT / f"{name}{tag}.json").unlink(missing_ok=True)
     began = datetime.datetime.now(datetime.UTC)
     header = machine()
     for name in names:
         full, quick, _ = BENCHMARKS[name]
-        record = run(name, (quick if args.quick else full).format(out=OUT.relative_to(REPO)))
+        record = run(name, (quick if args.quick else full).format(out=OUT.relative_to(REPO), tag=tag))
         (OUT / f"run_{name}{tag}.json").write_text(json.dumps(record))
     # A subset (--only) re-renders RESULTS.md with the latest record of every other benchmark (each section
     # says when it ran), so one benchmark can be re-run without running all.
     runs = {name: json.loads((OUT / f"run_{name}{tag}.json").read_text()) for name in BENCHMARKS
             if (OUT / f"run_{name}{tag}.json").exists()}
-    lines = summary(runs)
+    lines = summary(runs, tag)
     print("\n===== summary\n" + "\n".join(lines))
     target = OUT / "RESULTS.quick.md" if args.quick else HERE / "RESULTS.md"
     target.write_text(results_md(runs, lines, began, header, args.quick))
