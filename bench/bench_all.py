@@ -177,8 +177,7 @@ def results_md(runs: dict[str, dict[str, Any]], lines: list[str], began: datetim
         if name in ("download", "dvc", "memory"):  # ours print markdown
             md += ["", *body]
         elif name == "pyramid" and made.exists():  # it writes its tables to a file, with its command
-            md += ["", *[line.replace("# ", "### ", 1) if line.startswith("# ") else line
-                         for line in made.read_text().splitlines()]]
+            md += ["", *[f"##{line}" if line.startswith("#") else line for line in made.read_text().splitlines()]]
         else:
             md += ["", "```", *body[-80:], "```"]
     return "\n".join(md) + "\n"
