@@ -369,3 +369,19 @@ def test_a_document_cut_short_with_a_matching_length_is_fetched_again(file_serve
     server.faults.truncate_to_bytes, server.faults.truncate_count = 50, 10
     with pytest.raises(Exception, match=r"doc.json: expected a JSON document.*after 3 attempts"):
         make(server, retries=2).fetch_json(url)
+
+
+def test_unverifiable_ranged_downloads_repeated_in_one_folder_are_never_zeros(file_server, tmp_path):
+    """Leftover parts lists of confirmation copies must never pass for downloaded bytes (they did: zeros)."""
+    server, tree = file_server
+    url = tree.add("big.bin", 3 * MB)
+    for run in range(3):
+        registry = ChecksumRegistry(tmp_path / f"c{run}.json", "replica")  # nothing recorded: confirm each time
+        if run == 1:
+            server.faults.corrupt_count = 1  # one run needs the third copy
+        result = make(server, registry=registry, range_threshold_mb=1, range_part_mb=1).download(
+            Download(url, tmp_path / "big.bin"))
+        assert result.sha256 == tree.sha256("big.bin"), f"run {run}"
+        assert (tmp_path / "big.bin").read_bytes() == tree.files["big.bin"]
+        (tmp_path / "big.bin").unlink()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("big.bin")) == []

@@ -68,5 +68,5 @@ def test_publish_in_one_clone_then_a_fresh_clone_pulls_hemibrain_byte_identical(
         _run([*dvc, "remote", "modify", "--local", "storage", "endpointurl", endpoint], second, env)
         _run([*dvc, "pull", "data/hemibrain_crop.zarr"], second, env)
     pulled, made = second / "data" / "hemibrain_crop.zarr", first / "data" / "hemibrain_crop.zarr"
-    assert _tree(pulled) == _tree(made) and len(_tree(made)) > 10
+    assert _tree(pulled) == _tree(made) and len(_tree(made)) > 5  # image and label levels, chunks
     assert not (second / "data" / "epfl.zarr").exists()  # just the one asked for

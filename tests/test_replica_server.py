@@ -120,9 +120,9 @@ def test_a_new_builder_version_replaces_the_old_files(tmp_path, monkeypatch):
             (root / "example.org" / f"only-in-v{Builder.VERSION}.bin").write_bytes(b"x")
             (root / "example.org" / "both.bin").write_bytes(bytes([Builder.VERSION]))
 
-    from emdata.catalog import DATASETS, Dataset
+    from emdata.catalog import DATASETS, About, Dataset
 
-    monkeypatch.setitem(DATASETS, "fake", Dataset("fake", "data/fake.zarr", "fake_source"))
+    monkeypatch.setitem(DATASETS, "fake", Dataset("fake", "data/fake.zarr", "fake_source", About("t", "p", "l", "c")))
     monkeypatch.setitem(__import__("sys").modules, "emdata.offline.replica.fake", Builder)
     tree = replica.build_replica("small", ["fake"], tmp_path)
     replica.build_replica("small", ["fake"], tmp_path)  # cached: not built again

@@ -357,22 +357,24 @@ class Downloader:
         """
         fetched = 0
         digests = [digest]
-        for n in (2, 3):
-            check = dest.with_name(f"{dest.name}.check{n}")
+        checks = [dest.with_name(f"{dest.name}.check{n}") for n in (2, 3)]
+        for check in checks:  # a copy is always fetched afresh: never resumed from an earlier run's leftovers
+            _discard_partial(check)
+        for n, check in enumerate(checks, 2):
             fetched += self._fetch(target, check, None)
             digests.append(sha256_file(_partial(check)))
             agreed = [i for i, d in enumerate(digests[:-1]) if d == digests[-1]]
             if agreed:
                 if agreed[0] != 0:  # the first copy was the odd one out: keep an agreeing one
                     os.replace(_partial(check), _partial(dest))
-                for m in (2, 3):
-                    _partial(dest.with_name(f"{dest.name}.check{m}")).unlink(missing_ok=True)
+                for other in checks:
+                    _discard_partial(other)
                 return fetched, digests[-1]
             log.warning("%s: download %d has sha256 %s, earlier ones %s; fetching again", dest.name, n,
                         digests[-1], digests[:-1])
-        for m in (2, 3):
-            _partial(dest.with_name(f"{dest.name}.check{m}")).unlink(missing_ok=True)
-        _partial(dest).unlink(missing_ok=True)
+        for other in checks:
+            _discard_partial(other)
+        _discard_partial(dest)
         raise IntegrityError(f"{redact(target)}: three downloads gave three different sha256 {digests}; nothing "
                              "pinned or stated by the server can tell the good one, so none is kept")
 
@@ -554,6 +556,10 @@ class Downloader:
         part = max(1, int(self.config.range_part_mb * 2**20))
         done: set[int] = set()
         saved = json.loads(parts_file.read_text()) if parts_file.exists() else None
+        if saved is not None and not partial.exists():  # a list of finished parts without their bytes
+            log.warning("%s: a parts list without its partial file; starting again", dest.name)
+            parts_file.unlink()
+            saved = None
         if saved is not None and saved.get("total") != total:
             log.warning("%s: the file changed upstream (%s -> %d bytes); starting again", dest.name,
                         saved.get("total"), total)
@@ -632,6 +638,12 @@ class _UseRanges(Exception):
 
 class _ShortBody(Exception):
     """The server closed a response before the bytes it announced (retried, resuming where it stopped)."""
+
+
+def _discard_partial(dest: Path) -> None:
+    """Remove ``dest``'s partial download and its list of finished parts (they only make sense together)."""
+    _partial(dest).unlink(missing_ok=True)
+    _parts_file(dest).unlink(missing_ok=True)
 
 
 def _partial(dest: Path) -> Path:
