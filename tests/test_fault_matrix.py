@@ -197,6 +197,7 @@ def _write_report() -> None:
 def _stable(text: str) -> str:
     """The report without what changes from run to run (ports, temporary folders), so it diffs meaningfully."""
     text = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", text)
+    text = re.sub(r"port=\d+", "port=PORT", text)
     return re.sub(r"/tmp/[^\s:'\"]*?/ws/", "<workspace>/", text)
 
 
