@@ -144,20 +144,16 @@ class IdrSource(FileSource[IdrParams, IdrPlan]):
         # The documents first: a source that changed is caught before 152 MB are fetched.
         notes: list[str] = []
         unavailable: dict[str, str] = {}
-        api = imgdata = None
+        facts: dict[str, ImageFacts] = {}
         infos: list[dict[str, Any]] = []
-        api_doc, why = fetch_document(fetch, API_URL, params.require_omero)
-        if why is None:
-            api, api_info = parse_api_image(api_doc, notes)
-            infos.append(api_info)
-        else:
-            unavailable[API_URL] = why
-        imgdata_doc, why = fetch_document(fetch, IMGDATA_URL, params.require_omero)
-        if why is None:
-            imgdata, imgdata_info = parse_imgdata(imgdata_doc, notes)
-            infos.append(imgdata_info)
-        else:
-            unavailable[IMGDATA_URL] = why
+        for url, parse in ((API_URL, parse_api_image), (IMGDATA_URL, parse_imgdata)):
+            doc, why = fetch_document(fetch, url, params.require_omero)
+            if why is None:
+                facts[url], info = parse(doc, notes)
+                infos.append(info)
+            else:
+                unavailable[url] = why
+        api, imgdata = facts.get(API_URL), facts.get(IMGDATA_URL)
         check_identity(*infos)
         if api is not None and imgdata is not None:
             cross_check(api, imgdata)
