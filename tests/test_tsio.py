@@ -95,3 +95,22 @@ def test_a_read_that_stalls_is_cancelled_retried_then_fails_naming_the_box(file_
                         what="test array", policy=ReadPolicy(timeout_s=0.3, retries=1, backoff_s=0.01)))
     assert time.monotonic() - began < 5
     server.faults.latency_s = 0.0
+
+
+def test_a_mirror_password_from_netrc_is_sent_but_never_shown(file_server, tmp_path, monkeypatch):
+    server, tree = file_server
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".netrc").write_text("machine 127.0.0.1 login labuser password FAKEnetrcPW-5e2\n")
+    (home / ".netrc").chmod(0o600)
+    monkeypatch.setenv("HOME", str(home))
+    ctx = _ctx(server.base_url, tmp_path, retries=0)
+    assert any("Authorization: Basic" in h for h in ctx.kvstore(LIVE)["headers"])  # sent to the mirror
+    with pytest.raises(DownloadError) as err:  # nothing there: opening fails
+        ctx.open_tensorstore({"driver": "zarr"}, LIVE, ctx.tensorstore_context(concurrency=2, cache_bytes=0),
+                             "test array")
+    import base64
+
+    hidden = base64.b64encode(b"labuser:FAKEnetrcPW-5e2").decode()
+    assert "FAKEnetrcPW-5e2" not in str(err.value) and hidden not in str(err.value)
+    assert err.value.__cause__ is None  # the library's own message (which may echo the request) is not chained

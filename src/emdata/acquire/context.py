@@ -22,7 +22,7 @@ from tqdm import tqdm
 from emdata.acquire.download import ChecksumRegistry, Downloader
 from emdata.acquire.params import DownloadConfig, dataclass_from_section
 from emdata.acquire.tsio import ReadPolicy
-from emdata.acquire.urls import redact, rewrite, validate_mirror
+from emdata.acquire.urls import redact, redact_text, rewrite, validate_mirror
 from emdata.errors import DownloadError, InvalidParameterError
 
 if TYPE_CHECKING:
@@ -168,7 +168,7 @@ class RunContext:
             raise DownloadError(f"opening {where} stalled: no answer within "
                                 f"{self.download.read_timeout_s * (self.download.retries + 1):g} s") from exc
         except ValueError as exc:
-            raise DownloadError(f"opening {where} failed: {exc}") from exc
+            raise DownloadError(f"opening {where} failed: {redact_text(str(exc))}") from None
 
 
 def _netrc_authorization(url: str) -> str | None:

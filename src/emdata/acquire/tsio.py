@@ -18,6 +18,7 @@ import numpy as np
 import tensorstore as ts
 
 from emdata import ngff
+from emdata.acquire.urls import redact_text
 from emdata.errors import DownloadError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def ts_result(future: Any, what: str, timeout_s: float | None = None) -> Any:
         future.cancel()
         raise DownloadError(f"reading {what} stalled: no answer within {timeout_s:g} s (cancelled)") from exc
     except ValueError as exc:
-        raise DownloadError(f"reading {what} failed: {_first_line(exc)}") from exc
+        raise DownloadError(f"reading {what} failed: {redact_text(_first_line(exc))}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

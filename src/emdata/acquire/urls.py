@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 from emdata.errors import InvalidParameterError
@@ -45,3 +46,13 @@ def redact(url: str) -> str:
             host = f"{host}:{parts.port}"
         return parts._replace(netloc=f"***@{host}").geturl()
     return url
+
+
+_AUTH_HEADER = re.compile(r"(Authorization:\s*)(\w+\s+)?[^\s\"',}\]]+", re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """A message with any ``Authorization`` header value and URL credentials blanked (errors of libraries may
+    echo the request they made)."""
+    text = _AUTH_HEADER.sub(lambda m: f"{m.group(1)}{m.group(2) or ''}***", text)
+    return re.sub(r"(https?://)[^/\s:@]+:[^/\s@]+@", r"\1***@", text)
