@@ -121,9 +121,9 @@ def convert_split(root: zarr.Group, split: str, image_path: Path, mask_path: Pat
         mask = read_tiff(mask_path)
         if mask.shape != image.shape:
             raise SourceMismatchError(f"{mask_path.name} has shape {mask.shape}, its image {image.shape}")
-        counts = np.zeros(256, dtype=np.int64)  # the mask's values, a few slices at a time (bounded memory)
-        for z in range(0, mask.shape[0], 16):
-            counts += np.bincount(np.asarray(mask[z:z + 16], dtype=np.uint8).ravel(), minlength=256)
+        counts = np.zeros(256, dtype=np.int64)  # the mask's values, one slice at a time (bincount widens to int64)
+        for z in range(mask.shape[0]):
+            counts += np.bincount(np.asarray(mask[z], dtype=np.uint8).ravel(), minlength=256)
         values = np.flatnonzero(counts)
         if not set(values.tolist()) <= {0, 255}:
             log.warning("%s holds values %s, not only 0/255; > 127 counts as mitochondria", mask_path.name,
