@@ -60,6 +60,16 @@ def resolve_name(name: str) -> Dataset:
         raise CliError(str(e), EXIT_USAGE) from None
 
 
+def pulled_output(args: argparse.Namespace) -> tuple[Path, Dataset, Path]:
+    """The repository, the dataset ``args.name`` and its output path; CliError when it is not pulled."""
+    repo = find_repo(args.repo)
+    dataset = resolve_name(args.name)
+    path = repo / dataset.output
+    if not is_pulled(path):
+        raise not_pulled(dataset, path)
+    return repo, dataset, path
+
+
 def is_pulled(path: Path) -> bool:
     return (path / "zarr.json").is_file()
 
@@ -432,14 +442,9 @@ def check_dvc(repo: Path, dataset: Dataset, path: Path) -> Check:
                  f"(manifest {cache_path})", problems)
 
 
-def tree_sha256(path: Path) -> str:
-    """The metadata table's ``zarr_sha256`` (as ``emdata.metadata.tree_sha256``)."""
-    from emdata.metadata import tree_sha256 as table_hash
-
-    return table_hash(path)
-
-
 def check_table(repo: Path, dataset: Dataset, path: Path) -> Check:
+    from emdata.metadata import tree_sha256  # the table's own hash (imported here: the table stack is heavy)
+
     recorded = {r.get("zarr_sha256", "") for r in table_rows(repo, dataset)} - {""}
     if not recorded:
         return Check(TABLE, "not recorded", f"no zarr_sha256 for {dataset.name} in {TABLE}")
@@ -494,11 +499,7 @@ def check_decode(dataset: Dataset, path: Path) -> Check:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    repo = find_repo(args.repo)
-    dataset = resolve_name(args.name)
-    path = repo / dataset.output
-    if not is_pulled(path):
-        raise not_pulled(dataset, path)
+    repo, dataset, path = pulled_output(args)
     began = time.monotonic()
     print(f"verify {dataset.name} ({dataset.output})")
     checks = [check_dvc(repo, dataset, path), check_table(repo, dataset, path)]
@@ -575,11 +576,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_view(args: argparse.Namespace) -> int:
     from emdata import viewer
 
-    repo = find_repo(args.repo)
-    dataset = resolve_name(args.name)
-    path = repo / dataset.output
-    if not is_pulled(path):
-        raise not_pulled(dataset, path)
+    _, dataset, path = pulled_output(args)
     try:
         server = viewer.serve(dataset.name, path, groups=args.group or None, port=args.port, layout=args.layout,
                               log_requests=args.log_requests)
@@ -623,7 +620,7 @@ def _registry(repo: Path, section: str) -> Any:
 
 def cmd_checksums(args: argparse.Namespace) -> int:
     """List the pinned and recorded sha256 of the raw files, or forget one to accept an upstream change."""
-    repo = args.repo.resolve() if args.repo else find_repo()
+    repo = find_repo(args.repo)
     registry = _registry(repo, args.section)
     if args.action == "list":
         for url, entry in sorted(registry.entries().items()):
