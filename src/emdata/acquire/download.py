@@ -291,23 +291,21 @@ class Downloader:
             log.warning("%s: present but nothing verifies it (or it differs); downloading again", dest)
             dest.unlink()
         target = rewrite(item.url, self.mirror)
-        fetched = self._fetch(target, dest, expected["size"])
         partial = _partial(dest)
-        size = partial.stat().st_size
-        digest, md5 = hash_file(partial)
-        with self._lock:
-            stated = self._server_md5.pop(target, None)
-        if expected["sha256"] is not None and digest != expected["sha256"] and self.config.retries:
-            # One bad copy may be a transient fault: one fresh download before giving up on the file.
-            log.warning("%s: sha256 %s is not the expected %s; downloading it once more", dest.name, digest,
-                        expected["sha256"])
-            partial.unlink()
-            _parts_file(dest).unlink(missing_ok=True)
+        fetched = 0
+        # One bad copy may be a transient fault: a file that does not match its expected hash is downloaded once
+        # more, afresh, before it fails.
+        for attempt in range(2 if self.config.retries else 1):
             fetched += self._fetch(target, dest, expected["size"])
             size = partial.stat().st_size
             digest, md5 = hash_file(partial)
             with self._lock:
                 stated = self._server_md5.pop(target, None)
+            if expected["sha256"] in (None, digest) or attempt:
+                break
+            log.warning("%s: sha256 %s is not the expected %s; downloading it once more", dest.name, digest,
+                        expected["sha256"])
+            _discard_partial(dest)
         self._verify(item.url, partial, size, digest, expected)
         if stated is not None and stated != md5:
             self._verify(item.url, partial, size, digest, {"server md5": stated, "md5": md5})
