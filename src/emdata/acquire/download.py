@@ -393,8 +393,7 @@ class Downloader:
         elif "server md5" in expected:
             problem = f"md5 {expected['md5']} != {expected['server md5']} stated by the server (x-goog-hash/ETag)"
         if problem:
-            partial.unlink(missing_ok=True)
-            _parts_file(partial.with_suffix("")).unlink(missing_ok=True)
+            _discard_partial(partial.with_suffix(""))
             raise IntegrityError(f"{redact(url)}: {problem}; the bad download was deleted, not kept")
 
     def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
