@@ -312,5 +312,17 @@ def test_collection_of_named_images_for_readers_and_validators(tmp_path):
     out = subprocess.run([str(ome_zarr_cli), "info", str(path / "testing")], capture_output=True, text=True,
                          check=True).stdout
     assert "(12, 70, 60)" in out and "Multiscales" in out and "mito" in out
+    # ... and at the collection's root: both images, each with its label image, as users run it.
+    out = subprocess.run([str(ome_zarr_cli), "info", str(path)], capture_output=True, text=True, check=True).stdout
+    found = [line.split(" [")[0] for line in out.splitlines() if line.startswith(str(path))]
+    labels = ngff.label_names(g["training"])
+    assert labels and found == [str(path), *(str(path / p) for split in ("training", "testing")
+                                             for p in (split, f"{split}/labels",
+                                                       *(f"{split}/labels/{name}" for name in labels)))], out
+    assert out.count("   - Label\n") == 2 * len(labels) and out.count("(12, 70, 60)") == 2 + 2 * len(labels)
+    nodes = list(Reader(parse_url(str(path)))())
+    images = [n for n in nodes if n.load(Multiscales) and not n.load(Label)]
+    assert [n.zarr.basename() for n in images] == ["training", "testing"]
+    assert [n.data[0].shape for n in images] == [(12, 70, 60), (12, 70, 60)]
     with pytest.raises(InvalidParameterError, match="'validation' is not an OME-Zarr image group"):
         ngff.write_collection(root, ["training", "validation"])

@@ -233,6 +233,13 @@ def write_collection(root: zarr.Group, image_paths: Sequence[str]) -> None:
     an ``OME`` group lists the images as ``series`` (so they keep their names, e.g. EPFL's ``training`` and
     ``testing``), and ``OME/METADATA.ome.xml`` has one OME-XML Image per series (ID ``Image:<path>``, which
     napari-ome-zarr follows). Other root attributes (e.g. provenance) are kept.
+
+    The root's ``ome`` attributes also list the images under ``labels``. ome-zarr-py (0.18, the reader behind
+    ``ome_zarr info`` and napari-ome-zarr) does not read the bioformats2raw layout (ome/ome-zarr-py#421) and
+    shows nothing at such a root; it does follow a ``labels`` list to child groups, each of which it then reads
+    by its own metadata (here: a multiscale image with its own ``labels``, never an ``image-label``). So
+    ``ome_zarr info epfl.zarr`` finds both images and their labels. The key is allowed by the bf2raw schema and
+    ome-zarr-models; readers of the layout follow ``OME/series`` and ignore it.
     """
     import xml.etree.ElementTree as ET
 
@@ -265,7 +272,7 @@ def write_collection(root: zarr.Group, image_paths: Sequence[str]) -> None:
         ET.SubElement(pixels, f"{{{OME_XML_NS}}}Channel", {"ID": f"Channel:{i}:0", "SamplesPerPixel": "1"})
         ET.SubElement(pixels, f"{{{OME_XML_NS}}}MetadataOnly")
     ome = dict(ome_attrs(root))
-    ome.update({"version": NGFF_VERSION, "bioformats2raw.layout": 3})
+    ome.update({"version": NGFF_VERSION, "bioformats2raw.layout": 3, "labels": paths})
     root.attrs["ome"] = ome
     ome_group = root.create_group("OME", overwrite=True)
     ome_group.attrs["ome"] = {"version": NGFF_VERSION, "series": paths}
