@@ -23,6 +23,7 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Label, Multiscales, Reader
 
 from emdata import ngff
+from emdata.access import open_array
 from emdata.errors import InvalidParameterError, SourceMismatchError
 
 
@@ -277,6 +278,15 @@ def test_a_schema_violation_is_caught_by_the_validators(tmp_path):
                          what="b")
 
 
+def napari_reader(path: str) -> list:
+    """napari-ome-zarr's reader, as napari calls it when a user opens ``path`` (no viewer needed)."""
+    from napari_ome_zarr._reader import napari_get_reader
+
+    reader = napari_get_reader(path)
+    assert reader is not None, f"napari-ome-zarr does not claim {path}"
+    return reader(path)
+
+
 def test_collection_of_named_images_for_readers_and_validators(tmp_path):
     path = tmp_path / "epfl.zarr"
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -312,17 +322,24 @@ def test_collection_of_named_images_for_readers_and_validators(tmp_path):
     out = subprocess.run([str(ome_zarr_cli), "info", str(path / "testing")], capture_output=True, text=True,
                          check=True).stdout
     assert "(12, 70, 60)" in out and "Multiscales" in out and "mito" in out
-    # ... and at the collection's root: both images, each with its label image, as users run it.
+    # ... and at the collection's root, as users run it: ome-zarr-py (no bioformats2raw support) finds the first
+    # image through the root's named multiscales; napari-ome-zarr's reader opens both images with their labels.
     out = subprocess.run([str(ome_zarr_cli), "info", str(path)], capture_output=True, text=True, check=True).stdout
-    found = [line.split(" [")[0] for line in out.splitlines() if line.startswith(str(path))]
-    labels = ngff.label_names(g["training"])
-    assert labels and found == [str(path), *(str(path / p) for split in ("training", "testing")
-                                             for p in (split, f"{split}/labels",
-                                                       *(f"{split}/labels/{name}" for name in labels)))], out
-    assert out.count("   - Label\n") == 2 * len(labels) and out.count("(12, 70, 60)") == 2 + 2 * len(labels)
+    assert out.startswith(f"{path} [zgroup]") and "Multiscales" in out and "(12, 70, 60)" in out, out
+    assert [m["name"] for m in g.attrs["ome"]["multiscales"]] == ["training", "testing"]
+    assert g.attrs["ome"]["multiscales"][1]["datasets"][0]["path"] == "testing/0"
     nodes = list(Reader(parse_url(str(path)))())
-    images = [n for n in nodes if n.load(Multiscales) and not n.load(Label)]
-    assert [n.zarr.basename() for n in images] == ["training", "testing"]
-    assert [n.data[0].shape for n in images] == [(12, 70, 60), (12, 70, 60)]
+    assert np.array_equal(np.asarray(nodes[0].data[0]), g["training/0"][:])
+    layers = napari_reader(str(path))
+    assert [(kind, meta.get("name")) for _, meta, kind in layers] == [
+        ("image", None), ("labels", "labels/training/labels/seg"), ("labels", "labels/training/labels/mito"),
+        ("image", None), ("labels", "labels/testing/labels/seg"), ("labels", "labels/testing/labels/mito")]
+    assert np.array_equal(np.asarray(layers[3][0][0]), g["testing/0"][:])
+    # emdata's readers take the root for a collection: the two images, and open_array asks which one.
+    assert [name for name, _ in ngff.find_images(g)] == ["training", "testing"]
+    with pytest.raises(InvalidParameterError, match=r"is a collection of OME-Zarr images; pick one with group= "
+                                                    r"\(available: \['training', 'testing'\]\)"):
+        open_array(path)
+    assert open_array(path, group="testing").shape == (12, 70, 60)
     with pytest.raises(InvalidParameterError, match="'validation' is not an OME-Zarr image group"):
         ngff.write_collection(root, ["training", "validation"])

@@ -202,10 +202,8 @@ def label_names(image_group: zarr.Group) -> list[str]:
 
 
 def find_images(root: zarr.Group) -> list[tuple[str, zarr.Group]]:
-    """The OME-Zarr images in an output: the root itself (name ''), the ``series`` of a collection
-    (``write_collection``), or else its child image groups."""
-    if "multiscales" in ome_attrs(root):
-        return [("", root)]
+    """The OME-Zarr images in an output: the ``series`` of a collection (``write_collection``), the root itself
+    (name ''), or else its child image groups."""
     if "bioformats2raw.layout" in ome_attrs(root) and "OME" in root:
         ome_group = root["OME"]
         assert isinstance(ome_group, zarr.Group)
@@ -217,6 +215,8 @@ def find_images(root: zarr.Group) -> list[tuple[str, zarr.Group]]:
                 assert isinstance(group, zarr.Group)
                 found.append((str(path), group))
             return found
+    if "multiscales" in ome_attrs(root):
+        return [("", root)]
     return sorted((name, g) for name, g in root.groups() if "multiscales" in ome_attrs(g))
 
 
@@ -234,18 +234,20 @@ def write_collection(root: zarr.Group, image_paths: Sequence[str]) -> None:
     ``testing``), and ``OME/METADATA.ome.xml`` has one OME-XML Image per series (ID ``Image:<path>``, which
     napari-ome-zarr follows). Other root attributes (e.g. provenance) are kept.
 
-    The root's ``ome`` attributes also list the images under ``labels``. ome-zarr-py (0.18, the reader behind
-    ``ome_zarr info`` and napari-ome-zarr) does not read the bioformats2raw layout (ome/ome-zarr-py#421) and
-    shows nothing at such a root; it does follow a ``labels`` list to child groups, each of which it then reads
-    by its own metadata (here: a multiscale image with its own ``labels``, never an ``image-label``). So
-    ``ome_zarr info epfl.zarr`` finds both images and their labels. The key is allowed by the bf2raw schema and
-    ome-zarr-models; readers of the layout follow ``OME/series`` and ignore it.
+    The root's ``ome`` attributes also carry ``multiscales``: one named entry per image whose dataset paths lead
+    into that image (``training/0``, ...). NGFF lets a group hold several named multiscales (readers fall back
+    to the first); ome-zarr-py 0.18, the reader behind ``ome_zarr info``, has no support for the bioformats2raw
+    layout (ome/ome-zarr-py#421) and would show nothing at the root, so this lets it find the first image there.
+    napari-ome-zarr (0.10) reads the layout itself and opens every series with its labels. Both the
+    bf2raw schema and ome-zarr-models accept the root. emdata's own readers (``find_images``, ``open_array``)
+    take the root for the collection it is and ask which image.
     """
     import xml.etree.ElementTree as ET
 
     paths = [str(p) for p in image_paths]
     if not paths or len(set(paths)) != len(paths):
         raise InvalidParameterError(f"a collection needs distinct image paths, got {paths}")
+    root_multiscales: list[dict[str, Any]] = []
     ET.register_namespace("", OME_XML_NS)
     ome_xml = ET.Element(f"{{{OME_XML_NS}}}OME", {"Creator": f"emdata {_emdata_version()}"})
     for i, path in enumerate(paths):
@@ -255,6 +257,8 @@ def write_collection(root: zarr.Group, image_paths: Sequence[str]) -> None:
         group = root[path]
         assert isinstance(group, zarr.Group)
         ms = multiscales(group)
+        root_multiscales.append({**ms, "name": path,
+                                 "datasets": [{**d, "path": f"{path}/{d['path']}"} for d in ms["datasets"]]})
         level0 = group[ms["datasets"][0]["path"]]
         assert isinstance(level0, zarr.Array)
         pixel_type = _OME_TYPES.get(str(level0.dtype))
@@ -272,7 +276,7 @@ def write_collection(root: zarr.Group, image_paths: Sequence[str]) -> None:
         ET.SubElement(pixels, f"{{{OME_XML_NS}}}Channel", {"ID": f"Channel:{i}:0", "SamplesPerPixel": "1"})
         ET.SubElement(pixels, f"{{{OME_XML_NS}}}MetadataOnly")
     ome = dict(ome_attrs(root))
-    ome.update({"version": NGFF_VERSION, "bioformats2raw.layout": 3, "labels": paths})
+    ome.update({"version": NGFF_VERSION, "bioformats2raw.layout": 3, "multiscales": root_multiscales})
     root.attrs["ome"] = ome
     ome_group = root.create_group("OME", overwrite=True)
     ome_group.attrs["ome"] = {"version": NGFF_VERSION, "series": paths}
@@ -461,21 +465,27 @@ class _Sink:
     """Writes whole shards of one level and (with ``verify``) reads each back and compares it.
 
     ``zarr``: zarr-python, synchronously. ``tensorstore``: the same zarr v3 array (created by zarr-python, so its
-    zarr.json is the same) written through tensorstore, with shard writes and then their read-backs in flight
-    (up to ``INFLIGHT_BYTES`` of each), so encoding and decoding run on tensorstore's threads while Python
-    reduces the next shard. Read-backs come from the file: the context has no chunk cache.
+    zarr.json is the same) written through tensorstore, several shard writes in flight (up to ``INFLIGHT_BYTES``
+    of decoded voxels, at most ``max_depth`` shards), so encoding runs on tensorstore's threads while Python
+    reads and reduces the next shard. Tensorstore encodes straight from the array handed to it (no copy): the
+    array is never changed afterwards. With ``verify``, each shard, once written, is read back from the file
+    (the context has no chunk cache, so the bytes come from disk) in z-slabs of whole chunks of at most
+    ``READ_BYTES``, each decoded and compared voxel for voxel with the array written; the written array is
+    dropped as soon as it has been compared.
     """
 
     INFLIGHT_BYTES = 128 * 2**20
-    MAX_DEPTH = 4
+    MAX_DEPTH = 32
+    READ_BYTES = 32 * 2**20
 
     def __init__(self, array: zarr.Array, backend: Backend, verify: bool, what: str, context: Any,
                  max_depth: int = MAX_DEPTH) -> None:
         self.array, self.backend, self.verify, self.what = array, backend, verify, what
         shard_bytes = math.prod(array.shards or array.chunks) * array.dtype.itemsize
         self.depth = max(1, min(max_depth, self.INFLIGHT_BYTES // shard_bytes))
-        self.writes: deque[tuple[Box, np.ndarray, Any]] = deque()
-        self.reads: deque[tuple[Box, np.ndarray, Any]] = deque()
+        # Each entry: box, the array written (None once it need not be kept), the write's future.
+        self.pending: deque[tuple[Box, np.ndarray | None, Any]] = deque()
+        self.reading: deque[tuple[Box, Any]] = deque()
         self.seconds = 0.0
         self.store: Any = None
         if backend == "tensorstore":
@@ -494,24 +504,47 @@ class _Sink:
 
     def put(self, box: Box, data: np.ndarray) -> None:
         began = time.monotonic()
-        if self.store is None:
-            self.array[box] = data
-            if self.verify:
-                self._check(box, data, self.array[box])
-        else:
-            self.writes.append((box, data, self.store[box].write(data)))
-            self._drain(self.depth)
-        self.seconds += time.monotonic() - began
+        try:
+            if self.store is None:
+                self.array[box] = data
+                if self.verify:
+                    self._check(box, data, self.array[box])
+            else:
+                future = self.store[box].write(data, can_reference_source_data_indefinitely=True)
+                self.pending.append((box, data if self.verify else None, future))
+                self._drain(self.depth)
+        finally:
+            self.seconds += time.monotonic() - began
+
+    def _slabs(self, box: Box) -> list[tuple[slice, slice, slice]]:
+        """``box`` cut along z into slabs of whole chunks of at most ``READ_BYTES`` (at least one chunk)."""
+        cz = int(self.array.chunks[0])
+        plane = math.prod(b.stop - b.start for b in box[1:]) * self.array.dtype.itemsize
+        step = max(cz, self.READ_BYTES // max(plane, 1) // cz * cz)
+        z0, z1 = box[0].start, box[0].stop
+        return [(slice(z, min(z + step, z1)), box[1], box[2]) for z in range(z0, z1, step)]
+
+    def _finish(self, box: Box, data: np.ndarray | None, future: Any) -> None:
+        future.result()
+        if data is None:
+            return
+        # Two slab reads in flight: one decodes while the other is compared.
+        self.reading = deque()
+        for slab in self._slabs(box):
+            self.reading.append((slab, self.store[slab].read()))
+            if len(self.reading) == 2:
+                self._compare(box, data, *self.reading.popleft())
+        while self.reading:
+            self._compare(box, data, *self.reading.popleft())
+
+    def _compare(self, box: Box, data: np.ndarray, slab: Box, read: Any) -> None:
+        z = slice(slab[0].start - box[0].start, slab[0].stop - box[0].start)
+        if not np.array_equal(read.result(), data[z]):
+            raise SourceMismatchError(f"conversion of {self.what} does not read back equal at {box}")
 
     def _drain(self, limit: int) -> None:
-        while len(self.writes) > limit:
-            box, data, future = self.writes.popleft()
-            future.result()
-            if self.verify:
-                self.reads.append((box, data, self.store[box].read()))
-        while len(self.reads) > limit:
-            box, data, future = self.reads.popleft()
-            self._check(box, data, future.result())
+        while len(self.pending) > limit:
+            self._finish(*self.pending.popleft())
 
     def _check(self, box: Box, data: np.ndarray, back: Any) -> None:
         if not np.array_equal(back, data):
@@ -525,8 +558,11 @@ class _Sink:
             self.seconds += time.monotonic() - began
 
     def cancel(self) -> None:
-        for _, _, future in (*self.writes, *self.reads):
+        for _, _, future in self.pending:
             future.cancel()
+        for _, read in self.reading:
+            read.cancel()
+        self.pending.clear()
 
 
 class _StreamingPyramid:

@@ -15,6 +15,7 @@ import numpy as np
 import zarr
 
 from emdata.access.cache import ChunkCache, default_cache
+from emdata.access.direct import ShardReader, decode_pool
 from emdata.access.spec import AXES, PAD_MODES, Box, RoiNm, box_to_nm
 from emdata.errors import InvalidParameterError
 from emdata.ngff import Geometry, ome_attrs
@@ -251,6 +252,8 @@ class EmArray:
     location: Location
     axes: tuple[str, str, str] = AXES
     _store: Any = field(default=None, repr=False)
+    # Local shards of bytes + blosc chunks: decoded straight from the files (emdata.access.direct), else None.
+    _direct: ShardReader | None = field(default=None, repr=False)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickles as the recipe to reopen it (tensorstore handles are per process): DataLoader workers, dask
@@ -302,7 +305,9 @@ class EmArray:
             raise InvalidParameterError(f"out has shape {out.shape}, the box {box.shape} (z, y, x)")
         if box.size == 0:
             return
-        if self.backend == "tensorstore":
+        if self._direct is not None:
+            self._read_direct(box, out)
+        elif self.backend == "tensorstore":
             import tensorstore as ts
 
             # Copy decoded chunks straight into ``out``: one copy fewer than read() then assignment.
@@ -351,6 +356,31 @@ class EmArray:
         crop = tuple(slice(a - (s - w[0]), b - (s - w[0]))
                      for a, b, s, w in zip(box.start, box.stop, source.start, widths, strict=True))
         return padded[crop]
+
+    def _read_direct(self, box: Box, out: np.ndarray) -> None:
+        # Each chunk the box touches: decoded once (the cache holds it for overlapping reads), its part copied
+        # straight into ``out``; several chunks are decoded in parallel on the process's decoding threads.
+        reader = self._direct
+        assert reader is not None
+        chunks, where = self.chunks, str(self.location)
+
+        def one(cidx: tuple[int, ...]) -> None:
+            origin = tuple(i * c for i, c in zip(cidx, chunks, strict=True))
+            chunk = self.cache.get_or_load(("direct", where, cidx), functools.partial(reader.chunk, cidx))
+            dst, src = [], []
+            for a, b, o, c in zip(box.start, box.stop, origin, chunks, strict=True):
+                lo, hi = max(a, o), min(b, o + c)
+                dst.append(slice(lo - a, hi - a))
+                src.append(slice(lo - o, hi - o))
+            out[tuple(dst)] = chunk[tuple(src)]
+
+        cidxs = list(itertools.product(*(range(a // c, (b - 1) // c + 1)
+                                          for a, b, c in zip(box.start, box.stop, chunks, strict=True))))
+        if len(cidxs) == 1:
+            one(cidxs[0])
+        else:
+            for _ in decode_pool().map(one, cidxs):
+                pass
 
     def _load_chunk(self, cbox: Box) -> np.ndarray:
         return np.asarray(self._store[cbox.slices])
@@ -402,6 +432,9 @@ def _pad_indices(start: int, stop: int, n: int, mode: str) -> np.ndarray:
 
 def _multiscales(group: zarr.Group, where: Location) -> dict[str, Any]:
     ome = ome_attrs(group)
+    if "bioformats2raw.layout" in ome:  # a collection (e.g. epfl.zarr): its root multiscales only point at images
+        raise InvalidParameterError(f"{where} is a collection of OME-Zarr images; pick one with group= "
+                                    f"(available: {[m.get('name') for m in ome.get('multiscales', [])][:_MAX_LISTED]})")
     if not ome.get("multiscales"):
         subgroups = sorted(name for name, _ in group.groups())[:_MAX_LISTED]
         raise InvalidParameterError(
@@ -485,6 +518,7 @@ def open_array(
     """
     if backend not in BACKENDS:
         raise InvalidParameterError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    requested = backend
     if isinstance(level, bool) or not isinstance(level, (int, np.integer)):
         raise InvalidParameterError(f"level must be an int, got {level!r}")
     root = _as_location(name_or_path, data_root, remote, rev, repo, storage_options)
@@ -546,9 +580,12 @@ def open_array(
                 raise InvalidParameterError(f"tensorstore cannot open {aloc}: {exc}") from exc
     if store is None:
         store, backend = zarray, "zarr"
+    direct = None
+    if requested in ("auto", "tensorstore") and root.kind == "local" and zarray.shards is not None:
+        direct = ShardReader.for_array(Path(aloc.path), np.dtype(zarray.dtype), zarray.fill_value)
     return EmArray(
         ref=ref, shape=tuple(int(s) for s in zarray.shape), dtype=np.dtype(zarray.dtype),  # type: ignore[arg-type]
         chunks=tuple(int(c) for c in zarray.chunks), shards=shards,  # type: ignore[arg-type]
         voxel_size_nm=scale, translation_nm=translation, n_levels=len(datasets),  # type: ignore[arg-type]
-        backend=backend, cache=cache, location=aloc, _store=store,
+        backend=backend, cache=cache, location=aloc, _store=store, _direct=direct,
     )
