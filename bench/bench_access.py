@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from emdata.access import BlockGrid, BlockSpec, ChunkCache, open_array
 from emdata.ngff import Geometry, create_image_group, write_block_aligned
@@ -292,109 +291,226 @@ def stream_part(args: argparse.Namespace, path: Path, report: Report) -> None:
               f"S3 / local zarr-python {med['loopback S3 (moto), zarr-python + s3fs'] / med['local, zarr-python']:.2f}x")
 
 
+# -- the "reads" suite: the iterator rows of issue 12 ---------------------------------------------------------
+SHARD_INDEX_EMPTY = 2**64 - 1
+
+
+def shard_chunk_ranges(level0: Path) -> list[tuple[Path, list[tuple[int, int]]]]:
+    """Each shard file of a sharded zarr v3 array and the (offset, nbytes) of its stored chunks.
+
+    The index (``index_location`` "end", little-endian uint64 pairs, then a crc32c) is parsed here so that the
+    decode limit does no work the voxels don't need; missing chunks (offset = nbytes = 2^64-1) are skipped.
+    """
+    meta = json.loads((level0 / "zarr.json").read_text())
+    (codec,) = meta["codecs"]
+    assert codec["name"] == "sharding_indexed" and codec["configuration"]["index_location"] == "end", codec
+    shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    inner = codec["configuration"]["chunk_shape"]
+    n_chunks = int(np.prod([s // c for s, c in zip(shard, inner, strict=True)]))
+    out = []
+    for f in sorted(p for p in (level0 / "c").rglob("*") if p.is_file()):
+        with f.open("rb") as fh:
+            fh.seek(-(n_chunks * 16 + 4), os.SEEK_END)
+            index = np.frombuffer(fh.read(n_chunks * 16), "<u8").reshape(-1, 2)
+        out.append((f, [(int(o), int(n)) for o, n in index if o != SHARD_INDEX_EMPTY]))
+    return out
+
+
+def decode_limit(level0: Path, chunk_voxels: int, threads: int = 2) -> Callable[[], int]:
+    """The least work that yields the voxels: read each shard file, blosc-decode its chunks on ``threads`` threads.
+
+    numcodecs releases the GIL while decoding; each thread decodes into its own reused chunk buffer.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from numcodecs import Blosc, blosc
+
+    blosc.use_threads = False  # one blosc thread per call: the parallelism is the pool's
+    codec = Blosc()
+    ranges = shard_chunk_ranges(level0)
+    local = threading.local()
+
+    def decode(view: memoryview) -> int:
+        buf = getattr(local, "buf", None)
+        if buf is None:
+            buf = local.buf = np.empty(chunk_voxels, np.uint8)
+        codec.decode(view, out=buf)
+        return buf.nbytes
+
+    def run() -> int:
+        n = 0
+        with ThreadPoolExecutor(threads) as pool:
+            futures = []
+            for f, chunks in ranges:
+                data = memoryview(f.read_bytes())
+                futures += [pool.submit(decode, data[o:o + size]) for o, size in chunks]
+            n = sum(fut.result() for fut in futures)
+        return n
+    return run
+
+
+def block_starts(size: int, block: int) -> list[tuple[int, int, int]]:
+    return [(z, y, x) for z in range(0, size, block) for y in range(0, size, block) for x in range(0, size, block)]
+
+
+def hand_written(level0: Path, size: int, block: int, in_flight: int = 4) -> Callable[[], int]:
+    """The obvious tensorstore loop: open level 0, read the blocks in C order with ``in_flight`` futures."""
+    from collections import deque
+
+    def run() -> int:
+        import tensorstore as ts
+
+        store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(level0.resolve())}},
+                        read=True, context=ts.Context()).result()
+        pending: deque = deque()
+        n = 0
+        for z, y, x in block_starts(size, block):
+            pending.append(store[z:z + block, y:y + block, x:x + block].read())
+            if len(pending) >= in_flight:
+                n += pending.popleft().result().nbytes
+        while pending:
+            n += pending.popleft().result().nbytes
+        return n
+    return run
+
+
+def iterate(path: Path, block: int, halo: int, border: str, prefetch: int | None) -> Callable[[], int]:
+    def run() -> int:
+        arr = open_array(path, cache=ChunkCache())  # a fresh, cold decoded-chunk cache every time
+        spec = BlockSpec(block, halo_voxels=halo, border=border)  # type: ignore[arg-type]
+        grid = BlockGrid(arr, spec) if prefetch is None else BlockGrid(arr, spec, prefetch=prefetch)
+        n = 0
+        for b in grid:
+            n += b.core().nbytes  # the voxels each block owns, not its halo
+        return n
+    return run
+
+
+def sampler_cases(path: Path, n: int, block: int, batch: int) -> tuple[Callable[[], int], Callable[[], int]]:
+    """The bare RandomBlockSampler vs the same samples through the torch adapter (DataLoader, 0 workers)."""
+    from emdata.access import RandomBlockSampler
+
+    def bare() -> int:
+        sampler = RandomBlockSampler({"raw": open_array(path, cache=ChunkCache())}, block, seed=0, num_samples=n)
+        return sum(s["raw"].data.nbytes for s in sampler)
+
+    def loader() -> int:
+        from emdata.access.torch import data_loader, sampler_dataset
+
+        sampler = RandomBlockSampler({"raw": open_array(path, cache=ChunkCache())}, block, seed=0, num_samples=n)
+        return sum(b["raw"]["data"].numel() * b["raw"]["data"].element_size()
+                   for b in data_loader(sampler_dataset(sampler), batch_size=batch, num_workers=0))
+    return bare, loader
+
+
+def reads_suite(args: argparse.Namespace) -> None:
+    """Issue 12's iterator rows, side by side: every case once per repeat, interleaved; ratios per repeat."""
+    assert args.size % 64 == 0, "the volume edge must be a multiple of the 64^3 chunk"
+    path = build_volume(args.out / f"bench_{args.size}.zarr", args.size)
+    level0 = path / "0"
+    total = args.size**3
+    for f in level0.rglob("*"):  # warm the OS page cache: every method reads from memory, not a cold disk
+        if f.is_file():
+            f.read_bytes()
+    n_samples = args.samples_reads
+    sample_bytes = n_samples * args.sample_block**3
+    bare, loader = sampler_cases(path, n_samples, args.sample_block, args.batch)
+    # name -> (function, the bytes it must deliver)
+    cases: dict[str, tuple[Callable[[], int], int]] = {
+        "decode limit (blosc-zstd, 2 threads)": (decode_limit(level0, 64**3), total)}
+    for block in args.block:
+        cases[f"iterator {block}^3"] = (iterate(path, block, 0, "constant", args.prefetch), total)
+        cases[f"hand-written ts loop {block}^3"] = (hand_written(level0, args.size, block), total)
+        cases[f"iterator {block}^3 halo {args.halo} constant"] = (
+            iterate(path, block, args.halo, "constant", args.prefetch), total)
+        cases[f"iterator {block}^3 halo {args.halo} reflect"] = (
+            iterate(path, block, args.halo, "reflect", args.prefetch), total)
+    cases["bare sampler"] = (bare, sample_bytes)
+    cases["torch DataLoader, 0 workers"] = (loader, sample_bytes)
+    for fn, _ in cases.values():  # untimed warm-up: thread pools, imports
+        fn()
+    load_before = os.getloadavg()[0]
+    seconds: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.repeats):
+        for name, (fn, expect) in cases.items():  # interleaved: machine noise hits every case alike
+            c0 = time.process_time()
+            t, nbytes = timed(fn)
+            cpu[name].append(time.process_time() - c0)
+            assert nbytes == expect, (name, nbytes, expect)
+            seconds[name].append(t)
+
+    # (row, numerator case, denominator case, target, higher is better): ratio = numerator time / denominator time
+    specs: list[tuple[str, str, str, float, bool]] = []
+    for block in args.block:
+        specs += [
+            (f"block iterator, {block}^3 aligned blocks, vs decoding the same shards' bytes with blosc-zstd on "
+             f"both cores (the decode limit)", "decode limit (blosc-zstd, 2 threads)", f"iterator {block}^3", 0.9,
+             True),
+            (f"block iterator vs the obvious hand-written tensorstore loop over the same {block}^3 blocks "
+             f"(4 reads in flight)", f"hand-written ts loop {block}^3", f"iterator {block}^3", 1.0, True),
+            (f"halo {args.halo} cost vs halo 0, {block}^3 blocks, constant border",
+             f"iterator {block}^3 halo {args.halo} constant", f"iterator {block}^3", 1.2, False),
+            (f"halo {args.halo} cost vs halo 0, {block}^3 blocks, reflect border",
+             f"iterator {block}^3 halo {args.halo} reflect", f"iterator {block}^3", 1.2, False),
+        ]
+    specs.append((f"torch adapter, DataLoader with 0 workers (batch {args.batch}), vs the bare sampler "
+                  f"({n_samples} random {args.sample_block}^3 samples)", "bare sampler",
+                  "torch DataLoader, 0 workers", 0.9, True))
+
+    print(f"volume {args.size}^3 uint8 ({total / 1e6:.0f} MB), chunks 64^3, shards 256^3, blosc zstd; "
+          f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}; "
+          f"{args.repeats} repeats, cases interleaved; load average before/after "
+          f"{load_before:.1f}/{os.getloadavg()[0]:.1f}")
+    print(f"{'case':44s} {'MB/s median':>11s}  {'MB per CPU-s':>12s}  MB/s per repeat")
+    for name, (_, expect) in cases.items():
+        rates = [expect / t / 1e6 for t in seconds[name]]
+        print(f"{name:44s} {statistics.median(rates):11.0f}  {expect / statistics.median(cpu[name]) / 1e6:12.0f}  "
+              f"{' '.join(f'{r:.0f}' for r in rates)}")
+    print("\nratios, median (min..max) of per-repeat ratios of wall time (speed ratios: >1 is faster; halo rows: "
+          "time ratio); [cpu: the same ratio of CPU seconds]")
+    rows = []
+    for row, num, den, target, higher in specs:
+        ratios = [a / b for a, b in zip(seconds[num], seconds[den], strict=True)]
+        cpu_ratios = [a / b for a, b in zip(cpu[num], cpu[den], strict=True)]
+        med, cmed = statistics.median(ratios), statistics.median(cpu_ratios)
+        met = med >= target if higher else med <= target
+        print(f"{med:5.2f}x ({min(ratios):.2f}..{max(ratios):.2f}) [cpu {cmed:.2f}x]  target "
+              f"{'>=' if higher else '<='} {target}x {'met' if met else 'NOT met'}  {row}")
+        rows.append({"row": row, "median": med, "min": min(ratios), "max": max(ratios), "per_repeat": ratios,
+                     "cpu_median": cmed, "cpu_per_repeat": cpu_ratios, "target": target,
+                     "higher_is_better": higher, "met": met, "numerator": num, "denominator": den})
+    if args.json:
+        args.json.write_text(json.dumps({
+            "suite": "reads", "size": args.size, "repeats": args.repeats, "cpus": os.cpu_count(),
+            "load_before": load_before, "load_after": os.getloadavg()[0], "rows": rows,
+            "seconds": seconds, "cpu_seconds": cpu}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--suite", choices=("reads", "scale"), default="reads",
-                        help="reads: block reads (default); scale: DataLoader workers, dask, streaming")
+                        help="reads: issue 12's iterator rows (default); scale: DataLoader workers, dask, streaming")
     parser.add_argument("--samples", type=int, default=400, help="scale suite: samples per DataLoader epoch")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="scale suite: worker counts")
     parser.add_argument("--parts", nargs="+", default=["loader", "dask", "stream"], choices=("loader", "dask", "stream"),
                         help="scale suite: which parts to run")
     parser.add_argument("--size", type=int, default=512, help="edge of the cubic volume (voxels)")
-    parser.add_argument("--block", type=int, nargs="+", default=[256, 128], help="block edges to test (voxels)")
+    parser.add_argument("--block", type=int, nargs="+", default=[128, 256], help="reads: block edges (voxels)")
     parser.add_argument("--halo", type=int, default=16)
-    parser.add_argument("--prefetch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefetch", type=int, default=None, help="reads: iterator prefetch (default: the library's)")
+    parser.add_argument("--samples-reads", type=int, default=400, help="reads: random samples per sampler run")
+    parser.add_argument("--sample-block", type=int, default=64, help="reads: edge of the random samples")
+    parser.add_argument("--batch", type=int, default=8, help="reads: DataLoader batch size")
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     if args.suite == "scale":
         scale_suite(args)
-        return
-
-    path = build_volume(args.out / f"bench_{args.size}.zarr", args.size)
-    level0 = path / "0"
-    total = args.size**3
-    # Warm the OS page cache so that every method reads from memory, not from a cold disk.
-    for f in level0.rglob("*"):
-        if f.is_file():
-            f.read_bytes()
-
-    def ts_whole() -> int:
-        arr = open_array(path, cache=ChunkCache())  # a fresh, cold decoded-chunk cache every time
-        return arr.read(arr.bounds).nbytes
-
-    def ts_plain() -> int:
-        import tensorstore as ts
-
-        # Tensorstore used directly, the textbook way: no decoded-chunk cache, one read() of everything.
-        context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
-        store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(level0.resolve())}},
-                        read=True, context=context).result()
-        return store.read().result().nbytes
-
-    def iterate(block: int, halo: int, border: str = "constant") -> Callable[[], int]:
-        def run() -> int:
-            arr = open_array(path, cache=ChunkCache())
-            spec = BlockSpec(block, halo_voxels=halo, border=border)  # type: ignore[arg-type]
-            n = 0
-            for b in BlockGrid(arr, spec, prefetch=args.prefetch):
-                n += b.core().nbytes  # throughput counts the voxels each block owns, not its halo
-            return n
-        return run
-
-    def zarr_blocks(block: int) -> Callable[[], int]:
-        def run() -> int:
-            z = zarr.open_array(str(level0), mode="r")
-            n = 0
-            for b in BlockGrid(open_array(path, cache=ChunkCache(0)), BlockSpec(block)).blocks():
-                n += np.asarray(z[b.block_box.slices]).nbytes
-            return n
-        return run
-
-    # (name, kind, block, function); kinds: whole, plain (no halo), halo, zarr.
-    cases: list[tuple[str, str, int, Callable[[], int]]] = [
-        ("tensorstore whole array, ts.read", "whole", 0, ts_plain),
-        ("tensorstore whole array, EmArray", "whole", 0, ts_whole),
-    ]
-    for block in args.block:
-        cases += [
-            (f"iterator {block}^3, halo 0", "plain", block, iterate(block, 0)),
-            (f"iterator {block}^3, halo {args.halo}", "halo", block, iterate(block, args.halo)),
-            (f"iterator {block}^3, halo {args.halo} reflect", "halo", block, iterate(block, args.halo, "reflect")),
-            (f"zarr-python slicing {block}^3", "zarr", block, zarr_blocks(block)),
-        ]
-    ts_whole(), ts_plain()  # untimed warm-up: thread pools, imports
-    load_before = os.getloadavg()[0]
-    results: dict[str, list[float]] = {name: [] for name, *_ in cases}
-    for _ in range(args.repeats):
-        for name, _, _, fn in cases:  # interleaved so that machine noise hits every method alike
-            seconds, nbytes = timed(fn)
-            assert nbytes == total, (name, nbytes, total)
-            results[name].append(total / seconds / 1e6)
-    median = {name: statistics.median(v) for name, v in results.items()}
-    whole = max(median[name] for name, kind, *_ in cases if kind == "whole")  # the better of the two
-    plain = {block: median[name] for name, kind, block, _ in cases if kind == "plain"}
-
-    print(f"volume {args.size}^3 uint8 ({total / 1e6:.0f} MB), chunks 64^3, shards 256^3, blosc zstd; "
-          f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}; "
-          f"prefetch {args.prefetch}; median of {args.repeats} runs (MB/s of array voxels delivered); "
-          f"load average before/after {load_before:.1f}/{os.getloadavg()[0]:.1f}")
-    print(f"{'method':34s} {'MB/s':>7s}  {'runs':18s} comparison")
-    rows = []
-    for name, kind, block, _ in cases:
-        m = median[name]
-        note = {
-            "whole": "the practical limit (the faster whole-array read)" if m == whole else "",
-            "plain": f"{m / whole:.2f}x whole-array rate (target >= 0.8x)",
-            "halo": f"costs {plain.get(block, m) / m:.2f}x the time of halo 0 (target <= 1.3x)",
-            "zarr": f"iterator is {plain.get(block, m) / m:.2f}x faster (target >= 2x)",
-        }[kind]
-        runs = " ".join(f"{v:.0f}" for v in results[name])
-        print(f"{name:34s} {m:7.0f}  {runs:18s} {note}")
-        rows.append({"method": name, "median_mb_s": m, "runs_mb_s": results[name], "note": note})
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+    else:
+        reads_suite(args)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorstore as ts
@@ -104,9 +106,15 @@ def _chunks_touched(box: Box, chunk: int = 8) -> set[tuple[int, ...]]:
     return set(itertools.product(*(range(max(a, 0) // chunk, (b - 1) // chunk + 1) for a, b in zip(box.start, box.stop))))
 
 
+def _tensorstore_only(arr):
+    """The array read through tensorstore alone (not the direct shard reader of emdata.access.direct)."""
+    assert arr.backend == "tensorstore" and arr._direct is not None
+    return dataclasses.replace(arr, _direct=None)
+
+
 def test_tensorstore_overlapping_reads_fetch_each_chunk_once(tmp_path):
     path = make_volume(tmp_path / "c.zarr", em_like((32, 32, 32)), n_levels=1, chunks=(8, 8, 8), shards=(32, 32, 32))
-    arr = open_array(path, cache=ChunkCache(64 * 2**20))
+    arr = _tensorstore_only(open_array(path, cache=ChunkCache(64 * 2**20)))
     first, second = Box((0, 0, 0), (16, 16, 16)), Box((4, 4, 4), (24, 20, 16))
     before = _file_reads()
     arr.read(first)
@@ -116,20 +124,41 @@ def test_tensorstore_overlapping_reads_fetch_each_chunk_once(tmp_path):
     new_chunks = _chunks_touched(second) - _chunks_touched(first)
     assert _file_reads() - after_first == len(new_chunks)  # overlapping chunks come from the cache
     # Without a cache the same overlapping read goes back to disk for every chunk it touches.
-    uncached = open_array(path, cache=ChunkCache(0))
+    uncached = _tensorstore_only(open_array(path, cache=ChunkCache(0)))
     uncached.read(first)
     mark = _file_reads()
     uncached.read(second)
     assert _file_reads() - mark >= len(_chunks_touched(second))
 
 
+def test_direct_overlapping_reads_fetch_each_chunk_once(tmp_path):
+    path = make_volume(tmp_path / "c.zarr", em_like((32, 32, 32)), n_levels=1, chunks=(8, 8, 8), shards=(32, 32, 32))
+    arr = open_array(path, cache=ChunkCache(64 * 2**20))
+    reader = arr._direct
+    first, second = Box((0, 0, 0), (16, 16, 16)), Box((4, 4, 4), (24, 20, 16))
+    arr.read(first)
+    assert (reader.chunk_reads, reader.index_reads) == (len(_chunks_touched(first)), 1)
+    arr.read(second)
+    new_chunks = _chunks_touched(second) - _chunks_touched(first)
+    assert (reader.chunk_reads, reader.index_reads) == (len(_chunks_touched(first) | new_chunks), 1)
+    uncached = open_array(path, cache=ChunkCache(0))
+    uncached.read(first)
+    uncached.read(second)
+    assert uncached._direct.chunk_reads == len(_chunks_touched(first)) + len(_chunks_touched(second))
+
+
 def test_grid_with_halo_decodes_each_chunk_once(tmp_path):
     path = make_volume(tmp_path / "g.zarr", em_like((32, 32, 32)), n_levels=1, chunks=(8, 8, 8), shards=(16, 16, 16))
     arr = open_array(path, cache=ChunkCache(64 * 2**20))
+    grid = BlockGrid(arr, BlockSpec(8, halo_voxels=4, border="reflect"), prefetch=2)
+    blocks = list(grid)
+    assert (arr._direct.chunk_reads, arr._direct.index_reads) == (4**3, 2**3)
+    # The same through tensorstore alone: its shared cache_pool also decodes each chunk once.
+    arr = _tensorstore_only(open_array(path, cache=ChunkCache(64 * 2**20)))
     grid = BlockGrid(arr, BlockSpec(8, halo_voxels=4, border="reflect"), prefetch=0)
     before = _file_reads()
-    for _ in grid:
-        pass
+    for got, expected in zip(grid, blocks, strict=True):
+        np.testing.assert_array_equal(got.data, expected.data)
     n_chunks, n_shards = 4**3, 2**3
     # Each chunk once, plus at most one shard-index read per shard.
     assert n_chunks <= _file_reads() - before <= n_chunks + n_shards

@@ -203,3 +203,45 @@ def test_sampler_takes_the_grid_blockspec(volume):
 def test_safe_start_method_and_explicit_context():
     assert safe_start_method() in ("forkserver", "spawn")
     assert safe_start_method() in multiprocessing.get_all_start_methods()
+
+
+def _item_as_before(block):
+    """block_to_item as it was written before it was made cheaper: one torch.tensor per field."""
+    data = block.data.astype(np.int32) if block.data.dtype == np.uint16 else block.data
+    return {"data": torch.from_numpy(np.ascontiguousarray(data))[None],
+            "read_start": torch.tensor(block.read_box.start), "block_start": torch.tensor(block.block_box.start),
+            "core_start": torch.tensor(block.core_box.start), "core_stop": torch.tensor(block.core_box.stop),
+            "index": torch.tensor(block.index), "voxel_size_nm": torch.tensor(block.voxel_size_nm),
+            "read_origin_nm": torch.tensor(block.read_origin_nm)}
+
+
+def _assert_same(got, expected):
+    if isinstance(expected, dict):
+        assert type(got) is dict and got.keys() == expected.keys()
+        for key in expected:
+            _assert_same(got[key], expected[key])
+    else:
+        assert got.dtype == expected.dtype and got.shape == expected.shape and torch.equal(got, expected)
+
+
+def test_items_and_batches_equal_default_collate_of_plain_tensors(volume):
+    from torch.utils.data import default_collate
+
+    from emdata.access.torch import block_to_item, collate
+
+    path, _, _ = volume
+    grid = BlockGrid(open_array(path), BlockSpec((8, 12, 12), halo_voxels=3, border="reflect"))
+    sampler = RandomBlockSampler({"raw": open_array(path), "mito": open_array(path, label="mito")}, (4, 12, 12),
+                                 seed=5, num_samples=6)
+    blocks = list(grid)
+    for block in blocks + [s["raw"] for s in sampler]:
+        _assert_same(block_to_item(block), _item_as_before(block))
+    batch = [block_to_item(b) for b in blocks[:5]]
+    _assert_same(collate(batch), default_collate([_item_as_before(b) for b in blocks[:5]]))
+    # The loader's batches are those of default_collate over the same items.
+    loader = data_loader(sampler_dataset(sampler), batch_size=3)
+    plain = data_loader(sampler_dataset(sampler), batch_size=3, collate_fn=default_collate)
+    for got, expected in zip(loader, plain, strict=True):
+        _assert_same(got, expected)
+    big = [{"data": torch.randint(0, 255, (1, 40, 40, 40), dtype=torch.uint8), "i": torch.tensor(k)} for k in range(4)]
+    _assert_same(collate(big), default_collate(big))  # large tensors are stacked by numpy: the same result

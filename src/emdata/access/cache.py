@@ -1,4 +1,4 @@
-"""A bounded cache of decoded chunks: tensorstore's cache_pool for the fast path, an LRU for the zarr fallback."""
+"""A bounded cache of decoded chunks: an LRU for the shard reader and the zarr fallback, tensorstore's cache_pool."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ DEFAULT_CACHE_BYTES = 512 * 2**20
 class ChunkCache:
     """Decoded chunks shared by every array opened with it, bounded by ``total_bytes`` (0 disables caching).
 
-    Tensorstore arrays share one ``cache_pool`` context, so overlapping blocks (halo, overlap, aligned
-    samples of image and labels) decode each storage chunk once while it stays in the pool. The zarr-python
-    fallback keeps decoded chunks in a least-recently-used dict with the same bound.
+    Overlapping blocks (halo, overlap, aligned samples of image and labels) decode each storage chunk once
+    while it stays cached: the shard reader (``emdata.access.direct``) and the zarr-python fallback keep
+    decoded chunks in a least-recently-used dict with this bound; arrays read by tensorstore share one
+    ``cache_pool`` context with the same bound.
     """
 
     def __init__(self, total_bytes: int = DEFAULT_CACHE_BYTES) -> None:
@@ -49,6 +50,15 @@ class ChunkCache:
 
                 self._ts_context = ts.Context({"cache_pool": {"total_bytes_limit": self.total_bytes}})
             return self._ts_context
+
+    def get(self, key: Hashable) -> np.ndarray | None:
+        """The cached chunk, or None (nothing is loaded)."""
+        with self._lock:
+            chunk = self._lru.get(key)
+            if chunk is not None:
+                self._lru.move_to_end(key)
+                self.hits += 1
+            return chunk
 
     def get_or_load(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
         """The cached chunk, or ``load()`` it once even when several threads miss it at the same time."""

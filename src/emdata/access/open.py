@@ -6,6 +6,7 @@ import functools
 import itertools
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -325,9 +326,18 @@ class EmArray:
             return np.full(box.shape, constant_value, dtype=self.dtype)
         inner = box.intersect(self.bounds)
         if mode == "constant":
-            out = np.full(box.shape, constant_value, dtype=self.dtype)
-            if inner is not None:
-                self.read_into(inner, out[inner.relative_to(box)])
+            if inner is None:
+                return np.full(box.shape, constant_value, dtype=self.dtype)
+            # Fill only the margins (as np.full would), read the inside in place: no voxel written twice.
+            out = np.empty(box.shape, self.dtype)
+            for axis in range(3):
+                lo, hi = inner.start[axis] - box.start[axis], inner.stop[axis] - box.start[axis]
+                for a, b in ((0, lo), (hi, box.shape[axis])):
+                    if b > a:
+                        index = [slice(None)] * 3
+                        index[axis] = slice(a, b)
+                        np.copyto(out[tuple(index)], constant_value, casting="unsafe")
+            self.read_into(inner, out[inner.relative_to(box)])
             return out
         # The source voxels the padding needs: on each padded side, from the array border at least as far
         # in as numpy.pad's first reflection reaches (the whole axis if it reflects more than once).
@@ -358,29 +368,34 @@ class EmArray:
         return padded[crop]
 
     def _read_direct(self, box: Box, out: np.ndarray) -> None:
-        # Each chunk the box touches: decoded once (the cache holds it for overlapping reads), its part copied
-        # straight into ``out``; several chunks are decoded in parallel on the process's decoding threads.
+        # The chunks the box touches: cached ones as they are, the others decoded (in parallel on the
+        # process's decoding threads when there are several) and kept in the cache for overlapping reads;
+        # then each chunk's part is copied straight into ``out`` by this thread.
         reader = self._direct
         assert reader is not None
-        chunks, where = self.chunks, str(self.location)
+        chunks, cache, where = self.chunks, self.cache, str(self.location)
+        cidxs = list(itertools.product(*(range(a // c, (b - 1) // c + 1)
+                                          for a, b, c in zip(box.start, box.stop, chunks, strict=True))))
+        got: list[np.ndarray | None] = [cache.get(("direct", where, c)) for c in cidxs]
+        missing = [i for i, g in enumerate(got) if g is None]
 
-        def one(cidx: tuple[int, ...]) -> None:
-            origin = tuple(i * c for i, c in zip(cidx, chunks, strict=True))
-            chunk = self.cache.get_or_load(("direct", where, cidx), functools.partial(reader.chunk, cidx))
+        def load(i: int) -> np.ndarray:
+            return cache.get_or_load(("direct", where, cidxs[i]), functools.partial(reader.chunk, cidxs[i]))
+
+        if len(missing) == 1 and threading.current_thread() is not threading.main_thread():
+            got[missing[0]] = load(missing[0])  # (numcodecs decodes with blosc's own threads in the main thread)
+        elif missing:
+            for i, loaded in zip(missing, decode_pool().map(load, missing), strict=True):
+                got[i] = loaded
+        for cidx, chunk in zip(cidxs, got, strict=True):
+            assert chunk is not None
             dst, src = [], []
-            for a, b, o, c in zip(box.start, box.stop, origin, chunks, strict=True):
+            for a, b, i, c in zip(box.start, box.stop, cidx, chunks, strict=True):
+                o = i * c
                 lo, hi = max(a, o), min(b, o + c)
                 dst.append(slice(lo - a, hi - a))
                 src.append(slice(lo - o, hi - o))
             out[tuple(dst)] = chunk[tuple(src)]
-
-        cidxs = list(itertools.product(*(range(a // c, (b - 1) // c + 1)
-                                          for a, b, c in zip(box.start, box.stop, chunks, strict=True))))
-        if len(cidxs) == 1:
-            one(cidxs[0])
-        else:
-            for _ in decode_pool().map(one, cidxs):
-                pass
 
     def _load_chunk(self, cbox: Box) -> np.ndarray:
         return np.asarray(self._store[cbox.slices])

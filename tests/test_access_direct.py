@@ -1,0 +1,124 @@
+"""The direct shard reader (emdata.access.direct): the same voxels as zarr-python and tensorstore, or no reader."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+
+import numpy as np
+import pytest
+import zarr
+from access_fixtures import em_like, make_volume
+from zarr.codecs import BloscCodec, GzipCodec
+
+from emdata.access import BlockGrid, BlockSpec, Box, ChunkCache, open_array
+from emdata.access.direct import CorruptShardError, ShardReader
+
+
+def _ome(path, arr_kwargs, data, region=(slice(None),) * 3):
+    """A one-level OME-Zarr image whose level 0 is created with ``arr_kwargs``; ``data[region]`` is written."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs["ome"] = {"version": "0.5", "multiscales": [{
+        "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]}]}]}
+    arr = root.create_array("0", shape=data.shape, dtype=data.dtype, **arr_kwargs)
+    arr[region] = data[region]
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint64", "float32"])
+def test_direct_reads_equal_zarr_python(tmp_path, dtype):
+    # An edge that is no multiple of the chunk or shard: partial chunks and shards at the far side.
+    data = (em_like((37, 45, 29), seed=3).astype(dtype) * (257 if dtype == "uint16" else 1))
+    path = make_volume(tmp_path / "v.zarr", data, n_levels=1, chunks=(8, 8, 8), shards=(16, 16, 16))
+    arr = open_array(path, cache=ChunkCache(0))
+    assert arr._direct is not None and arr.backend == "tensorstore"
+    reference = zarr.open_array(str(path / "0"), mode="r")[...]
+    np.testing.assert_array_equal(arr.read(arr.bounds), reference)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        start = [int(rng.integers(0, s)) for s in data.shape]
+        stop = [int(rng.integers(a + 1, s + 1)) for a, s in zip(start, data.shape, strict=True)]
+        box = Box(tuple(start), tuple(stop))
+        got = arr.read(box)
+        assert got.dtype == reference.dtype
+        np.testing.assert_array_equal(got, reference[box.slices])
+        np.testing.assert_array_equal(got, dataclasses.replace(arr, _direct=None).read(box))
+
+
+def test_missing_chunks_and_shards_read_as_fill_value(tmp_path):
+    data = np.full((32, 32, 32), 700, np.uint16)
+    region = (slice(3, 9), slice(20, 30), slice(1, 5))  # one shard of eight gets data; the others are never written
+    path = _ome(tmp_path / "m.zarr", {"chunks": (8, 8, 8), "shards": (16, 16, 16), "fill_value": 5,
+                                      "compressors": [BloscCodec(cname="zstd", clevel=3)]}, data, region)
+    arr = open_array(path, cache=ChunkCache())
+    assert arr._direct is not None
+    expected = zarr.open_array(str(path / "0"), mode="r")[...]
+    assert (expected == 5).any() and (expected == 700).sum() == 6 * 10 * 4
+    np.testing.assert_array_equal(arr.read(arr.bounds), expected)
+    assert len([p for p in (path / "0" / "c").rglob("*") if p.is_file()]) == 1  # the others are missing
+
+
+def test_other_codecs_are_read_by_tensorstore(tmp_path):
+    data = em_like((16, 16, 16))
+    path = _ome(tmp_path / "g.zarr", {"chunks": (8, 8, 8), "shards": (16, 16, 16), "compressors": [GzipCodec()]},
+                data)
+    arr = open_array(path)
+    assert arr._direct is None and arr.backend == "tensorstore"
+    np.testing.assert_array_equal(arr.read(arr.bounds), data)
+    unsharded = _ome(tmp_path / "u.zarr", {"chunks": (8, 8, 8)}, data)
+    assert open_array(unsharded)._direct is None
+    assert open_array(path, backend="zarr")._direct is None  # an explicit zarr backend stays zarr-python
+
+
+def test_corrupt_shard_index_is_refused(tmp_path):
+    path = make_volume(tmp_path / "c.zarr", em_like((16, 16, 16)), n_levels=1, chunks=(8, 8, 8), shards=(16, 16, 16))
+    (shard,) = [p for p in (path / "0" / "c").rglob("*") if p.is_file()]
+    raw = bytearray(shard.read_bytes())
+    raw[-10] ^= 0xFF  # inside the index: its crc32c no longer matches
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(CorruptShardError, match="crc32c"):
+        open_array(path, cache=ChunkCache(0)).read(Box((0, 0, 0), (4, 4, 4)))
+    shard.write_bytes(bytes(raw[:-30]))  # truncated
+    with pytest.raises(CorruptShardError):
+        ShardReader.for_array(path / "0", np.dtype("uint8"), 0).chunk((0, 0, 0))
+
+
+@pytest.mark.parametrize("border", ["constant", "reflect"])
+@pytest.mark.parametrize("block,halo", [(16, 0), (16, 5), (12, 8)])
+def test_iterator_blocks_equal_numpy_slicing(tmp_path, border, block, halo):
+    data = em_like((40, 36, 44), seed=7)
+    path = make_volume(tmp_path / "i.zarr", data, n_levels=1, chunks=(8, 8, 8), shards=(16, 16, 16))
+    pad = halo + block
+    kwargs = {"constant_values": 3} if border == "constant" else {}
+    padded = np.pad(data, pad, mode=border, **kwargs)  # type: ignore[call-overload]
+    spec = BlockSpec(block, halo_voxels=halo, border=border, constant_value=3)  # type: ignore[arg-type]
+    grid = BlockGrid(open_array(path), spec)
+    assert grid.array._direct is not None
+    n = 0
+    for b in grid:
+        expected = padded[tuple(slice(a + pad, z + pad) for a, z in zip(b.read_box.start, b.read_box.stop,
+                                                                           strict=True))]
+        np.testing.assert_array_equal(b.data, expected)
+        n += 1
+    assert n == len(grid)
+
+
+def _read_in_child(path: str, conn: object) -> None:
+    arr = open_array(path, cache=ChunkCache(0))
+    conn.send((arr._direct is not None, int(arr.read(arr.bounds).astype(np.int64).sum())))  # type: ignore[attr-defined]
+
+
+def test_forked_child_reads_directly(tmp_path):
+    data = em_like((32, 32, 32))
+    path = make_volume(tmp_path / "f.zarr", data, n_levels=1, chunks=(8, 8, 8), shards=(16, 16, 16))
+    arr = open_array(path, cache=ChunkCache(0))
+    assert int(arr.read(arr.bounds).astype(np.int64).sum()) == int(data.astype(np.int64).sum())  # pool running
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_read_in_child, args=(str(path), child))
+    proc.start()
+    assert parent.poll(60), "the forked child did not answer: its decoding pool hangs"
+    direct, total = parent.recv()
+    proc.join(10)
+    assert direct and total == int(data.astype(np.int64).sum())
