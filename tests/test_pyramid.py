@@ -202,7 +202,7 @@ def test_tensorstore_read_back_difference_is_reported_with_the_box(tmp_path, mon
 
         def __getitem__(self, box):
             view = self.store[box]
-            return type("View", (), {"write": lambda _, d: view.write(d), "read": lambda _: Flipped(view.read())})()
+            return type("View", (), {"write": lambda _, d, **kw: view.write(d, **kw), "read": lambda _: Flipped(view.read())})()
 
     def init(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
@@ -270,3 +270,34 @@ def test_a_tensorstore_stream_with_reads_in_flight_writes_the_same_image(tmp_pat
                          shards=(16, 16, 16), what=name)
         outs.append(_tree(tmp_path / f"{name}.zarr"))
     assert outs[0] == outs[1] and len(outs[0]) > 10
+
+
+@pytest.mark.parametrize("method,dtype", [("mode", "uint64"), ("mean", "uint8")])
+def test_levels_written_piece_by_piece_hold_the_same_voxels_and_bytes(tmp_path, monkeypatch, method, dtype):
+    """Levels whose shard is too large to buffer are written piece by piece: same voxels as the buffered writer,
+    and (tensorstore lays a shard's chunks in index order) the same files, byte for byte."""
+    rng = np.random.default_rng(11)
+    data = rng.integers(0, 5 if method == "mode" else 255, (70, 64, 45)).astype(dtype)
+    g = ngff.Geometry((8.0, 8.0, 8.0))
+    trees, figures, direct = {}, {}, {}
+    real_init = ngff._StreamingPyramid.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        direct[name] = list(self.direct)
+
+    monkeypatch.setattr(ngff._StreamingPyramid, "__init__", spy)
+    for name, limit in (("buffered", 2**40), ("direct", 0)):
+        monkeypatch.setattr(ngff._StreamingPyramid, "DIRECT_BYTES", limit)
+        root = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w", zarr_format=3)
+        figures[name] = ngff.write_image(root, name="p", source=data, geometry=g, chunks=(4, 4, 4),
+                                         shards=(16, 16, 16), method=method, n_levels=4, what="p")
+        trees[name] = _tree(tmp_path / f"{name}.zarr")
+    # 16^3 shards: level 1's pieces are 8^3 (whole chunks), level 2's 4^3, level 3's 2^3 (not whole chunks).
+    assert direct == {"buffered": [False] * 4, "direct": [False, True, True, False]}
+    assert figures["direct"]["pyramid_peak_bytes"] < figures["buffered"]["pyramid_peak_bytes"]
+    ref = zarr.open_group(str(tmp_path / "buffered.zarr"), mode="r")
+    out = zarr.open_group(str(tmp_path / "direct.zarr"), mode="r")
+    for level in range(4):
+        np.testing.assert_array_equal(out[str(level)][...], ref[str(level)][...])
+    assert trees["direct"] == trees["buffered"]

@@ -467,7 +467,9 @@ class _Sink:
     ``zarr``: zarr-python, synchronously. ``tensorstore``: the same zarr v3 array (created by zarr-python, so its
     zarr.json is the same) written through tensorstore, several shard writes in flight (up to ``INFLIGHT_BYTES``
     of decoded voxels, at most ``max_depth`` shards), so encoding runs on tensorstore's threads while Python
-    reads and reduces the next shard. Tensorstore encodes straight from the array handed to it (no copy): the
+    reads and reduces the next shard. ``depth`` shards stay held after ``put`` returns (0: ``put`` writes and
+    verifies before it returns); ``make_room`` finishes all but ``depth - 1`` of them, so that the caller can
+    fetch its next shard without holding more than ``depth`` shards besides it. Tensorstore encodes straight from the array handed to it (no copy): the
     array is never changed afterwards. With ``verify``, each shard, once written, is read back from the file
     (the context has no chunk cache, so the bytes come from disk) in z-slabs of whole chunks of at most
     ``READ_BYTES``, each decoded and compared voxel for voxel with the array written; the written array is
@@ -479,10 +481,10 @@ class _Sink:
     READ_BYTES = 32 * 2**20
 
     def __init__(self, array: zarr.Array, backend: Backend, verify: bool, what: str, context: Any,
-                 max_depth: int = MAX_DEPTH) -> None:
+                 max_depth: int = MAX_DEPTH, min_depth: int = 1) -> None:
         self.array, self.backend, self.verify, self.what = array, backend, verify, what
         shard_bytes = math.prod(array.shards or array.chunks) * array.dtype.itemsize
-        self.depth = max(1, min(max_depth, self.INFLIGHT_BYTES // shard_bytes))
+        self.depth = max(min_depth, min(max_depth, self.INFLIGHT_BYTES // shard_bytes))
         # Each entry: box, the array written (None once it need not be kept), the write's future.
         self.pending: deque[tuple[Box, np.ndarray | None, Any]] = deque()
         self.reading: deque[tuple[Box, Any]] = deque()
@@ -542,6 +544,13 @@ class _Sink:
         if not np.array_equal(read.result(), data[z]):
             raise SourceMismatchError(f"conversion of {self.what} does not read back equal at {box}")
 
+    def make_room(self) -> None:
+        began = time.monotonic()
+        try:
+            self._drain(self.depth - 1)
+        finally:
+            self.seconds += time.monotonic() - began
+
     def _drain(self, limit: int) -> None:
         while len(self.pending) > limit:
             self._finish(*self.pending.popleft())
@@ -566,7 +575,17 @@ class _Sink:
 
 
 class _StreamingPyramid:
-    """Takes level-0 shards in ``shard_order`` and writes every upper level shard as soon as it is complete."""
+    """Takes level-0 shards in ``shard_order`` and writes every upper level shard as soon as it is complete.
+
+    Each level's shard is filled in a buffer from the reductions of the level below and written whole, except
+    on levels whose shard is larger than ``DIRECT_BYTES`` (256^3 uint64 labels: 128 MiB) and whose pieces are
+    whole chunks: there each reduced piece is written where it belongs as it comes (tensorstore adds its
+    chunks to the shard file; the write and its read-back finish before the next piece), and reduced further
+    on its own, so no buffer of a whole shard is held. Reducing a piece gives the same voxels as reducing the
+    whole level: pieces start on even voxels and end on even voxels or at the level's end.
+    """
+
+    DIRECT_BYTES = 64 * 2**20
 
     def __init__(self, sinks: Sequence[_Sink], factors: Sequence[Sequence[int]], method: Downsampling):
         self.sinks = list(sinks)
@@ -577,6 +596,21 @@ class _StreamingPyramid:
         self.pending: list[dict[tuple[int, ...], list[Any]]] = [{} for _ in self.arrays]
         self.peak_bytes = 0
         self.seconds = 0.0
+        # direct[level]: pieces of that level are written as they come (see above); unit: what a level passes up.
+        self.direct = [False] * len(self.arrays)
+        unit = self.blocks[0]
+        for level in range(1, len(self.arrays)):
+            array, f = self.arrays[level], self.factors[level]
+            piece = tuple(u // fa for u, fa in zip(unit, f, strict=True))
+            big = math.prod(self.blocks[level]) * array.dtype.itemsize > self.DIRECT_BYTES
+            whole = all(u % fa == 0 and p % c == 0 and b % p == 0 for u, fa, p, c, b in zip(
+                unit, f, piece, array.chunks, self.blocks[level], strict=True))
+            if big and whole and self.sinks[level].backend == "tensorstore":
+                self.direct[level] = True
+                self.sinks[level].depth = 0  # one piece of a shard at a time: no two writes to one shard file
+                unit = piece
+            else:
+                unit = self.blocks[level]
 
     def add(self, level: int, start: Sequence[int], data: np.ndarray) -> None:
         """``data`` at ``start`` of ``level - 1`` is complete: reduce it into ``level``."""
@@ -589,6 +623,12 @@ class _StreamingPyramid:
                                         f"downsampling factors {f}: choose shards that are multiples of them")
         red = pyramid.reduce(data, f, self.method)
         ostart = [s // fa for s, fa in zip(start, f, strict=True)]
+        if self.direct[level]:
+            self.seconds += time.monotonic() - began
+            box = tuple(slice(o, o + n) for o, n in zip(ostart, red.shape, strict=True))
+            self.sinks[level].put(box, red)  # type: ignore[arg-type]
+            self.add(level + 1, ostart, red)
+            return
         array, block, pending = self.arrays[level], self.blocks[level], self.pending[level]
         ranges = [range(o // b, (o + n - 1) // b + 1) for o, n, b in zip(ostart, red.shape, block, strict=True)]
         done: list[tuple[list[int], np.ndarray]] = []
@@ -632,6 +672,19 @@ def _source_shape_dtype(source: Any, what: str) -> tuple[tuple[int, int, int], n
     return shape, dtype  # type: ignore[return-value]
 
 
+def _exact_sum(data: np.ndarray) -> float:
+    """Sum of ``data``'s voxels (exact for integers below 2**53): 8- and 16-bit integers are first summed along
+    x in the narrowest integer that cannot overflow (a third of the time of one uint64 sum), then in 64 bits."""
+    kind, size = data.dtype.kind, data.dtype.itemsize
+    if kind in "iu" and size <= 2 and data.ndim == 3 and data.size:
+        wide = {1: np.int16 if kind == "i" else np.uint16, 2: np.int32 if kind == "i" else np.uint32}[size]
+        if data.shape[-1] * (2 ** (8 * size) - 1) <= np.iinfo(wide).max:
+            return float(data.sum(axis=-1, dtype=wide).sum(dtype=np.int64 if kind == "i" else np.uint64))
+    if kind in "iub":
+        return float(data.sum(dtype=np.int64 if kind == "i" else np.uint64))
+    return float(data.sum(dtype=np.float64))
+
+
 def _tensorstore_context() -> Any:
     import tensorstore as ts
 
@@ -645,9 +698,14 @@ def _stream_level0(arrays: Sequence[zarr.Array], source: Any, factors: Sequence[
     """Write level 0 shard by shard from ``source``, read each shard back and compare, and build the pyramid."""
     shape, dtype = _source_shape_dtype(source, what)
     context = _tensorstore_context() if backend == "tensorstore" else None
-    # Upper levels hold 1/8 of the data or less: one shard in flight each keeps memory to a few shards a level.
-    sinks = [_Sink(a, backend, verify, what if i == 0 else f"level {i} of {what}", context,
-                   max_depth=_Sink.MAX_DEPTH if i == 0 else 1) for i, a in enumerate(arrays)]
+    # Upper levels hold 1/8 of the data or less: at most one shard held each, none where two shards would
+    # exceed the in-flight budget (a 256^3 uint64 shard is 128 MiB: its write and read-back finish in ``put``).
+    sinks = [_Sink(a, backend, verify, what, context) if i == 0 else
+             _Sink(a, backend, verify, f"level {i} of {what}", context, max_depth=1, min_depth=0)
+             for i, a in enumerate(arrays)]
+    for sink in sinks[1:]:
+        sink.depth = min(sink.depth, _Sink.INFLIGHT_BYTES // (2 * math.prod(sink.array.shards or sink.array.chunks)
+                                                              * sink.array.dtype.itemsize))
     blocks = [tuple(a.shards or a.chunks) for a in arrays]
     boxes = shard_order(shape, factors, blocks[0], blocks)
     builder = _StreamingPyramid(sinks, factors, method)
@@ -672,15 +730,14 @@ def _stream_level0(arrays: Sequence[zarr.Array], source: Any, factors: Sequence[
                 raise SourceMismatchError(f"{what}: block {box} is {data.shape} {data.dtype}, expected {expected} {dtype}")
             sinks[0].put(box, data)
             t0 = time.monotonic()
-            if dtype.kind in "iub":
-                total_sum += float(data.sum(dtype=np.int64 if dtype.kind == "i" else np.uint64))
-            else:
-                total_sum += float(data.sum(dtype=np.float64))
+            total_sum += _exact_sum(data)
             stats_s += time.monotonic() - t0
             builder.add(1, [b.start for b in box], data)
             done_bytes += data.nbytes
             if on_block is not None:
                 on_block(data.nbytes)
+            del data  # the sink holds it while it must; then it is freed before the next shard arrives
+            sinks[0].make_room()
             now = time.monotonic()
             if now - last_log >= PROGRESS_EVERY_S or n == len(boxes):
                 rate = done_bytes / max(now - began, 1e-9)

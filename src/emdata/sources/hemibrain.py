@@ -82,9 +82,11 @@ def segmentation_layer(version: str) -> str:
 SEGMENTATION_URL = segmentation_url(DEFAULT_SEGMENTATION)
 
 OUTPUT_CHUNKS = (64, 64, 64)
-# 128^3 shards: the pyramid writer reads a 256^3 block per output shard, which for uint64 labels is 128 MiB
-# (and 64 MiB of float32 for the EM's mean); larger shards would multiply that by 8.
-OUTPUT_SHARDS = (128, 128, 128)
+# 256^3 shards (2^24 voxels, ngff.DEFAULT_SHARDS) at every level, EM and labels: few files for DVC (163 for the
+# 1000^3 crop and its segmentation, 1,185 with 128^3). The streaming pyramid holds a bounded number of shards
+# (for uint64 labels: the shard being reduced, one level-1 and one level-2 shard being filled, no copy for the
+# writes, read-backs in 32 MiB slabs), so memory does not call for smaller shards (bench/bench_memory.py).
+OUTPUT_SHARDS = (256, 256, 256)
 MIN_SELECTION_VOXELS = 4  # auto selection scale: the coarsest where the crop spans at least this per axis
 MAX_SELECTION_VOXELS = 2**26  # the coarse volume read whole for tissue selection (64 Mi voxels)
 EDGE_CONTRAST = 0.3  # coarse tissue is at least this fraction of the brightest voxel near it (JPEG ringing is not)
