@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -59,6 +59,18 @@ class ChunkCache:
                 self._lru.move_to_end(key)
                 self.hits += 1
             return chunk
+
+    def get_many(self, keys: Sequence[Hashable]) -> list[np.ndarray | None]:
+        """``get`` of each key, under one lock."""
+        out: list[np.ndarray | None] = []
+        with self._lock:
+            for key in keys:
+                chunk = self._lru.get(key)
+                if chunk is not None:
+                    self._lru.move_to_end(key)
+                    self.hits += 1
+                out.append(chunk)
+        return out
 
     def get_or_load(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
         """The cached chunk, or ``load()`` it once even when several threads miss it at the same time."""

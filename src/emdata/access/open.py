@@ -373,29 +373,35 @@ class EmArray:
         # then each chunk's part is copied straight into ``out`` by this thread.
         reader = self._direct
         assert reader is not None
-        chunks, cache, where = self.chunks, self.cache, str(self.location)
-        cidxs = list(itertools.product(*(range(a // c, (b - 1) // c + 1)
-                                          for a, b, c in zip(box.start, box.stop, chunks, strict=True))))
-        got: list[np.ndarray | None] = [cache.get(("direct", where, c)) for c in cidxs]
-        missing = [i for i, g in enumerate(got) if g is None]
+        cache, where = self.cache, str(self.location)
+        # Per axis: (chunk index, slice of out, slice of the chunk) for each chunk the box meets.
+        axes = []
+        for a, b, c in zip(box.start, box.stop, self.chunks, strict=True):
+            parts = []
+            for i in range(a // c, (b - 1) // c + 1):
+                o = i * c
+                lo, hi = max(a, o), min(b, o + c)
+                parts.append((i, slice(lo - a, hi - a), slice(lo - o, hi - o)))
+            axes.append(parts)
+        keys = [("direct", where, (i, j, k)) for i, _, _ in axes[0] for j, _, _ in axes[1] for k, _, _ in axes[2]]
+        got = cache.get_many(keys)
+        missing = [n for n, g in enumerate(got) if g is None]
 
-        def load(i: int) -> np.ndarray:
-            return cache.get_or_load(("direct", where, cidxs[i]), functools.partial(reader.chunk, cidxs[i]))
+        def load(n: int) -> np.ndarray:
+            return cache.get_or_load(keys[n], functools.partial(reader.chunk, keys[n][2]))
 
         if len(missing) == 1 and threading.current_thread() is not threading.main_thread():
             got[missing[0]] = load(missing[0])  # (numcodecs decodes with blosc's own threads in the main thread)
         elif missing:
-            for i, loaded in zip(missing, decode_pool().map(load, missing), strict=True):
-                got[i] = loaded
-        for cidx, chunk in zip(cidxs, got, strict=True):
-            assert chunk is not None
-            dst, src = [], []
-            for a, b, i, c in zip(box.start, box.stop, cidx, chunks, strict=True):
-                o = i * c
-                lo, hi = max(a, o), min(b, o + c)
-                dst.append(slice(lo - a, hi - a))
-                src.append(slice(lo - o, hi - o))
-            out[tuple(dst)] = chunk[tuple(src)]
+            for n, loaded in zip(missing, decode_pool().map(load, missing), strict=True):
+                got[n] = loaded
+        chunks = iter(got)
+        for _, d0, s0 in axes[0]:
+            for _, d1, s1 in axes[1]:
+                for _, d2, s2 in axes[2]:
+                    chunk = next(chunks)
+                    assert chunk is not None
+                    out[d0, d1, d2] = chunk[s0, s1, s2]
 
     def _load_chunk(self, cbox: Box) -> np.ndarray:
         return np.asarray(self._store[cbox.slices])

@@ -57,13 +57,19 @@ def block_to_item(block: Block) -> dict[str, Any]:
     }
 
 
-# Below this many elements torch.stack is as fast as anything; above it, it copies on torch's intra-op
-# threads, which wait for a core while our reading threads hold them (measured 6 ms per 2 MB batch).
-_NUMPY_STACK_MIN = 1 << 15
+def _int_scalar(value: int) -> torch.Tensor:
+    """``torch.tensor(value)`` (a 0-d int64 tensor) through numpy: torch.tensor waits for the GIL again."""
+    return torch.from_numpy(np.array(value, np.int64))
+
+
+# torch.stack copies large tensors on torch's intra-op threads, which wait for a core while our reading
+# threads hold them (measured 6 ms per 2 MB batch), and even small ones cost ~25 us each while reading
+# threads run: numpy stacks all of them (tensors of at least this many elements).
+_NUMPY_STACK_MIN = 0
 
 
 def collate(batch: list[Any]) -> Any:
-    """``default_collate`` with the same result; in the main process large tensors are stacked by numpy.
+    """``default_collate`` with the same result; in the main process CPU tensors are stacked by numpy.
 
     In a DataLoader worker it is ``default_collate`` (which stacks into shared memory for the transfer).
     """
@@ -145,7 +151,7 @@ class GridDataset(Dataset):  # type: ignore[type-arg]
     def __getitem__(self, index: int) -> dict[str, Any]:
         flat = self.indices[index]
         item = block_to_item(self.grid[flat])
-        item["flat_index"] = torch.tensor(flat)
+        item["flat_index"] = _int_scalar(flat)
         return item
 
 
@@ -214,7 +220,7 @@ class SamplerDataset(IterableDataset):  # type: ignore[type-arg]
             # Counted before handing out: a state saved while holding this sample resumes after it.
             self._next = k + n_workers
             item: dict[str, Any] = {key: block_to_item(block) for key, block in sample.items()}
-            item["sample_index"] = torch.tensor(self.global_index(k))
+            item["sample_index"] = _int_scalar(self.global_index(k))
             yield item
 
     def state_dict(self) -> dict[str, int]:
