@@ -8,6 +8,12 @@ every way sees the same machine state; the median of ``--repeats`` rounds is rep
   phase (read + write of level 0) and, separately, end to end (with info, selection, pyramid).
 * ``concurrent read``: the same region read by tensorstore in one call, nothing written (the link's ceiling).
 * ``one at a time``: the same 64^3 chunks read one after another with one HTTP request in flight.
+* ``stage``: ``fetch_hemibrain_crop`` as the stage runs it, with its segmentation (crop + pyramids + labels,
+  every shard read back and compared), vs ``ts copy``: the same EM and segmentation regions copied by
+  tensorstore (``dst.write(src).result()``, one call per array, all its threads) into level-0 arrays of the same
+  layout (``ngff.create_multiscale``: the stage's chunks, shards, codec), no pyramid, no read-back. The copy's
+  time includes opening the sources and creating its arrays, as the stage's does. The ratio is copy seconds /
+  stage seconds per round (issue 12: end to end >= 0.6x).
 
 The replica server runs in a subprocess (``python -m emdata.offline.replica serve``) so it does not share the
 benchmark's interpreter; ``--latency`` is added before every response.
@@ -28,10 +34,16 @@ import time
 from pathlib import Path
 
 
+import numpy as np
+import tensorstore as ts
+import zarr
+
+from emdata import ngff
 from emdata.acquire.context import MirrorConfig, RunContext
 from emdata.acquire.params import DownloadConfig
 from emdata.offline.replica import build_replica
-from emdata.sources.hemibrain import EM_URL, SOURCE, fetch_hemibrain_crop, open_scale
+from emdata.sources.hemibrain import (CACHE_BYTES, DEFAULT_SEGMENTATION, EM_URL, OUTPUT_CHUNKS, OUTPUT_SHARDS, SOURCE,
+                                      fetch_hemibrain_crop, open_scale, segmentation_url)
 
 
 def context(mirror: str, root: Path = Path(".")) -> RunContext:
@@ -58,6 +70,36 @@ def run_crop(mirror: str, crop: int, seed: int, concurrency: int) -> dict[str, f
     em = metrics["write"]
     return {"origin": metrics["crop_origin_voxels"], "stream_MBps": em["MBps"],
             "end_to_end_MBps": crop**3 / 1e6 / total, "seconds": total, "stream_seconds": em["seconds"]}
+
+
+def run_stage(mirror: str, crop: int, seed: int, concurrency: int) -> tuple[float, list[int]]:
+    """The stage's path with its segmentation: seconds and the crop's origin."""
+    params = SOURCE.parse_params({"seed": seed, "crop_size": [crop] * 3, "segmentation": DEFAULT_SEGMENTATION,
+                                  "min_tissue_fraction": 0.9, "concurrency": concurrency})
+    with tempfile.TemporaryDirectory(prefix="bench-hemibrain-") as tmp:
+        began = time.monotonic()
+        metrics = fetch_hemibrain_crop(params, context(mirror, Path(tmp)), Path(tmp) / "crop.zarr")
+        return time.monotonic() - began, metrics["crop_origin_voxels"]
+
+
+def ts_copy(mirror: str, origin: list[int], crop: int, concurrency: int) -> float:
+    """EM and segmentation regions copied by tensorstore into level-0 arrays of the stage's layout: seconds."""
+    ctx = context(mirror)
+    with tempfile.TemporaryDirectory(prefix="bench-hemibrain-copy-") as tmp:
+        began = time.monotonic()
+        tcontext = ctx.tensorstore_context(concurrency=concurrency, cache_bytes=CACHE_BYTES)
+        root = zarr.open_group(str(Path(tmp) / "copy.zarr"), mode="w", zarr_format=3)
+        region = tuple(slice(o, o + crop) for o in origin)
+        for name, url, dtype in (("em", EM_URL, np.uint8), ("seg", segmentation_url(DEFAULT_SEGMENTATION), np.uint64)):
+            src = open_scale(ctx, url, 0, tcontext, name)[region]
+            arrays = ngff.create_multiscale(root.create_group(name), name=name, shape=(crop,) * 3, dtype=dtype,
+                                            geometry=ngff.Geometry((8.0, 8.0, 8.0)), chunks=OUTPUT_CHUNKS,
+                                            shards=OUTPUT_SHARDS, n_levels=1)
+            dst = ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
+                                                          "path": str(Path(tmp) / "copy.zarr" / arrays[0].path)}}
+                          ).result()
+            dst.write(src.translate_to[0, 0, 0]).result()
+        return time.monotonic() - began
 
 
 def read_concurrent(mirror: str, origin: list[int], crop: int, concurrency: int) -> float:
@@ -97,8 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows: dict[str, list[float]] = {"crop stream": [], "crop end to end": [], "concurrent read": [],
                                         "one at a time": []}
+        stage_s: list[float] = []
+        copy_s: list[float] = []
         origin = None
         for r in range(args.repeats):
+            seconds, stage_origin = run_stage(mirror, args.crop, args.seed, args.concurrency)
+            stage_s.append(seconds)
+            copy_s.append(ts_copy(mirror, stage_origin, args.crop, args.concurrency))
+            print(f"round {r + 1}: stage (crop + pyramids + labels) {stage_s[-1]:.1f} s, ts copy {copy_s[-1]:.1f} s",
+                  flush=True)
             crop = run_crop(mirror, args.crop, args.seed, args.concurrency)
             origin = crop["origin"]
             rows["crop stream"].append(crop["stream_MBps"])
@@ -117,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for k, v in rows.items():
         print(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} | {med[k] / base:.1f}x |")
+    ratios = [c / s for c, s in zip(copy_s, stage_s, strict=True)]
+    print(f"\nEM + segmentation {args.crop}^3 at the same origin, shards {OUTPUT_SHARDS[0]}^3: stage (crop + pyramids + "
+          f"labels, read back) {statistics.median(stage_s):.1f} s vs ts copy of level 0 {statistics.median(copy_s):.1f} s")
+    print(f"| hemibrain stage end to end vs ts copy (speed) | {statistics.median(ratios):.2f}x "
+          f"({min(ratios):.2f}..{max(ratios):.2f}) | target >= 0.6x |")
     return 0
 
 

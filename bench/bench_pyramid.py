@@ -35,7 +35,13 @@ NOTES = """## What the cases are
   pass (no second read of level 0), exact integer mean. *level 0* is the same call with `n_levels=1`, so
   *streaming pyramid / level 0* is the extra time the pyramid costs.
 - *ts copy*: the obvious tensorstore copy, `store.write(array)` of the whole array into the same sharded zarr3
-  layout: no read-back, no pyramid, all of tensorstore's threads at once.
+  layout (same zarr.json: chunks, shards, codec; the same array in memory): no read-back, no pyramid, all of
+  tensorstore's threads at once. Both it and `write_image` are timed from an empty folder (creating the
+  array's zarr.json included).
+- *verified*: each written shard is read back from the file (tensorstore, no chunk cache) in z-slabs of whole
+  chunks and compared voxel for voxel with the array written: a wrong voxel on disk fails the write. Decoding
+  costs about as much CPU as encoding (blosc-zstd, EM-like data), so on a CPU-bound machine a verified write
+  cannot be faster than about half of an unverified copy.
 - CPU seconds are the process's user+system time over all threads: on a shared machine they show the work
   done even when the wall time is stretched by other processes.
 - Output: both backends write the same zarr.json and the same compressed chunks, and zarr-python reads them
@@ -82,17 +88,21 @@ def old_sequence(path: Path, data: np.ndarray, chunks: Sequence[int], shards: Se
 
 def new_image(path: Path, data: np.ndarray, chunks: Sequence[int], shards: Sequence[int], backend: str,
               n_levels: int | None = None, verify: bool = True) -> Timing:
+    group = _group(path)
     t0 = _clock()
-    ngff.write_image(_group(path), name="b", source=data, geometry=GEOMETRY, chunks=chunks, shards=shards,
+    ngff.write_image(group, name="b", source=data, geometry=GEOMETRY, chunks=chunks, shards=shards,
                      what="bench", backend=backend, n_levels=n_levels, verify=verify)  # type: ignore[arg-type]
     return _since(t0)
 
 
 def ts_copy(path: Path, data: np.ndarray, chunks: Sequence[int], shards: Sequence[int]) -> Timing:
-    """The obvious tensorstore copy of the same array into the same sharded zarr3 layout (no verify, no pyramid)."""
-    arrays = ngff.create_multiscale(_group(path), name="b", shape=data.shape, dtype=data.dtype, geometry=GEOMETRY,
-                                    chunks=chunks, shards=shards, n_levels=1)
+    """The obvious tensorstore copy of the same array into the same sharded zarr3 layout (no verify, no pyramid).
+
+    Timed like ``new_image``: from an empty folder, creating the array (the same zarr.json) included."""
+    group = _group(path)
     t0 = _clock()
+    arrays = ngff.create_multiscale(group, name="b", shape=data.shape, dtype=data.dtype, geometry=GEOMETRY,
+                                    chunks=chunks, shards=shards, n_levels=1)
     store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / arrays[0].path)}}).result()
     store.write(data).result()
     return _since(t0)
@@ -247,15 +257,15 @@ def main() -> None:
               f"nearest: {timeit(lambda: pyramid.nearest(seg, (2, 2, 2))):.3f} s.", ""]
 
     lines += ["## Peak memory of write_image (generated source: the volume is never in memory)", "",
-              "Peak RSS (VmHWM) of a fresh process writing a generated image with 128^3 shards, minus that of a "
+              "Peak RSS (VmHWM) of a fresh process writing a generated image with 256^3 shards, minus that of a "
               "process that only imports the same modules; tracemalloc peak (numpy buffers; tensorstore backend) "
               "and the pyramid's own unfinished-shard buffers.", "",
               "| volume | RSS MB, tensorstore backend | RSS MB, zarr-python backend | tracemalloc peak MB | "
               "pyramid buffers peak MB |", "|---|---:|---:|---:|---:|"]
     for size in args.memory_sizes:
-        rss_ts, base = peak_rss(tmp, size, (128, 128, 128), "tensorstore")
-        rss_zarr, _ = peak_rss(tmp, size, (128, 128, 128), "zarr")
-        peak, buffers = peak_memory(tmp, size, (128, 128, 128), "tensorstore")
+        rss_ts, base = peak_rss(tmp, size, ngff.DEFAULT_SHARDS, "tensorstore")
+        rss_zarr, _ = peak_rss(tmp, size, ngff.DEFAULT_SHARDS, "zarr")
+        peak, buffers = peak_memory(tmp, size, ngff.DEFAULT_SHARDS, "tensorstore")
         lines.append(f"| {size}^3 ({size**3 / 1e6:.0f} MB) | {rss_ts - base:.0f} | {rss_zarr - base:.0f} | "
                      f"{peak / 1e6:.0f} | {buffers / 1e6:.0f} |")
     lines.append("")
