@@ -1,12 +1,21 @@
-"""Peak RSS of each DVC stage at two sizes of the replica: memory must not grow with the volume.
+"""Peak RSS of each DVC stage at two sizes that both span many output shards: memory must not grow with the volume.
 
 Each stage runs as users run it (``python stages/<name>.py`` in a scratch workspace whose params.yaml has
-``mirror: {url: <replica>, serves: replica}``), once against the small replica profile and once against the
-full one (the real shapes of EPFL and IDR; hemibrain's crop at its params.yaml size; OpenOrganelle by ROI),
-one process at a time; its peak resident set size comes from ``os.wait4`` (``ru_maxrss`` of that process). The output's
-bytes show how much larger the second size is.
+``mirror: {url: <replica>, serves: replica}``), one process at a time, at two sizes whose level 0 both span
+many 256^3-voxel output shards, the second about 2x the first in voxels:
 
-    .venv/bin/python bench/bench_memory.py [--quick] [--stages epfl,hemibrain,...] [--json F]
+- epfl, idr, empiar: the replica's ``half`` profile (the real shapes with x halved) vs ``full`` (the real shapes);
+- hemibrain: crop 500 x 1000 x 1000 vs 1000^3 (params.yaml's), with its segmentation;
+- openorganelle: ROI 256 x 512 x 1024 vs 512 x 512 x 1024 voxels of s0 (int16);
+- metadata: over the outputs of that size.
+
+While the stage runs, a sampler reads its ``/proc/<pid>/status`` every 20 ms: the peaks of RssAnon (heap,
+arenas, tensorstore buffers: what the process allocated) and RssFile (pages of memory-mapped files, which the
+kernel can drop at any time) are reported apart; ``peak_rss_mb`` is the kernel's high-water mark of their sum
+(``ru_maxrss`` from ``os.wait4``). A bounded stage has an RSS ratio (full / half) near 1 while its output
+grows about 2x. ``--sizes small,full`` compares the tiny test profile instead (start-up dominated).
+
+    .venv/bin/python bench/bench_memory.py [--quick] [--stages epfl,hemibrain,...] [--sizes half,full] [--json F]
 """
 
 from __future__ import annotations
@@ -15,10 +24,13 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +41,66 @@ from emdata.offline import services
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["epfl", "hemibrain", "empiar", "idr", "openorganelle", "metadata"]
-# Per size: the replica profile and params overrides (section -> values). The small replica's hemibrain tissue
-# is 384^3, so its crop is smaller than params.yaml's 1000^3. OpenOrganelle's replica keeps the real s0 shape
-# (7.4 GB) at both profiles: its ROI sets the size (8 MB vs 134 MB of int16).
-SIZES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
-    "small": ("small", {"hemibrain": {"crop_size": [256, 256, 256], "min_tissue_fraction": 0.5},
-                        "openorganelle": {"roi_voxels": [[0, 0, 0], [64, 256, 256]]}}),
-    "full": ("full", {"openorganelle": {"roi_voxels": [[0, 0, 0], [256, 512, 512]]}}),
+FILE_STAGES = ("epfl", "idr", "empiar")  # served by every replica profile; the others come from "full"
+
+
+SIZES: dict[str, dict[str, Any]] = {
+    "small": {"profile": "small", "overrides": {
+        "hemibrain": {"crop_size": [256, 256, 256], "min_tissue_fraction": 0.5},
+        "openorganelle": {"roi_voxels": [[0, 0, 0], [64, 256, 256]]}}},
+    "half": {"profile": "half", "overrides": {
+        "hemibrain": {"crop_size": [500, 1000, 1000]},
+        "openorganelle": {"roi_voxels": [[0, 0, 0], [256, 512, 1024]]}}},
+    "full": {"profile": "full", "overrides": {
+        "openorganelle": {"roi_voxels": [[0, 0, 0], [512, 512, 1024]]}}},
 }
+STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
 
 
-def workspace(ws: Path, mirror: str, overrides: dict[str, dict[str, Any]]) -> None:
+def workspace(ws: Path, overrides: dict[str, dict[str, Any]]) -> None:
     ws.mkdir(parents=True)
     shutil.copytree(REPO / "stages", ws / "stages")
     shutil.copy2(REPO / "checksums.json", ws / "checksums.json")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["mirror"] = {"url": mirror, "serves": "replica"}
     for section, values in overrides.items():
         params[section].update(values)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def set_mirror(ws: Path, mirror: str) -> None:
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    params["mirror"] = {"url": mirror, "serves": "replica"}
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def read_status(pid: int) -> dict[str, int]:
+    """kB per field of ``/proc/<pid>/status`` (empty once the process is gone)."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in STATUS_FIELDS:
+                    out[key] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+class Sampler(threading.Thread):
+    """The peak of each /proc/<pid>/status field while the process runs."""
+
+    def __init__(self, pid: int, every_s: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every_s = pid, every_s
+        self.peaks: dict[str, int] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for key, kb in read_status(self.pid).items():
+                self.peaks[key] = max(self.peaks.get(key, 0), kb)
+            self.stop.wait(self.every_s)
 
 
 def run_stage(ws: Path, name: str) -> dict[str, Any]:
@@ -56,24 +109,32 @@ def run_stage(ws: Path, name: str) -> dict[str, Any]:
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, f"stages/{name}.py"], cwd=ws, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        sampler = Sampler(proc.pid)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
+        sampler.stop.set()
+        sampler.join()
     seconds = time.perf_counter() - began
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); last lines:\n"
                            + "\n".join(log.read_text().splitlines()[-15:]))
     output = ws / ("metadata" if name == "metadata" else find(name).output)
-    nbytes = sum(p.stat().st_size for p in output.rglob("*") if p.is_file()) if output.is_dir() else \
-        (output.stat().st_size if output.exists() else 0)
-    return {"peak_rss_mb": usage.ru_maxrss / 1024, "seconds": seconds, "output_mb": nbytes / 1e6}
+    files = [p for p in output.rglob("*") if p.is_file()] if output.is_dir() else [output] if output.exists() else []
+    peaks = sampler.peaks
+    return {"peak_rss_mb": usage.ru_maxrss / 1024, "rss_anon_mb": peaks.get("RssAnon", 0) / 1024,
+            "rss_file_mb": peaks.get("RssFile", 0) / 1024, "seconds": seconds,
+            "output_mb": sum(p.stat().st_size for p in files) / 1e6, "output_files": len(files)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the small size of the idr and epfl stages")
     parser.add_argument("--stages", default=",".join(STAGES))
-    parser.add_argument("--sizes", default="small,full")
+    parser.add_argument("--sizes", default="half,full")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each stage at each size, sizes interleaved")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep", type=Path, help="keep the workspaces (outputs, logs) in this folder")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
     sizes = [s for s in args.sizes.split(",") if s]
@@ -82,35 +143,81 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(stages) - set(DATASETS) - {"metadata"}) + sorted(set(sizes) - set(SIZES))
     if unknown:
         raise SystemExit(f"unknown stage(s) or size(s) {unknown}")
-    results: dict[str, Any] = {"cores": os.cpu_count(), "sizes": {s: SIZES[s] for s in sizes}, "stages": {}}
-    with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
-        for size in sizes:
-            profile, overrides = SIZES[size]
+    results: dict[str, Any] = {"cores": os.cpu_count(), "sizes": {s: SIZES[s] for s in sizes}, "stages": {},
+                               "repeats": args.repeats}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_memory_"))) \
+            if args.keep is None else args.keep
+        for repeat, size in ((r, s) for r in range(args.repeats) for s in sizes):  # sizes interleaved
+            profile, overrides = SIZES[size]["profile"], SIZES[size]["overrides"]
             sources = [s for s in stages if s in DATASETS]
-            with services.replica(profile, sources=sources) as mirror:
-                ws = Path(tmp) / size
-                workspace(ws, mirror, overrides)
+            # The file stages' volumes come from the size's profile, hemibrain's and OpenOrganelle's from "full"
+            # (their size is a param): one replica server per profile.
+            groups = {p: [s for s in sources if (profile if s in FILE_STAGES else "full") == p]
+                      for p in {profile, "full"}}
+            with ExitStack() as servers:
+                mirrors = {p: servers.enter_context(services.replica(p, sources=names))
+                           for p, names in groups.items() if names}
+                ws = tmp / f"{size}-{repeat}"
+                workspace(ws, overrides)
                 for name in stages:
-                    results["stages"].setdefault(name, {})[size] = run_stage(ws, name)
-                    print(f"{name} ({size}): {results['stages'][name][size]}", flush=True)
+                    set_mirror(ws, next(iter(mirrors.values())) if name not in DATASETS else
+                               mirrors[profile if name in FILE_STAGES else "full"])
+                    one = run_stage(ws, name)
+                    runs.setdefault(name, {}).setdefault(size, []).append(one)
+                    print(f"{name} ({size}, repeat {repeat + 1}): {one}", flush=True)
+                if args.keep is None:
+                    shutil.rmtree(ws)
+    for name, per in runs.items():
+        results["stages"][name] = {size: summarise(one) for size, one in per.items()}
+        if len(sizes) > 1 and all(len(per.get(s, [])) == args.repeats for s in sizes):
+            ratios = [b["peak_rss_mb"] / a["peak_rss_mb"] for a, b in zip(per[sizes[0]], per[sizes[-1]], strict=True)]
+            anon = [b["rss_anon_mb"] / a["rss_anon_mb"] for a, b in zip(per[sizes[0]], per[sizes[-1]], strict=True)
+                    if a["rss_anon_mb"]]
+            results["stages"][name]["ratios"] = {"peak_rss": ratios, "rss_anon": anon}
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results
 
 
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of each figure over the repeats (the figures of every repeat under ``runs``)."""
+    out = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    out["runs"] = runs
+    return out
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.median(values):.2f} ({min(values):.2f}..{max(values):.2f})"
+
+
 def report(results: dict[str, Any]) -> str:
     sizes = list(results["sizes"])
-    head = " | ".join(f"{s}: output MB, peak RSS MB, s" for s in sizes)
-    lines = [f"| stage | {head} | RSS ratio {sizes[-1]}/{sizes[0]} | output ratio |",
+    head = " | ".join(f"{s}: output MB (files), peak RSS MB (anon + file), s" for s in sizes)
+    lines = [f"| stage | {head} | RSS ratio {sizes[-1]}/{sizes[0]} (anon) | output ratio |",
              "|---|" + "---:|" * (len(sizes) + 2)]
     for name, per in results["stages"].items():
-        cells = " | ".join(f"{per[s]['output_mb']:.1f}, **{per[s]['peak_rss_mb']:.0f}**, {per[s]['seconds']:.1f}"
-                           for s in sizes)
+        if any(s not in per for s in sizes):
+            continue
+        if len(sizes) == 1:
+            s = sizes[0]
+            lines.append(f"| {name} | {per[s]['output_mb']:.1f} ({per[s]['output_files']:.0f}), "
+                         f"**{per[s]['peak_rss_mb']:.0f}** ({per[s]['rss_anon_mb']:.0f} + {per[s]['rss_file_mb']:.0f}), "
+                         f"{per[s]['seconds']:.1f} | | |")
+            continue
+        cells = " | ".join(f"{per[s]['output_mb']:.1f} ({per[s].get('output_files', 0):.0f}), "
+                           f"**{per[s]['peak_rss_mb']:.0f}** ({per[s].get('rss_anon_mb', 0):.0f} + "
+                           f"{per[s].get('rss_file_mb', 0):.0f}), {per[s]['seconds']:.1f}" for s in sizes)
         a, b = per[sizes[0]], per[sizes[-1]]
-        rss = b["peak_rss_mb"] / a["peak_rss_mb"]
+        ratios = per.get("ratios") or {"peak_rss": [b["peak_rss_mb"] / a["peak_rss_mb"]], "rss_anon": [
+            b["rss_anon_mb"] / a["rss_anon_mb"] if a.get("rss_anon_mb") else float("nan")]}
         out = b["output_mb"] / a["output_mb"] if a["output_mb"] else float("nan")
-        lines.append(f"| {name} | {cells} | {rss:.2f} | {out:.1f} |")
+        lines.append(f"| {name} | {cells} | {_spread(ratios['peak_rss'])} ({_spread(ratios['rss_anon'])}) | "
+                     f"{out:.1f} |")
     return "\n".join(lines)
 
 

@@ -675,3 +675,28 @@ def test_slice_stack_reads_sections_across_files_lazily():
     for key in [(slice(1, 3), slice(1, 3), slice(0, 2)), (slice(0, 3), slice(None), slice(None)),
                 (slice(2, 3), slice(3, 4), slice(4, 5)), (slice(3, 3), slice(None), slice(1, 4))]:
         np.testing.assert_array_equal(stack[key], whole[key])
+
+
+# ---------------------------------------------------------------------------------------------- shard layout
+@pytest.mark.parametrize(("shape", "shards", "expected"), [
+    ((16, 5500, 5496), (256, 256, 256), (256, 1024, 1024)),  # EMPIAR-11759: 16 x 1024 x 1024 once clipped
+    ((16, 5500, 5496), (256, 512, 512), (256, 2048, 2048)),  # the same voxels per shard as 256 x 512 x 512
+    ((16, 96, 128), (256, 256, 256), (256, 256, 256)),  # a shard already covers y and x
+    ((300, 5500, 5496), (256, 256, 256), (256, 256, 256)),  # as deep as the shard: unchanged
+    ((1, 9000, 9000), (256, 256, 256), (256, 4096, 4096)),  # one section: up to the params' axis limit
+])
+def test_thin_stacks_get_wider_shards_of_the_params_voxel_count(shape, shards, expected):
+    got = empiar.thin_stack_shards(shape, (64, 64, 64), shards)
+    assert got == expected
+    z = min(shards[0], shape[0])
+    assert z * got[1] * got[2] <= int(np.prod(shards))
+
+
+def test_replica_half_profile_serves_only_the_file_sources(tmp_path):
+    from emdata.offline.replica import build_replica
+
+    with pytest.raises(InvalidParameterError, match=r"'half' is not served by \['hemibrain'\]"):
+        build_replica("half", ["hemibrain"], root=tmp_path)
+    assert replica.SHAPES["half"] == (5500, 2748) and "half" in replica.EXTRA_PROFILES
+    doc = replica.api_document("half")["EMPIAR-11759"]["imagesets"][0]
+    assert (doc["image_width"], doc["image_height"]) == ("2748", "5500")  # agrees with the half-size slices

@@ -481,3 +481,44 @@ def test_errors_are_source_mismatches_and_value_errors():
 def test_volume_checks_its_axes():
     with pytest.raises(ValueError, match=r"must be \(z, y, x\)"):
         Volume(np.zeros((2, 2)), (None, None, None), "tiff", Path("x"), False, (None, None, None), "")
+
+
+# ------------------------------------------------------------------------------------------ mapped pages
+def _mapped_rss_kb(path: Path) -> int:
+    """Resident kB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:  # a mapping's first line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_paged_array_reads_a_mapped_volume_box_by_box_without_keeping_its_pages(tmp_path):
+    """Read whole through PagedArray: same voxels as the map, but about one box of the file stays resident,
+    where reading the plain map keeps every page (the growth bench/bench_memory.py measured as RssFile)."""
+    from emdata.formats.volume import PagedArray, file_mapping, release_pages
+
+    data = np.random.default_rng(7).integers(0, 255, size=(64, 256, 512), dtype=np.uint8)  # 8 MiB
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, data, photometric="minisblack")
+    plain = read_volume(path)
+    assert plain.memory_mapped and file_mapping(plain.data) is not None
+    assert not release_pages(np.zeros(4))  # not a map: nothing to drop
+    boxes = [(slice(z, z + 16), slice(None), slice(x, x + 128)) for z in range(0, 64, 16) for x in range(0, 512, 128)]
+    for box in boxes:
+        np.asarray(plain.data[box]).sum()
+    whole_kb = _mapped_rss_kb(path)
+    assert whole_kb >= data.nbytes // 1024 * 0.9  # every page of the map is resident
+    paged_volume = read_volume(path)
+    paged = PagedArray(paged_volume.data)
+    assert paged.shape == data.shape and paged.dtype == data.dtype
+    release_pages(plain.data)
+    for box in boxes:
+        got = paged[box]
+        assert not isinstance(got, np.memmap) and np.array_equal(got, data[box])
+    assert _mapped_rss_kb(path) <= 16 * 256 * 512 // 1024 + 64  # at most the last z-slab's pages
+    assert np.array_equal(paged_volume.data, data)  # the dropped pages read back from the file unchanged

@@ -17,6 +17,7 @@ import zarr
 from emdata.acquire.fsutil import atomic_dir, write_json_atomic
 from emdata.acquire.params import dataclass_from_section, load_params
 from emdata.catalog import DATASETS
+from emdata.formats.allocator import bound_malloc
 from emdata.metadata.records import ArrayRecord, MetadataParams, output_records
 from emdata.metadata.stats import Histogram, common_bins, foreground_fraction, intensity_stats, rebin
 from emdata.metadata.summary import summary_markdown
@@ -148,6 +149,7 @@ def build_metadata(repo_root: Path, params: MetadataParams, mirror: str = "") ->
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    bound_malloc()  # freed buffers go back to the system (bench/bench_memory.py)
     root = Path.cwd()
     params = load_params(root / "params.yaml")
     section = dataclass_from_section(MetadataParams, params.get("metadata"), "metadata")

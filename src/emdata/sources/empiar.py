@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -19,10 +20,12 @@ import zarr
 from emdata import ngff
 from emdata.acquire.context import RunContext
 from emdata.acquire.download import Download, Downloader
-from emdata.acquire.params import check_chunks_and_shards, check_sha256_pins
+from emdata.acquire.params import MAX_SHARD_AXIS, check_chunks_and_shards, check_sha256_pins
 from emdata.catalog import find
 from emdata.errors import DownloadError, IntegrityError, InvalidParameterError, SourceMismatchError
 from emdata.formats import VolumeFormatError, read_volume
+from emdata.formats.allocator import bound_malloc
+from emdata.formats.volume import release_pages
 from emdata.sources.base import About, Converted, FileSource, run_file_source
 
 log = logging.getLogger(__name__)
@@ -555,7 +558,28 @@ class SliceStack:
         if not parts:
             return np.zeros((0, len(range(*y.indices(self.shape[1]))), len(range(*x.indices(self.shape[2])))),
                             self.dtype)
-        return np.concatenate(parts)
+        out = np.concatenate(parts)  # a copy: the files' mapped pages can go
+        for s in self.slices:
+            release_pages(s.data)
+        return out
+
+
+def thin_stack_shards(shape: Sequence[int], chunks: Sequence[int], shards: Sequence[int]) -> tuple[int, int, int]:
+    """The output shards for a stack thinner in z than ``shards``: y and x doubled while a shard still holds no
+    more voxels than ``shards`` asks for (and no axis passes the params' limit).
+
+    A shard is clipped to the volume (rounded up to whole chunks), so 16 sections with 256^3 shards would give
+    16 x 256 x 256 shards (1 MiB of uint8: hundreds of files, each a fixed cost for ``dvc pull``); with this,
+    16 x 1024 x 1024 (2^24 voxels, the voxels of a 256^3 shard). The chunks and the voxels are unchanged.
+    """
+    z_chunk = min(int(chunks[0]), int(shape[0]))
+    z = min(int(shards[0]), math.ceil(int(shape[0]) / z_chunk) * z_chunk)
+    y, x = int(shards[1]), int(shards[2])
+    budget = math.prod(int(v) for v in shards)
+    while z * (2 * y) * (2 * x) <= budget and 2 * max(y, x) <= MAX_SHARD_AXIS and (
+            y < shape[1] or x < shape[2]):
+        y, x = 2 * y, 2 * x
+    return int(shards[0]), y, x
 
 
 def api_dtype(voxel_type: str) -> np.dtype | None:
@@ -687,7 +711,11 @@ def verify_decoded_sha256(slices: Sequence[Slice], pins: Mapping[str, str]) -> l
     checked = []
     for s in slices:
         if s.name in pins:
-            got = hashlib.sha256(np.ascontiguousarray(s.data).tobytes()).hexdigest()
+            digest = hashlib.sha256()  # = sha256(tobytes()), fed section by section (bounded memory)
+            for section in s.data:
+                digest.update(np.ascontiguousarray(section).tobytes())
+                release_pages(s.data)
+            got = digest.hexdigest()
             if got != pins[s.name]:
                 raise IntegrityError(f"{s.name}: decoded pixels have sha256 {got}, pinned {pins[s.name]}")
             checked.append(s.name)
@@ -734,6 +762,7 @@ class EmpiarSource(FileSource[EmpiarParams, EmpiarPlan]):
         return run_file_source(source, params, ctx)
 
     def plan(self, params: EmpiarParams, ctx: RunContext, fetch: Downloader) -> tuple[EmpiarPlan, dict[str, str]]:
+        bound_malloc()  # before any thread: shard buffers go back to the system when freed
         api = parse_api(fetch.fetch_json(params.api_url), params.entry, params.imageset)
         known = KNOWN_ENTRIES.get(api.entry)
         pattern = Numbering(*known.file_pattern) if known and known.file_pattern else None
@@ -761,11 +790,16 @@ class EmpiarSource(FileSource[EmpiarParams, EmpiarPlan]):
         decoded_checked = [] if ctx.is_replica or known is None else verify_decoded_sha256(
             slices, known.live_decoded_sha256)
         stack = SliceStack(slices)
+        shards = thin_stack_shards(stack.shape, params.chunks, params.shards)
         written = ngff.write_image(root, name=f"empiar_{plan.api.entry}", source=stack,
                                    geometry=ngff.Geometry(checked.voxel_size_nm), chunks=params.chunks,
-                                   shards=params.shards, method="mean",
+                                   shards=shards, method="mean",
                                    what=f"the {slices[0].source_format.upper()} files")
-        mean = float(np.mean([float(np.mean(s.data, dtype=np.float64)) for s in slices]))
+        means = []
+        for s in slices:
+            means.append(float(np.mean(s.data, dtype=np.float64)))
+            release_pages(s.data)
+        mean = float(np.mean(means))
         unavailable = [s for s in plan.side_files if s.status != "ok"]
         return Converted(
             voxel_size_nm=checked.voxel_size_nm,

@@ -24,6 +24,8 @@ from emdata.acquire.params import check_chunks_and_shards, check_sha256_pins
 from emdata.catalog import find
 from emdata.errors import InvalidParameterError, SourceMismatchError
 from emdata.formats import read_volume
+from emdata.formats.allocator import bound_malloc
+from emdata.formats.volume import PagedArray, release_pages
 from emdata.sources.base import Converted, FileSource
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class EpflSource(FileSource[EpflParams, None]):
 
 
     def plan(self, params: EpflParams, ctx: RunContext, fetch: Downloader) -> tuple[None, dict[str, str]]:
+        bound_malloc()  # before any thread: shard buffers go back to the system when freed
         return None, {name: BASE_URL + name for name in params.files}  # no documents: the files are all there is
 
     def convert(self, params: EpflParams, plan: None, files: Mapping[str, Path], root: zarr.Group,
@@ -90,7 +93,8 @@ class EpflSource(FileSource[EpflParams, None]):
 
 def read_tiff(path: Path) -> np.ndarray:
     """The stack as a (z, y, x) array: memory-mapped when the file allows it, else decoded page by page within
-    the reader's bound (never silently whole); a file that is not a TIFF fails naming it."""
+    the reader's bound (never silently whole); a file that is not a TIFF fails naming it. Read it through
+    ``PagedArray`` so that its mapped pages do not accumulate in the resident set."""
     volume = read_volume(path)
     if volume.source_format != "tiff":
         raise SourceMismatchError(f"{path.name}: expected a TIFF stack, the file is {volume.source_format}")
@@ -101,7 +105,7 @@ class MitoMask:
     """The ground truth as labels (0 background, 1 mitochondrion; > 127 in the TIFF), computed box by box."""
 
     def __init__(self, mask: np.ndarray) -> None:
-        self.mask = mask
+        self.mask = PagedArray(mask)  # each box read drops the mapped pages it touched
         self.shape = mask.shape
         self.dtype = np.dtype(np.uint8)
 
@@ -124,6 +128,7 @@ def convert_split(root: zarr.Group, split: str, image_path: Path, mask_path: Pat
         counts = np.zeros(256, dtype=np.int64)  # the mask's values, one slice at a time (bincount widens to int64)
         for z in range(mask.shape[0]):
             counts += np.bincount(np.asarray(mask[z], dtype=np.uint8).ravel(), minlength=256)
+            release_pages(mask)  # one slice of the map resident at a time
         values = np.flatnonzero(counts)
         if not set(values.tolist()) <= {0, 255}:
             log.warning("%s holds values %s, not only 0/255; > 127 counts as mitochondria", mask_path.name,
@@ -133,7 +138,7 @@ def convert_split(root: zarr.Group, split: str, image_path: Path, mask_path: Pat
                                  method="nearest"))
         figures["mask_values"] = values[:10].tolist()
     with ctx.progress(f"write {split}", image.nbytes * (1 + len(labels))) as bar:
-        written = ngff.write_image(root.create_group(split), name=split, source=image,
+        written = ngff.write_image(root.create_group(split), name=split, source=PagedArray(image),
                                    geometry=ngff.Geometry(tuple(params.voxel_size_nm)),  # type: ignore[arg-type]
                                    chunks=params.chunks, shards=params.shards, method="mean", labels=labels,
                                    what=image_path.name, on_block=bar.update)

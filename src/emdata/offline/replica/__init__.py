@@ -16,8 +16,11 @@ from emdata.offline.replica.server import Behaviour, Faults, Provider, ReplicaSe
 
 log = logging.getLogger(__name__)
 
-Profile = Literal["full", "small"]
-PROFILES: tuple[Profile, ...] = ("full", "small")
+Profile = Literal["full", "small", "half"]
+PROFILES: tuple[Profile, ...] = ("full", "small", "half")
+# Every source serves "full" and "small"; a source module lists any other profile it serves in EXTRA_PROFILES
+# ("half": the file sources at about half of full's voxels, for bench/bench_memory.py's second size).
+BASE_PROFILES: tuple[Profile, ...] = ("full", "small")
 
 # Each dataset of emdata.catalog has a module emdata.offline.replica.<name> that defines VERSION (int) and
 # build(root: Path, profile) -> None, and may define providers(root: Path, profile) -> {path prefix: Provider}
@@ -61,6 +64,9 @@ def build_replica(profile: Profile = "full", sources: Iterable[str] | None = Non
     if profile not in PROFILES:
         raise InvalidParameterError(f"unknown replica profile {profile!r}; valid: {list(PROFILES)}")
     names = validate_sources(sources)
+    unserved = [n for n in names if profile not in BASE_PROFILES + tuple(getattr(_module(n), "EXTRA_PROFILES", ()))]
+    if unserved:
+        raise InvalidParameterError(f"replica profile {profile!r} is not served by {unserved}")
     tree = (root or cache_root()) / profile
     tree.mkdir(parents=True, exist_ok=True)
     for name in names:

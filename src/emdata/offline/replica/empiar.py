@@ -32,7 +32,8 @@ SLICE_NAME = "F57-8_test1_3VBSED_slice_{:04d}.dm3"
 XML_NAME = "F57-8_test1.xml.gz"
 SUBFOLDER = "subfolder_name_unknown"
 N_SLICES = 16
-SHAPES = {"full": (5500, 5496), "small": (96, 128)}  # (y, x) of one slice
+SHAPES = {"full": (5500, 5496), "small": (96, 128), "half": (5500, 2748)}  # (y, x) of one slice
+EXTRA_PROFILES = ("half",)  # bench/bench_memory.py's second size: x halved, API size matching the files
 PIXEL_SIZE_UM = 0.00799825  # the DM3 calibration of the live slices (stored as float32, in µm)
 SEED = 11759
 # The API response, verbatim (reference copy: sources/empiar_11759_api.json, see its README for provenance).
@@ -155,9 +156,9 @@ API_DOCUMENT = r"""{
 
 def api_document(profile: str) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(API_DOCUMENT)
-    if profile == "small":
+    if profile != "full":
         imageset = doc["EMPIAR-11759"]["imagesets"][0]
-        height, width = SHAPES["small"]
+        height, width = SHAPES[profile]
         imageset["image_width"], imageset["image_height"] = str(width), str(height)
     return doc
 

@@ -15,7 +15,9 @@ HOST_PATH = "documents.epfl.ch/groups/c/cv/cvlab-unit/www/data/ ElectronMicrosco
 SHAPES = {
     "full": {"split": (165, 768, 1024), "volumedata": (1065, 1536, 2048)},
     "small": {"split": (20, 96, 128), "volumedata": (48, 160, 224)},
+    "half": {"split": (165, 768, 512), "volumedata": (1065, 1536, 1024)},  # full's shapes, x halved
 }
+EXTRA_PROFILES = ("half",)  # bench/bench_memory.py's second size
 SEEDS = {"training": 101, "testing": 202, "volumedata": 303}
 
 
