@@ -122,3 +122,58 @@ def test_forked_child_reads_directly(tmp_path):
     direct, total = parent.recv()
     proc.join(10)
     assert direct and total == int(data.astype(np.int64).sum())
+
+
+def test_cache_load_many_loads_each_chunk_once_across_threads():
+    import threading
+    import time
+
+    cache = ChunkCache(2**20)
+    loaded: list[int] = []
+    lock = threading.Lock()
+
+    def load(keys):
+        def run(positions):
+            for p in positions:
+                time.sleep(0.01)  # long enough for the other thread to ask for the same chunk meanwhile
+                with lock:
+                    loaded.append(keys[p])
+                yield np.full(4, keys[p])
+        return run
+
+    results = {}
+
+    def worker(name, keys):
+        results[name] = cache.load_many(keys, load(keys))
+
+    threads = [threading.Thread(target=worker, args=(n, k)) for n, k in (("a", [1, 2, 3, 4]), ("b", [4, 3, 5, 1]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(loaded) == [1, 2, 3, 4, 5]  # each once, though both threads wanted 1, 3 and 4
+    assert [int(r[0]) for r in results["a"]] == [1, 2, 3, 4] and [int(r[0]) for r in results["b"]] == [4, 3, 5, 1]
+
+    def broken(positions):
+        raise OSError("disk gone")
+        yield  # pragma: no cover
+
+    with pytest.raises(OSError, match="disk gone"):
+        cache.load_many([9], broken)
+    assert cache.load_many([9], lambda positions: iter([np.zeros(4)]))[0].sum() == 0  # not stuck as loading
+
+
+def test_aligned_grid_without_halo_does_not_fill_the_cache(tmp_path):
+    data = em_like((32, 32, 32), seed=2)
+    path = make_volume(tmp_path / "k.zarr", data, n_levels=1, chunks=(8, 8, 8), shards=(16, 16, 16))
+    cache = ChunkCache(64 * 2**20)
+    grid = BlockGrid(open_array(path, cache=cache), BlockSpec(16))
+    assert not grid.blocks_share_chunks
+    for b in grid:
+        np.testing.assert_array_equal(b.data, data[b.read_box.slices])
+    assert cache.nbytes == 0 and grid.array._direct.chunk_reads == 4**3  # each chunk decoded once, not kept
+    shared = BlockGrid(open_array(path, cache=cache), BlockSpec(16, halo_voxels=2))
+    assert shared.blocks_share_chunks and BlockGrid(grid.array, BlockSpec(12)).blocks_share_chunks
+    assert BlockGrid(grid.array, BlockSpec(16, border="drop")).blocks_share_chunks
+    list(shared)
+    assert cache.nbytes == 32**3 and shared.array._direct.chunk_reads == 4**3

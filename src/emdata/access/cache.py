@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -99,6 +99,48 @@ class ChunkCache:
         finally:
             with self._lock:
                 del self._loading[key]
+
+    def load_many(self, keys: Sequence[Hashable],
+                  load: Callable[[list[int]], Iterable[np.ndarray]]) -> list[np.ndarray]:
+        """The chunks of ``keys``: cached ones, the others from ``load(positions)`` (in that order) in this
+        thread, except those another thread is loading already, which are awaited after ours are loaded
+        (each thread loads its own first, so two threads never wait for each other)."""
+        results: list[np.ndarray | None] = [None] * len(keys)
+        mine: list[tuple[int, Future[np.ndarray]]] = []
+        waits: list[tuple[int, Future[np.ndarray]]] = []
+        with self._lock:
+            for n, key in enumerate(keys):
+                chunk = self._lru.get(key)
+                if chunk is not None:
+                    self._lru.move_to_end(key)
+                    self.hits += 1
+                    results[n] = chunk
+                elif key in self._loading:
+                    self.hits += 1
+                    waits.append((n, self._loading[key]))
+                else:
+                    self.misses += 1
+                    fut: Future[np.ndarray] = Future()
+                    self._loading[key] = fut
+                    mine.append((n, fut))
+        try:
+            if mine:
+                for (n, fut), chunk in zip(mine, load([n for n, _ in mine]), strict=True):
+                    self.put(keys[n], chunk)
+                    fut.set_result(chunk)
+                    results[n] = chunk
+        except BaseException as exc:
+            for _, fut in mine:
+                if not fut.done():
+                    fut.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                for n, _ in mine:
+                    self._loading.pop(keys[n], None)
+        for n, fut in waits:
+            results[n] = fut.result()
+        return results  # type: ignore[return-value]
 
     def put(self, key: Hashable, chunk: np.ndarray) -> None:
         if chunk.nbytes > self.total_bytes:

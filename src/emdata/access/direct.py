@@ -17,6 +17,7 @@ import json
 import math
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ class ShardReader:
     def __init__(self, adir: Path, *, shape: tuple[int, ...], chunks: tuple[int, ...], shards: tuple[int, ...],
                  dtype: np.dtype, stored: np.dtype, fill_value: Any, separator: str, index_at_end: bool) -> None:
         self.adir = adir
-        self.shape, self.chunks, self.shards = shape, chunks, shards
+        self.shape, self.chunks_shape, self.shards = shape, chunks, shards
         self.dtype, self.stored = dtype, stored
         self.fill_value = fill_value
         self.separator = separator
@@ -127,39 +128,59 @@ class ShardReader:
             return index
 
     def chunk(self, cidx: tuple[int, ...]) -> np.ndarray:
-        """Chunk ``cidx`` decoded: an array of the chunk shape (fill value where nothing is stored)."""
+        """Chunk ``cidx`` decoded: a new array of the chunk shape (fill value where nothing is stored)."""
+        (arr,) = self.chunks([cidx])
+        return arr
+
+    def chunks(self, cidxs: Sequence[tuple[int, ...]], *, scratch: bool = False) -> Iterator[np.ndarray]:
+        """The chunks ``cidxs`` decoded, in order; consecutive chunks of one shard share one open file.
+
+        ``scratch``: each is decoded into this thread's reused buffer, valid until the next one is yielded.
+        """
         per = self.per_shard
-        sidx = tuple(i // p for i, p in zip(cidx, per, strict=True))
-        inner = 0
-        for i, p in zip(cidx, per, strict=True):
-            inner = inner * p + i % p
-        path = self.shard_path(sidx)
+        fd: int | None = None
+        open_sidx: tuple[int, ...] | None = None
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return self._fill()
-        try:
-            index = self._indexes.get(sidx)
-            if index is None:
-                index = self._index(sidx, fd, os.fstat(fd).st_size)
-            offset, nbytes = int(index[inner, 0]), int(index[inner, 1])
-            if offset == _EMPTY and nbytes == _EMPTY:
-                return self._fill()
-            buf = _scratch(nbytes)
-            got = os.preadv(fd, [buf], offset)
-            if got != nbytes:
-                raise CorruptShardError(f"{path}: chunk {cidx} at {offset}+{nbytes} lies outside the file")
-            with self._lock:
-                self.chunk_reads += 1
+            for cidx in cidxs:
+                sidx = tuple(i // p for i, p in zip(cidx, per, strict=True))
+                if sidx != open_sidx:
+                    if fd is not None:
+                        os.close(fd)
+                        fd = None
+                    open_sidx = sidx
+                    try:
+                        fd = os.open(self.shard_path(sidx), os.O_RDONLY)
+                    except FileNotFoundError:
+                        fd = None
+                if fd is None:
+                    yield self._fill()
+                    continue
+                index = self._indexes.get(sidx)
+                if index is None:
+                    index = self._index(sidx, fd, os.fstat(fd).st_size)
+                inner = 0
+                for i, p in zip(cidx, per, strict=True):
+                    inner = inner * p + i % p
+                offset, nbytes = int(index[inner, 0]), int(index[inner, 1])
+                if offset == _EMPTY and nbytes == _EMPTY:
+                    yield self._fill()
+                    continue
+                buf = _scratch(nbytes)
+                if os.preadv(fd, [buf], offset) != nbytes:
+                    raise CorruptShardError(f"{self.shard_path(sidx)}: chunk {cidx} at {offset}+{nbytes} lies "
+                                            f"outside the file")
+                with self._lock:
+                    self.chunk_reads += 1
+                out = _decoded_scratch(self.chunk_nbytes) if scratch else np.empty(self.chunk_nbytes, np.uint8)
+                self._codec.decode(buf, out=out)
+                arr = out.view(self.stored).reshape(self.chunks_shape)
+                yield arr if self.stored == self.dtype else arr.astype(self.dtype)
         finally:
-            os.close(fd)
-        out = np.empty(self.chunk_nbytes, np.uint8)
-        self._codec.decode(buf[:nbytes], out=out)
-        arr = out.view(self.stored).reshape(self.chunks)
-        return arr if self.stored == self.dtype else arr.astype(self.dtype)
+            if fd is not None:
+                os.close(fd)
 
     def _fill(self) -> np.ndarray:
-        return np.full(self.chunks, self.fill_value, dtype=self.dtype)
+        return np.full(self.chunks_shape, self.fill_value, dtype=self.dtype)
 
 
 _local = threading.local()
@@ -173,18 +194,31 @@ def _scratch(nbytes: int) -> memoryview:
     return buf[:nbytes]
 
 
+def _decoded_scratch(nbytes: int) -> np.ndarray:
+    """A per-thread array of ``nbytes`` for one decoded chunk."""
+    arr = getattr(_local, "decoded", None)
+    if arr is None or arr.nbytes < nbytes:
+        arr = _local.decoded = np.empty(nbytes, np.uint8)
+    return arr[:nbytes]
+
+
 # One pool of decoding threads per process (numcodecs releases the GIL while decoding), created on first use
 # and forgotten in a forked child, whose copy of the pool has no threads.
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+def decode_threads() -> int:
+    """How many decoding threads: the cores this process may use."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n)
+
+
 def decode_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            _pool = ThreadPoolExecutor(max_workers=max(1, n), thread_name_prefix="emdata-decode")
+            _pool = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="emdata-decode")
         return _pool
 
 

@@ -160,6 +160,7 @@ class BlockGrid:
         ]
         self.covered_box = Box(tuple(ax[0].core[0] for ax in self._axes),  # type: ignore[arg-type]
                                tuple(ax[-1].core[1] for ax in self._axes))  # type: ignore[arg-type]
+        self._keep = self.blocks_share_chunks
 
     @property
     def is_chunk_aligned(self) -> bool:
@@ -196,8 +197,19 @@ class BlockGrid:
         for gidx in itertools.product(*(range(len(ax)) for ax in self._axes)):
             yield self.block_at(gidx)
 
+    @property
+    def blocks_share_chunks(self) -> bool:
+        """Whether two blocks' read boxes can meet the same storage chunk (then decoded chunks are kept).
+
+        Not when blocks are chunk-aligned, without halo or overlap, and at least a chunk apart (drop mode
+        moves the last block back, so it may share): every chunk then serves one block only.
+        """
+        spec = self.spec
+        return not (self.is_chunk_aligned and spec.border != "drop" and not any(spec.halo_voxels)
+                    and not any(spec.overlap_voxels))
+
     def read(self, block: Block) -> Block:
-        return block.with_data(read_block(self.array, block.read_box, self.spec))
+        return block.with_data(read_block(self.array, block.read_box, self.spec, keep_chunks=self._keep))
 
     def __getitem__(self, index: int | Sequence[int]) -> Block:
         return self.read(self.block_at(index))
@@ -244,10 +256,10 @@ class BlockGrid:
         return gidx  # type: ignore[return-value]
 
 
-def read_block(array: EmArray, read_box: Box, spec: BlockSpec) -> np.ndarray:
+def read_block(array: EmArray, read_box: Box, spec: BlockSpec, *, keep_chunks: bool = True) -> np.ndarray:
     if spec.border in PAD_MODES:
-        return array.read_padded(read_box, spec.border, spec.constant_value)
-    return array.read(read_box)
+        return array.read_padded(read_box, spec.border, spec.constant_value, keep_chunks=keep_chunks)
+    return array.read(read_box, keep_chunks=keep_chunks)
 
 
 def prefetched(items: Iterator[T], read: Callable[[T], R], depth: int) -> Iterator[R]:

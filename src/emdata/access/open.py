@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 
 from emdata.access.cache import ChunkCache, default_cache
-from emdata.access.direct import ShardReader, decode_pool
+from emdata.access.direct import ShardReader, decode_pool, decode_threads
 from emdata.access.spec import AXES, PAD_MODES, Box, RoiNm, box_to_nm
 from emdata.errors import InvalidParameterError
 from emdata.ngff import Geometry, ome_attrs
@@ -292,14 +292,19 @@ class EmArray:
     def roi_to_voxels(self, roi: RoiNm) -> Box:
         return roi.to_voxels(self.voxel_size_nm, self.translation_nm)
 
-    def read(self, box: Box) -> np.ndarray:
+    def read(self, box: Box, *, keep_chunks: bool = True) -> np.ndarray:
         """Read a box that lies inside the array; returns a new (z, y, x) array."""
         out = np.empty(box.shape, self.dtype)
-        self.read_into(box, out)
+        self.read_into(box, out, keep_chunks=keep_chunks)
         return out
 
-    def read_into(self, box: Box, out: np.ndarray) -> None:
-        """Read a box that lies inside the array into ``out`` (an array or view of the box's shape)."""
+    def read_into(self, box: Box, out: np.ndarray, *, keep_chunks: bool = True) -> None:
+        """Read a box that lies inside the array into ``out`` (an array or view of the box's shape).
+
+        ``keep_chunks=False``: chunks this read decodes are not kept in the cache (cached ones are still
+        used), for reads that no other read overlaps, e.g. chunk-aligned blocks without halo; it saves the
+        cache's memory traffic. Only the shard reader honours it.
+        """
         if not self.bounds.contains(box):
             raise InvalidParameterError(f"box {box} is outside the array of shape {self.shape} (z, y, x)")
         if out.shape != box.shape:
@@ -307,7 +312,7 @@ class EmArray:
         if box.size == 0:
             return
         if self._direct is not None:
-            self._read_direct(box, out)
+            self._read_direct(box, out, keep_chunks)
         elif self.backend == "tensorstore":
             import tensorstore as ts
 
@@ -316,12 +321,13 @@ class EmArray:
         else:
             self._read_zarr(box, out)
 
-    def read_padded(self, box: Box, mode: str = "constant", constant_value: float = 0) -> np.ndarray:
+    def read_padded(self, box: Box, mode: str = "constant", constant_value: float = 0, *,
+                    keep_chunks: bool = True) -> np.ndarray:
         """Read any box; voxels outside the array follow ``numpy.pad(array, ..., mode)`` exactly."""
         if mode not in PAD_MODES:
             raise InvalidParameterError(f"pad mode must be one of {PAD_MODES}, got {mode!r}")
         if self.bounds.contains(box):
-            return self.read(box)
+            return self.read(box, keep_chunks=keep_chunks)
         if box.size == 0:
             return np.full(box.shape, constant_value, dtype=self.dtype)
         inner = box.intersect(self.bounds)
@@ -337,7 +343,7 @@ class EmArray:
                         index = [slice(None)] * 3
                         index[axis] = slice(a, b)
                         np.copyto(out[tuple(index)], constant_value, casting="unsafe")
-            self.read_into(inner, out[inner.relative_to(box)])
+            self.read_into(inner, out[inner.relative_to(box)], keep_chunks=keep_chunks)
             return out
         # The source voxels the padding needs: on each padded side, from the array border at least as far
         # in as numpy.pad's first reflection reaches (the whole axis if it reflects more than once).
@@ -367,10 +373,11 @@ class EmArray:
                      for a, b, s, w in zip(box.start, box.stop, source.start, widths, strict=True))
         return padded[crop]
 
-    def _read_direct(self, box: Box, out: np.ndarray) -> None:
+    def _read_direct(self, box: Box, out: np.ndarray, keep: bool = True) -> None:
         # The chunks the box touches: cached ones as they are, the others decoded (in parallel on the
-        # process's decoding threads when there are several) and kept in the cache for overlapping reads;
-        # then each chunk's part is copied straight into ``out`` by this thread.
+        # process's decoding threads when there are several) and each chunk's part copied straight into
+        # ``out``. Decoded chunks are kept in the cache for overlapping reads (``keep``); otherwise each is
+        # decoded into its thread's scratch buffer and copied from there (no allocation per chunk).
         reader = self._direct
         assert reader is not None
         cache, where = self.cache, str(self.location)
@@ -383,25 +390,40 @@ class EmArray:
                 lo, hi = max(a, o), min(b, o + c)
                 parts.append((i, slice(lo - a, hi - a), slice(lo - o, hi - o)))
             axes.append(parts)
-        keys = [("direct", where, (i, j, k)) for i, _, _ in axes[0] for j, _, _ in axes[1] for k, _, _ in axes[2]]
+        todo = [((i, j, k), (d0, d1, d2), (s0, s1, s2))
+                for i, d0, s0 in axes[0] for j, d1, s1 in axes[1] for k, d2, s2 in axes[2]]
+        keys = [("direct", where, cidx) for cidx, _, _ in todo]
         got = cache.get_many(keys)
         missing = [n for n, g in enumerate(got) if g is None]
 
-        def load(n: int) -> np.ndarray:
-            return cache.get_or_load(keys[n], functools.partial(reader.chunk, keys[n][2]))
+        def load(group: list[int]) -> None:
+            # Without keep: decode into the thread's scratch buffer and copy from it at once.
+            if keep:
+                loaded = cache.load_many([keys[n] for n in group],
+                                         lambda mine: reader.chunks([todo[group[i]][0] for i in mine]))
+                for n, chunk in zip(group, loaded, strict=True):
+                    got[n] = chunk
+                return
+            for n, chunk in zip(group, reader.chunks([todo[n][0] for n in group], scratch=True), strict=True):
+                _, dst, src = todo[n]
+                out[dst] = chunk[src]
 
-        if len(missing) == 1 and threading.current_thread() is not threading.main_thread():
-            got[missing[0]] = load(missing[0])  # (numcodecs decodes with blosc's own threads in the main thread)
-        elif missing:
-            for n, loaded in zip(missing, decode_pool().map(load, missing), strict=True):
-                got[n] = loaded
-        chunks = iter(got)
-        for _, d0, s0 in axes[0]:
-            for _, d1, s1 in axes[1]:
-                for _, d2, s2 in axes[2]:
-                    chunk = next(chunks)
-                    assert chunk is not None
-                    out[d0, d1, d2] = chunk[s0, s1, s2]
+        if missing:
+            main = threading.current_thread() is threading.main_thread()
+            n_groups = 1 if len(missing) == 1 and not main else min(len(missing), decode_threads())
+            groups = [missing[k * len(missing) // n_groups:(k + 1) * len(missing) // n_groups]
+                      for k in range(n_groups)]
+            if n_groups == 1 and not main:
+                load(groups[0])  # (in the main thread numcodecs would decode on blosc's own threads)
+            else:
+                for _ in decode_pool().map(load, groups):
+                    pass
+        done = set() if keep else set(missing)
+        for n, (_, dst, src) in enumerate(todo):
+            if n not in done:
+                chunk = got[n]
+                assert chunk is not None
+                out[dst] = chunk[src]
 
     def _load_chunk(self, cbox: Box) -> np.ndarray:
         return np.asarray(self._store[cbox.slices])
