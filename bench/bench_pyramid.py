@@ -38,10 +38,12 @@ NOTES = """## What the cases are
   layout (same zarr.json: chunks, shards, codec; the same array in memory): no read-back, no pyramid, all of
   tensorstore's threads at once. Both it and `write_image` are timed from an empty folder (creating the
   array's zarr.json included).
-- *verified*: each written shard is read back from the file (tensorstore, no chunk cache) in z-slabs of whole
-  chunks and compared voxel for voxel with the array written: a wrong voxel on disk fails the write. Decoding
-  costs about as much CPU as encoding (blosc-zstd, EM-like data), so on a CPU-bound machine a verified write
-  cannot be faster than about half of an unverified copy.
+- *verified*: once written, each shard's chunks are decoded straight from the shard file (`emdata.access.direct`:
+  the index checked against its crc32c, each chunk read and blosc-decoded; a tensorstore read-back without chunk
+  cache where that reader does not apply) and compared voxel for voxel with the array handed to tensorstore: a
+  wrong voxel on disk fails the write, naming the box and chunk. Decoding costs 0.5-0.8x the CPU of encoding
+  (blosc-zstd, EM-like data), so on a CPU-bound machine a verified write stays near 0.5-0.65x of an unverified
+  copy; *unverified* is the same write without that check.
 - CPU seconds are the process's user+system time over all threads: on a shared machine they show the work
   done even when the wall time is stretched by other processes.
 - Output: both backends write the same zarr.json and the same compressed chunks, and zarr-python reads them
