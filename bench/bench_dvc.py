@@ -1,16 +1,21 @@
-"""`dvc push`/`dvc pull` of an OME-Zarr output vs its file layout, against one tar GET + unpack from the same S3.
+"""`dvc pull`/`dvc push` of the outputs vs one tar GET + unpack from the same S3 endpoint.
 
-One EM-like uint8 volume (smooth structure plus noise: compresses about like EM) is written with
-``emdata.ngff.write_image`` (the stages' writer, 64^3 chunks, blosc-zstd) in several shard sizes; the same
-shards serve every level, so small shards mean many files, small upper-level files included. For each
-layout, in a fresh git+DVC workspace whose remote is a moto S3 endpoint on loopback
-(``emdata.offline.services.s3``): ``dvc add``, ``dvc push`` (into a fresh prefix each repeat), then, with
-the cache and the output deleted before each, ``dvc pull`` with DVC's default jobs and cache type (copy on
-this file system), with more jobs, and with hardlinks; and the baseline: a tar of the same bytes uploaded
-as one object (push baseline) and fetched with one GET streamed into ``tarfile`` (pull baseline).
-Layouts are interleaved within each repeat; ratios are per repeat (median, min..max).
+Default (``--what outputs``): all outputs' files at their real size and count, as the stages write them with
+~2^24-voxel shards (``OUTPUTS``: shapes, stored bytes and levels from METADATA_SUMMARY.md; 396 files, 2.14 GB,
+62 zarr.json and the small shards of upper levels and labels included), random bytes (DVC and tar move bytes,
+they don't decode them). One git+DVC workspace, one `dvc add` of the five outputs, `dvc push` to a moto S3
+endpoint on loopback (``emdata.offline.services.s3``); the baseline object is the same files as one tar. Per
+repeat, cases in a rotated order, cache and output deleted before each: one GET streamed into ``tarfile``;
+`dvc pull` with DVC's defaults (cache.type reflink,copy: copy on ext4; jobs 4 x cores); with cache.type
+hardlink; `dvc pull` with nothing to do (DVC's fixed cost). Every pulled tree is checked against the CRC-32 of
+every written file. Wall seconds and CPU seconds (client + endpoint process) per case; ratios per repeat
+(median, min..max). ``--diagnostics`` adds cache.type symlink, plain boto3 GETs of DVC's objects (8 threads),
+and the same files at 1/32 of their bytes, which splits each case into fixed + per file + per MB.
 
-    .venv/bin/python bench/bench_dvc.py [--quick] [--size 512] [--shards 64,128,256] [--repeats 3] [--json F]
+``--what layouts``: the older experiment: one 512^3 EM-like volume written with ``emdata.ngff.write_image`` at
+several shard sizes, push/pull per layout and a least-squares projection (``model``) to other file counts.
+
+    .venv/bin/python bench/bench_dvc.py [--quick] [--diagnostics] [--what outputs,layouts] [--repeats 3] [--json F]
 """
 
 from __future__ import annotations
@@ -234,7 +239,8 @@ class _Endpoint:
 class OutputsSet:
     """All outputs' files at one byte scale in a git+DVC workspace pushed to the endpoint, and the pull cases."""
 
-    def __init__(self, scale: float, root: Path, s3: Any, endpoint: str, extra_jobs: list[int]) -> None:
+    def __init__(self, scale: float, root: Path, s3: Any, endpoint: str, extra_jobs: list[int],
+                 diagnostics: bool) -> None:
         self.root, self.s3 = root, s3
         plan = outputs_plan(scale)
         sizes = sorted(plan.values())
@@ -254,15 +260,30 @@ class OutputsSet:
             sh(cmd, ws)
         self.res["dvc add_s"] = round(sh([*DVC, "add", "-q", *(f"data/{o}" for o in self.outs)], ws), 2)
         self.res["dvc push_s"] = round(sh([*DVC, "push", "-q"], ws), 2)
-        # The baseline's object: the same files as one tar (push baseline: tar + one upload).
+        # The baseline's object: the same files as one tar, streamed into one (multipart) upload as
+        # `tar c | aws s3 cp - s3://...` would (push baseline: tar + one upload).
+        import threading
+
         began = time.perf_counter()
-        tar_path = root / "outputs.tar"
-        with tarfile.open(tar_path, "w") as tar:
-            for o in self.outs:
-                tar.add(ws / "data" / o, arcname=o)
-        s3.upload_file(str(tar_path), BUCKET, f"tar/{self.prefix}.tar")
+        read_fd, write_fd = os.pipe()
+        failed: list[BaseException] = []
+
+        def write_tar() -> None:
+            try:
+                with os.fdopen(write_fd, "wb") as pipe, tarfile.open(fileobj=pipe, mode="w|") as tar:
+                    for o in self.outs:
+                        tar.add(ws / "data" / o, arcname=o)
+            except BaseException as exc:  # reported below, after the upload sees the end of the pipe
+                failed.append(exc)
+
+        writer = threading.Thread(target=write_tar)
+        writer.start()
+        with os.fdopen(read_fd, "rb") as pipe:
+            s3.upload_fileobj(pipe, BUCKET, f"tar/{self.prefix}.tar")
+        writer.join()
+        if failed:
+            raise failed[0]
         self.res["tar + one upload_s"] = round(time.perf_counter() - began, 2)
-        tar_path.unlink()
         self.keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(
             Bucket=BUCKET, Prefix=self.prefix + "/") for o in page.get("Contents", [])]
         self.res["remote_objects"] = len(self.keys)
@@ -275,14 +296,17 @@ class OutputsSet:
             "dvc pull (defaults: copy, jobs 4 x cores)": (lambda: self.dvc_pull("reflink,copy"),
                                                            lambda: self.check(data, "copy")),
             "dvc pull, cache.type hardlink": (lambda: self.dvc_pull("hardlink"), lambda: self.check(data, "hardlink")),
-            "dvc pull, cache.type symlink": (lambda: self.dvc_pull("symlink"), lambda: self.check(data, "symlink")),
         }
+        if diagnostics:
+            self.cases["dvc pull, cache.type symlink"] = (lambda: self.dvc_pull("symlink"),
+                                                          lambda: self.check(data, "symlink"))
         for jobs in extra_jobs:
             self.cases[f"dvc pull -j {jobs}, cache.type hardlink"] = (
                 lambda j=jobs: self.dvc_pull("hardlink", j), lambda: self.check(data, "hardlink -j"))
         # Everything present: DVC's fixed cost (start-up, index, status); run right after a pull.
         self.cases["dvc pull, nothing to do"] = (lambda: sh([*DVC, "pull", "-q"], ws), lambda: None)
-        self.cases["boto3 GETs of DVC's objects, 8 threads (no DVC)"] = (self.object_gets, lambda: None)
+        if diagnostics:
+            self.cases["boto3 GETs of DVC's objects, 8 threads (no DVC)"] = (self.object_gets, lambda: None)
 
     def clear(self) -> None:
         for path in (self.ws / ".dvc" / "cache", self.ws / ".dvc" / "tmp", *(self.ws / "data" / o for o in self.outs),
@@ -352,7 +376,7 @@ def run_outputs(args: argparse.Namespace, tmp: Path, s3: Any, endpoint: str) -> 
     """`dvc pull` of all outputs at their real file count vs one GET + untar, cases interleaved and rotated per
     repeat; at several byte scales (same files) when asked, which separates the cost per file from the cost per MB."""
     server = _Endpoint()
-    sets = {scale: OutputsSet(scale, tmp / f"outputs-{scale:g}", s3, endpoint, args.outputs_jobs)
+    sets = {scale: OutputsSet(scale, tmp / f"outputs-{scale:g}", s3, endpoint, args.outputs_jobs, args.diagnostics)
             for scale in args.scales}
     for r in range(args.repeats):
         for st in sets.values():
@@ -434,8 +458,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--what", default="outputs",
                         help="'outputs' (all outputs at real scale), 'layouts' (one volume, several shard sizes, "
                              "projected), or both: outputs,layouts")
-    parser.add_argument("--scales", default="1",
-                        help="outputs: byte scales of the same files; two (e.g. 1,0.03125) split per file / per MB")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="outputs: also cache.type symlink, plain boto3 GETs of DVC's objects, and the same "
+                             "files at 1/32 of their bytes (splits the cost per file from the cost per MB)")
+    parser.add_argument("--scales", default=None,
+                        help="outputs: byte scales of the same files (default 1; 1,0.03125 with --diagnostics)")
     parser.add_argument("--outputs-jobs", default="", help="extra `dvc pull -j N` (hardlink) cases for outputs, e.g. 2,16")
     parser.add_argument("--size", type=int, default=512, help="layouts: edge of the cubic uint8 volume")
     parser.add_argument("--shards", default="64,128,256", help="layouts: shard edges to compare")
@@ -447,7 +474,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if what - {"outputs", "layouts"}:
         parser.error(f"--what: unknown {sorted(what - {'outputs', 'layouts'})}")
     args.outputs_jobs = [int(j) for j in args.outputs_jobs.split(",") if j]
-    args.scales = [float(x) for x in args.scales.split(",")]
+    args.scales = [float(x) for x in (args.scales or ("1,0.03125" if args.diagnostics else "1")).split(",")]
     chunk = 64
     if args.quick:
         args.size, args.shards, args.repeats, chunk = 128, "32,128", 1, 32
