@@ -1,21 +1,25 @@
 """Peak RSS of each DVC stage at two sizes that both span many output shards: memory must not grow with the volume.
 
 Each stage runs as users run it (``python stages/<name>.py`` in a scratch workspace whose params.yaml has
-``mirror: {url: <replica>, serves: replica}``), one process at a time, at two sizes whose level 0 both span
-many 256^3-voxel output shards, the second about 2x the first in voxels:
+``mirror: {url: <replica>, serves: replica}``), one process at a time, at two sizes ("1x", "2x") whose level 0
+spans more output shards than the writer keeps in flight, "2x" about twice "1x" in voxels:
 
-- epfl, idr, empiar: the replica's ``half`` profile (the real shapes with x halved) vs ``full`` (the real shapes);
-- hemibrain: crop 500 x 1000 x 1000 vs 1000^3 (params.yaml's), with its segmentation;
+- epfl (the training split and its mask): the real shape 165 x 768 x 1024 vs the replica's ``double`` profile
+  (x 2048); idr: the real 184 x 775 x 1121 vs ``double`` (x 2242);
+- empiar: the replica's ``half`` profile (16 slices of 5500 x 2748) vs the real 16 x 5500 x 5496;
+- hemibrain: crop 500 x 1000 x 1000 vs params.yaml's 1000^3, with its segmentation;
 - openorganelle: ROI 256 x 512 x 1024 vs 512 x 512 x 1024 voxels of s0 (int16);
 - metadata: over the outputs of that size.
 
 While the stage runs, a sampler reads its ``/proc/<pid>/status`` every 20 ms: the peaks of RssAnon (heap,
-arenas, tensorstore buffers: what the process allocated) and RssFile (pages of memory-mapped files, which the
-kernel can drop at any time) are reported apart; ``peak_rss_mb`` is the kernel's high-water mark of their sum
-(``ru_maxrss`` from ``os.wait4``). A bounded stage has an RSS ratio (full / half) near 1 while its output
-grows about 2x. ``--sizes small,full`` compares the tiny test profile instead (start-up dominated).
+arenas, tensorstore buffers: what the process allocated) and RssFile (shared libraries and pages of
+memory-mapped files, which the kernel can drop at any time) are reported apart; ``peak_rss_mb`` is the kernel's
+high-water mark of their sum (``ru_maxrss`` from ``os.wait4``). A bounded stage has an RSS ratio (2x / 1x) near
+1 while its output doubles. ``--repeats N`` runs the sizes interleaved N times (median, min..max of the
+per-repeat ratios). ``--sizes small`` runs the tiny test profile only (``--quick``: epfl and idr).
 
-    .venv/bin/python bench/bench_memory.py [--quick] [--stages epfl,hemibrain,...] [--sizes half,full] [--json F]
+    .venv/bin/python bench/bench_memory.py [--quick] [--stages epfl,hemibrain,...] [--sizes 1x,2x] [--repeats N]
+                                           [--json F] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -41,17 +45,21 @@ from emdata.offline import services
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["epfl", "hemibrain", "empiar", "idr", "openorganelle", "metadata"]
-FILE_STAGES = ("epfl", "idr", "empiar")  # served by every replica profile; the others come from "full"
 
 
+# Per size: the replica profile serving each file stage (hemibrain and OpenOrganelle always come from "full": their
+# size is a param) and params.yaml overrides (section -> values). "1x" and "2x" both span more output shards than
+# the writer keeps in flight (4 level-0 shards written + 4 read back, one a level above), "2x" about twice "1x".
 SIZES: dict[str, dict[str, Any]] = {
-    "small": {"profile": "small", "overrides": {
+    "small": {"profiles": dict.fromkeys(("epfl", "idr", "empiar", "hemibrain", "openorganelle"), "small"), "overrides": {
         "hemibrain": {"crop_size": [256, 256, 256], "min_tissue_fraction": 0.5},
         "openorganelle": {"roi_voxels": [[0, 0, 0], [64, 256, 256]]}}},
-    "half": {"profile": "half", "overrides": {
+    "1x": {"profiles": {"epfl": "full", "idr": "full", "empiar": "half"}, "overrides": {
+        "epfl": {"splits": ["training"]},
         "hemibrain": {"crop_size": [500, 1000, 1000]},
         "openorganelle": {"roi_voxels": [[0, 0, 0], [256, 512, 1024]]}}},
-    "full": {"profile": "full", "overrides": {
+    "2x": {"profiles": {"epfl": "double", "idr": "double", "empiar": "full"}, "overrides": {
+        "epfl": {"splits": ["training"]},
         "openorganelle": {"roi_voxels": [[0, 0, 0], [512, 512, 1024]]}}},
 }
 STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM")
@@ -131,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only the small size of the idr and epfl stages")
     parser.add_argument("--stages", default=",".join(STAGES))
-    parser.add_argument("--sizes", default="half,full")
+    parser.add_argument("--sizes", default="1x,2x")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each stage at each size, sizes interleaved")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", type=Path, help="keep the workspaces (outputs, logs) in this folder")
@@ -150,20 +158,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_memory_"))) \
             if args.keep is None else args.keep
         for repeat, size in ((r, s) for r in range(args.repeats) for s in sizes):  # sizes interleaved
-            profile, overrides = SIZES[size]["profile"], SIZES[size]["overrides"]
+            overrides = SIZES[size]["overrides"]
             sources = [s for s in stages if s in DATASETS]
-            # The file stages' volumes come from the size's profile, hemibrain's and OpenOrganelle's from "full"
-            # (their size is a param): one replica server per profile.
-            groups = {p: [s for s in sources if (profile if s in FILE_STAGES else "full") == p]
-                      for p in {profile, "full"}}
-            with ExitStack() as servers:
-                mirrors = {p: servers.enter_context(services.replica(p, sources=names))
-                           for p, names in groups.items() if names}
+            profile = {s: SIZES[size]["profiles"].get(s, "full") for s in sources}
+            groups = {p: [s for s in sources if profile[s] == p] for p in sorted(set(profile.values()))}
+            with ExitStack() as servers:  # one replica server per profile
+                mirrors = {p: servers.enter_context(services.replica(p, sources=names)) for p, names in groups.items()}
                 ws = tmp / f"{size}-{repeat}"
                 workspace(ws, overrides)
                 for name in stages:
-                    set_mirror(ws, next(iter(mirrors.values())) if name not in DATASETS else
-                               mirrors[profile if name in FILE_STAGES else "full"])
+                    if name in DATASETS:
+                        set_mirror(ws, mirrors[profile[name]])
                     one = run_stage(ws, name)
                     runs.setdefault(name, {}).setdefault(size, []).append(one)
                     print(f"{name} ({size}, repeat {repeat + 1}): {one}", flush=True)

@@ -189,3 +189,36 @@ def test_a_cache_mirror_is_verified_against_the_live_pins(replica, replica_tree,
     assert prov["origin"] == "cache" and metrics["run"]["origin"] == "cache"
     gets = [r for r in replica.faults.requests_seen if "training.tif" in r]
     assert len(gets) == 1  # pinned: no second download to confirm it
+
+
+def test_a_compressed_tiff_converts_page_by_page_to_the_same_voxels(tmp_path, monkeypatch):
+    """A TIFF that cannot be memory-mapped (compressed) and is larger than the decode bound is read on demand, page
+    by page (never whole), and gives the voxels and the mask labels of the uncompressed file."""
+    from emdata.acquire.context import MirrorConfig, RunContext
+    from emdata.acquire.params import DownloadConfig
+    from emdata.formats import read_volume
+    from emdata.formats.tiff import TiffPageStack
+    from emdata.sources import epfl
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 255, (20, 96, 128)).astype(np.uint8)
+    mask = np.where(rng.random((20, 96, 128)) > 0.8, 255, 0).astype(np.uint8)
+    paths = {}
+    for name, data in (("image", image), ("mask", mask)):
+        paths[name] = tmp_path / f"{name}.tif"
+        tifffile.imwrite(paths[name], data, compression="zlib", photometric="minisblack")
+    seen = []
+
+    def small_bound(path):
+        volume = read_volume(path, max_decoded_bytes=4096)
+        seen.append(type(volume.data))
+        return volume
+
+    monkeypatch.setattr(epfl, "read_volume", small_bound)
+    ctx = RunContext(mirror=MirrorConfig(), download=DownloadConfig(), repo_root=tmp_path)
+    root = zarr.open_group(str(tmp_path / "out.zarr"), mode="w")
+    params = epfl.EpflParams(chunks=(16, 32, 32), shards=(32, 64, 64))
+    epfl.convert_split(root, "training", paths["image"], paths["mask"], params, ctx)
+    assert seen == [TiffPageStack, TiffPageStack]
+    np.testing.assert_array_equal(root["training/0"][:], image)
+    np.testing.assert_array_equal(root["training/labels/mito/0"][:], (mask > 127).astype(np.uint8))

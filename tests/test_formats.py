@@ -280,9 +280,44 @@ def test_compressed_tiff_is_decoded_page_by_page_within_a_bound(tmp_path):
     vol = read_volume(path)
     assert not vol.memory_mapped and vol.shape == (6, 10, 12)
     np.testing.assert_array_equal(vol.data, stack)
-    with pytest.raises(VolumeFormatError, match=r"z\.tif: compressed .*1440 decoded bytes, more than "
-                                                r"max_decoded_bytes=1000"):
-        read_volume(path, max_decoded_bytes=1000)
+    # Past the bound it is never decoded whole: each read decodes only the pages (z) it asks for.
+    lazy = read_volume(path, max_decoded_bytes=1000)
+    assert not lazy.memory_mapped and not isinstance(lazy.data, np.ndarray)
+    assert lazy.shape == (6, 10, 12) and lazy.dtype == np.uint16 and len(lazy.data) == 6
+    for key in [(slice(1, 4), slice(2, 9), slice(None, None, 2)), (3,), (slice(None),), (-1, slice(5)),
+                (slice(4, 2),)]:
+        np.testing.assert_array_equal(lazy.data[key], stack[key])
+    np.testing.assert_array_equal(np.stack(list(lazy.data)), stack)
+    np.testing.assert_array_equal(np.asarray(lazy.data), stack)
+    with pytest.raises(IndexError, match=r"z index 6 out of range"):
+        lazy.data[6]
+    lazy.data.close()
+
+
+def test_a_compressed_stack_read_on_demand_holds_only_its_page_cache(tmp_path, monkeypatch):
+    """Box by box through a TiffPageStack: at most ``cache_pages`` decoded pages are kept, and a box decodes only
+    the pages of its z range."""
+    from emdata.formats import tiff as tiff_module
+
+    stack = np.random.default_rng(2).integers(0, 255, (40, 32, 48)).astype(np.uint8)
+    path = tmp_path / "lzw.tif"
+    tifffile.imwrite(path, stack, compression="zlib", photometric="minisblack")
+    decoded: list[int] = []
+    real = tifffile.TiffFile.asarray
+
+    def counting(self, *args, **kwargs):
+        decoded.append(kwargs.get("key"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(tifffile.TiffFile, "asarray", counting)
+    data = tiff_module.TiffPageStack(path, (40, 32, 48), np.dtype(np.uint8), cache_bytes=10 * 32 * 48)
+    assert data.cache_pages == 10
+    np.testing.assert_array_equal(data[8:16, :16, :16], stack[8:16, :16, :16])
+    np.testing.assert_array_equal(data[8:16, 16:, 16:], stack[8:16, 16:, 16:])  # the same pages: from the cache
+    assert sorted(decoded) == list(range(8, 16))
+    np.testing.assert_array_equal(data[20:40], stack[20:40])
+    assert len(data._cache) == 10 and sorted(data._cache) == list(range(30, 40))
+    data.close()
 
 
 def test_uncompressed_multipage_tiff_is_memory_mapped(tmp_path):

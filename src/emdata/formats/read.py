@@ -51,7 +51,8 @@ def read_volume(path: str | os.PathLike[str], *, max_decoded_bytes: int = DEFAUL
 
     The format is recognised from the file's content (:func:`detect_format`); a name that says otherwise is
     logged. Voxels are memory-mapped whenever the file stores them uncompressed (DM, MRC, most TIFF); a
-    compressed TIFF is decoded page by page into one array of at most ``max_decoded_bytes`` (else an error).
+    compressed TIFF is decoded page by page into one array of at most ``max_decoded_bytes``; a larger one is
+    returned as a ``TiffPageStack`` (indexing decodes only the pages asked for; never the whole volume at once).
     Refuses, with a :class:`VolumeFormatError` naming the file and the cause: spectra and other 1-D data,
     colour, multi-channel and 4-D data, complex or boolean voxels, calibrations that are not lengths, and
     headers whose shape or data offset do not fit the file. See :class:`Volume` for what is returned.

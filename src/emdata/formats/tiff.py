@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +69,14 @@ def read_tiff(path: Path, max_decoded_bytes: int) -> Volume:
             raw: np.ndarray = np.memmap(path, dtype=np.dtype(dtype).newbyteorder(tif.byteorder), mode="r",
                                         offset=int(offset), shape=shape)
             mapped = True
+        elif nbytes > max_decoded_bytes:  # never whole in memory: each read decodes only its pages
+            log.info("%s: compressed (or scattered) TIFF of %d decoded bytes, more than max_decoded_bytes=%d: read "
+                     "page by page on demand", path, nbytes, max_decoded_bytes)
+            pages = int(np.prod([n for a, n in zip(axes, shape, strict=True) if a not in "YXS"], dtype=np.int64))
+            yx = tuple(n for a, n in zip(axes, shape, strict=True) if a in "YX")
+            stack = TiffPageStack(path, (pages, yx[0], yx[1]), np.dtype(dtype).newbyteorder("="))
+            return Volume(stack, voxel, "tiff", path, False, units, where)  # type: ignore[arg-type]
         else:
-            if nbytes > max_decoded_bytes:
-                raise VolumeFormatError(f"{path}: compressed (or scattered) TIFF of {nbytes} decoded bytes, more than "
-                                        f"max_decoded_bytes={max_decoded_bytes}; it cannot be memory-mapped: pass a "
-                                        f"larger max_decoded_bytes to decode it into memory")
             log.info("%s: compressed TIFF, decoding %d bytes page by page into memory", path, nbytes)
             raw = np.empty(shape, dtype=np.dtype(dtype).newbyteorder("="))
             try:
@@ -82,6 +87,78 @@ def read_tiff(path: Path, max_decoded_bytes: int) -> Volume:
             mapped = False
     data = as_zyx(path, raw.reshape([n for a, n in zip(axes, shape, strict=True) if n > 1 or a in "YX"]))
     return Volume(data, voxel, "tiff", path, mapped, units, where)
+
+
+class TiffPageStack:
+    """A compressed (or scattered) TIFF series as a read-only (z, y, x) array-like: indexing decodes only the
+    pages (z) asked for, one page at a time, keeping up to ``cache_bytes`` of recently decoded pages (a box read
+    after its neighbour in y or x does not decode the same pages again). Never holds the whole volume: the most it
+    holds is the cache plus the box asked for. ``numpy.asarray`` of it decodes everything (small files only)."""
+
+    def __init__(self, path: Path, shape: tuple[int, int, int], dtype: np.dtype,
+                 cache_bytes: int = 64 * 2**20) -> None:
+        self.path, self.shape, self.dtype, self.ndim = path, tuple(int(n) for n in shape), np.dtype(dtype), 3
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        page_bytes = self.shape[1] * self.shape[2] * self.dtype.itemsize
+        self.cache_pages = max(1, cache_bytes // max(page_bytes, 1))
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self._tif: tifffile.TiffFile | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _page(self, z: int) -> np.ndarray:
+        page = self._cache.get(z)
+        if page is not None:
+            self._cache.move_to_end(z)
+            return page
+        if self._tif is None:
+            self._tif = tifffile.TiffFile(self.path)
+        try:
+            page = np.asarray(self._tif.asarray(key=z, series=0, maxworkers=1))
+        except Exception as exc:
+            raise VolumeFormatError(f"{self.path}: TIFF page {z} undecodable ({type(exc).__name__}: {exc})") from exc
+        if page.size != self.shape[1] * self.shape[2]:
+            raise VolumeFormatError(f"{self.path}: TIFF page {z} decodes to {page.shape}, expected "
+                                    f"{self.shape[1:]}")
+        page = page.reshape(self.shape[1:]).astype(self.dtype, copy=False)
+        page.flags.writeable = False
+        self._cache[z] = page
+        while len(self._cache) > self.cache_pages:
+            self._cache.popitem(last=False)
+        return page
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > 3 or any(k is Ellipsis or k is None for k in key):
+            raise IndexError(f"{self.path}: index with up to three ints or slices (z, y, x), got {key!r}")
+        key = key + (slice(None),) * (3 - len(key))
+        zs, rest = key[0], key[1:]
+        with self._lock:
+            if isinstance(zs, slice):
+                planes = [self._page(z)[rest] for z in range(*zs.indices(self.shape[0]))]
+                if not planes:
+                    return np.empty((0, *np.empty(self.shape[1:], np.bool_)[rest].shape), self.dtype)
+                return np.stack(planes)
+            z = int(zs)
+            if not -self.shape[0] <= z < self.shape[0]:
+                raise IndexError(f"{self.path}: z index {z} out of range for {self.shape[0]} pages")
+            return np.array(self._page(z % self.shape[0])[rest])
+
+    def __iter__(self) -> Any:
+        return (self[z] for z in range(self.shape[0]))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._tif is not None:
+                self._tif.close()
+                self._tif = None
+            self._cache.clear()
 
 
 def _stack_axis(path: Path, axes: str, shape: tuple[int, ...]) -> str | None:

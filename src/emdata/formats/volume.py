@@ -17,8 +17,9 @@ VoxelSize = tuple[float | None, float | None, float | None]
 AXES = ("z", "y", "x")
 # A single axis longer than this is a corrupt header, not an EM image (the largest SBF-SEM tiles are ~10^5).
 MAX_AXIS = 1 << 24
-# A compressed TIFF cannot be memory-mapped: it is decoded page by page into memory, up to this many bytes.
-DEFAULT_MAX_DECODED_BYTES = 4 << 30
+# A compressed TIFF cannot be memory-mapped: up to this many decoded bytes it is decoded page by page into one
+# array; a larger one is read page by page on demand (formats.tiff.TiffPageStack), never whole.
+DEFAULT_MAX_DECODED_BYTES = 64 << 20
 
 
 class VolumeFormatError(SourceMismatchError, ValueError):

@@ -550,17 +550,13 @@ class SliceStack:
     def __getitem__(self, key: tuple[slice, slice, slice]) -> np.ndarray:
         z, y, x = key
         z0, z1, _ = z.indices(self.shape[0])
-        parts = []
+        out = np.empty((max(z1 - z0, 0), len(range(*y.indices(self.shape[1]))), len(range(*x.indices(self.shape[2])))),
+                       self.dtype)
         for i, s in enumerate(self.slices):
             lo, hi = max(z0, int(self.starts[i])), min(z1, int(self.starts[i + 1]))
             if lo < hi:
-                parts.append(np.asarray(s.data[lo - self.starts[i]:hi - self.starts[i], y, x]))
-        if not parts:
-            return np.zeros((0, len(range(*y.indices(self.shape[1]))), len(range(*x.indices(self.shape[2])))),
-                            self.dtype)
-        out = np.concatenate(parts)  # a copy: the files' mapped pages can go
-        for s in self.slices:
-            release_pages(s.data)
+                out[lo - z0:hi - z0] = s.data[lo - self.starts[i]:hi - self.starts[i], y, x]
+                release_pages(s.data)  # copied: one file's mapped pages resident at a time
         return out
 
 
@@ -797,7 +793,10 @@ class EmpiarSource(FileSource[EmpiarParams, EmpiarPlan]):
                                    what=f"the {slices[0].source_format.upper()} files")
         means = []
         for s in slices:
-            means.append(float(np.mean(s.data, dtype=np.float64)))
+            if isinstance(s.data, np.ndarray):
+                means.append(float(np.mean(s.data, dtype=np.float64)))
+            else:  # a compressed stack read on demand: section by section (equal sizes: the mean of the means)
+                means.append(float(np.mean([np.mean(sec, dtype=np.float64) for sec in s.data])))
             release_pages(s.data)
         mean = float(np.mean(means))
         unavailable = [s for s in plan.side_files if s.status != "ok"]

@@ -16,8 +16,9 @@ SHAPES = {
     "full": {"split": (165, 768, 1024), "volumedata": (1065, 1536, 2048)},
     "small": {"split": (20, 96, 128), "volumedata": (48, 160, 224)},
     "half": {"split": (165, 768, 512), "volumedata": (1065, 1536, 1024)},  # full's shapes, x halved
+    "double": {"split": (165, 768, 2048), "volumedata": (1065, 1536, 4096)},  # x doubled
 }
-EXTRA_PROFILES = ("half",)  # bench/bench_memory.py's second size
+EXTRA_PROFILES = ("half", "double")  # bench/bench_memory.py's sizes
 SEEDS = {"training": 101, "testing": 202, "volumedata": 303}
 
 
