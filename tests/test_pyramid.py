@@ -215,9 +215,32 @@ def test_a_wrong_voxel_on_disk_is_reported_with_the_box(tmp_path, monkeypatch, r
     data = np.ones((16, 16, 16), np.uint8)
     root = zarr.open_group(str(tmp_path / "v.zarr"), mode="w", zarr_format=3)
     with pytest.raises(SourceMismatchError, match=r"level 1 of label 'seg' of the volume does not read back equal "
-                                                  r"at \(slice\(0, 8"):
+                                                  r"at \(slice\(0, 8") as err:
         ngff.write_image(root, name="v", source=data, geometry=ngff.Geometry((1, 1, 1)), chunks=(4, 4, 4),
                          shards=(8, 8, 8), n_levels=2, labels=[ngff.Label("seg", data)], what="the volume")
+    # The flipped voxel is the middle one of the 8^3 shard: chunk (1, 0, 0) of its 4^3 chunks.
+    assert ("(chunk (1, 0, 0))" in str(err.value)) == (reader == "direct")
+
+
+def test_a_damaged_shard_file_fails_the_read_back(tmp_path, monkeypatch):
+    """A byte of a shard file changed after tensorstore wrote it (before the read-back) is caught."""
+    real_finish = ngff._Sink._finish
+
+    def damage_then_finish(self, box, data, future):
+        future.result()
+        if self.array.path == "0":
+            shard = next(p for p in sorted(self.path.rglob("*")) if p.is_file() and p.name != "zarr.json")
+            raw = bytearray(shard.read_bytes())
+            raw[len(raw) // 3] ^= 0xFF  # inside a compressed chunk
+            shard.write_bytes(bytes(raw))
+        return real_finish(self, box, data, future)
+
+    monkeypatch.setattr(ngff._Sink, "_finish", damage_then_finish)
+    data = np.random.default_rng(2).integers(0, 255, (16, 16, 16), dtype=np.uint8)
+    root = zarr.open_group(str(tmp_path / "d.zarr"), mode="w", zarr_format=3)
+    with pytest.raises(SourceMismatchError, match=r"the volume does not read back equal at .*\(chunk \("):
+        ngff.write_image(root, name="d", source=data, geometry=ngff.Geometry((1, 1, 1)), chunks=(8, 8, 8),
+                         shards=(16, 16, 16), n_levels=1, what="the volume")
 
 
 def _tensorstore_blocks(source, origin, shape, *, max_inflight_bytes, what):
