@@ -379,9 +379,14 @@ def hand_written(level0: Path, size: int, block: int, in_flight: int = 4) -> Cal
     return run
 
 
-def iterate(path: Path, block: int, halo: int, border: str, prefetch: int | None) -> Callable[[], int]:
+def iterate(path: Path, block: int, halo: int, border: str, prefetch: int | None,
+            tensorstore_only: bool = False) -> Callable[[], int]:
     def run() -> int:
         arr = open_array(path, cache=ChunkCache())  # a fresh, cold decoded-chunk cache every time
+        if tensorstore_only:  # the read path before emdata.access.direct: every chunk through tensorstore
+            import dataclasses
+
+            arr = dataclasses.replace(arr, _direct=None)
         spec = BlockSpec(block, halo_voxels=halo, border=border)  # type: ignore[arg-type]
         grid = BlockGrid(arr, spec) if prefetch is None else BlockGrid(arr, spec, prefetch=prefetch)
         n = 0
@@ -430,6 +435,11 @@ def reads_suite(args: argparse.Namespace) -> None:
             iterate(path, block, args.halo, "constant", args.prefetch), total)
         cases[f"iterator {block}^3 halo {args.halo} reflect"] = (
             iterate(path, block, args.halo, "reflect", args.prefetch), total)
+        if args.tensorstore_path:
+            cases[f"iterator {block}^3, tensorstore path"] = (
+                iterate(path, block, 0, "constant", args.prefetch, True), total)
+            cases[f"iterator {block}^3 halo {args.halo} constant, tensorstore path"] = (
+                iterate(path, block, args.halo, "constant", args.prefetch, True), total)
     cases["bare sampler"] = (bare, sample_bytes)
     cases["torch DataLoader, 0 workers"] = (loader, sample_bytes)
     for fn, _ in cases.values():  # untimed warm-up: thread pools, imports
@@ -459,6 +469,15 @@ def reads_suite(args: argparse.Namespace) -> None:
             (f"halo {args.halo} cost vs halo 0, {block}^3 blocks, reflect border",
              f"iterator {block}^3 halo {args.halo} reflect", f"iterator {block}^3", 1.2, False),
         ]
+    if args.tensorstore_path:
+        for block in args.block:
+            specs += [
+                (f"(extra) block iterator {block}^3 vs the same iterator reading every chunk through tensorstore",
+                 f"iterator {block}^3, tensorstore path", f"iterator {block}^3", 1.0, True),
+                (f"(extra) halo {args.halo} cost vs halo 0, {block}^3 blocks, constant border, tensorstore path",
+                 f"iterator {block}^3 halo {args.halo} constant, tensorstore path", f"iterator {block}^3, tensorstore path",
+                 1.2, False),
+            ]
     specs.append((f"torch adapter, DataLoader with 0 workers (batch {args.batch}), vs the bare sampler "
                   f"({n_samples} random {args.sample_block}^3 samples)", "bare sampler",
                   "torch DataLoader, 0 workers", 0.9, True))
@@ -507,6 +526,8 @@ def main() -> None:
     parser.add_argument("--samples-reads", type=int, default=400, help="reads: random samples per sampler run")
     parser.add_argument("--sample-block", type=int, default=64, help="reads: edge of the random samples")
     parser.add_argument("--batch", type=int, default=8, help="reads: DataLoader batch size")
+    parser.add_argument("--tensorstore-path", action="store_true",
+                        help="reads: also time the iterator reading every chunk through tensorstore (the old path)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
