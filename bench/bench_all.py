@@ -109,7 +109,12 @@ def summary(runs: dict[str, dict[str, Any]], tag: str = "") -> list[str]:
             sizes = list(per)
             out.append(f"memory, {name}: peak RSS " + " -> ".join(f"{per[s]['peak_rss_mb']:.0f} MB ({s}, output "
                                                                   f"{per[s]['output_mb']:.0f} MB)" for s in sizes))
-    for name in ("pyramid", "access", "hemibrain"):
+    acc = _json(f"access{tag}.json")
+    for r in (acc or {}).get("rows", []):
+        out.append(f"access: {r['median']:.2f}x ({r['min']:.2f}..{r['max']:.2f}) [cpu {r['cpu_median']:.2f}x] target "
+                   f"{'>=' if r['higher_is_better'] else '<='} {r['target']}x "
+                   f"{'met' if r['met'] else 'NOT met'}: {r['row']}")
+    for name in ("pyramid", "hemibrain"):
         if name in runs:
             ratio_lines = [line.strip() for line in runs[name]["lines"] if RATIO.search(line)]
             out += [f"{name}: {line}" for line in ratio_lines[-12:]]
