@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown stage(s) or size(s) {unknown}")
     results: dict[str, Any] = {"cores": os.cpu_count(), "sizes": {s: SIZES[s] for s in sizes}, "stages": {},
-                               "repeats": args.repeats}
+                               "repeats": args.repeats, "ratios": {}}  # ratios: per stage, per repeat (last/first)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_memory_"))) \
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ratios = [b["peak_rss_mb"] / a["peak_rss_mb"] for a, b in zip(per[sizes[0]], per[sizes[-1]], strict=True)]
             anon = [b["rss_anon_mb"] / a["rss_anon_mb"] for a, b in zip(per[sizes[0]], per[sizes[-1]], strict=True)
                     if a["rss_anon_mb"]]
-            results["stages"][name]["ratios"] = {"peak_rss": ratios, "rss_anon": anon}
+            results["ratios"][name] = {"peak_rss": ratios, "rss_anon": anon}
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
@@ -203,8 +203,8 @@ def _spread(values: list[float]) -> str:
 def report(results: dict[str, Any]) -> str:
     sizes = list(results["sizes"])
     head = " | ".join(f"{s}: output MB (files), peak RSS MB (anon + file), s" for s in sizes)
-    lines = [f"| stage | {head} | RSS ratio {sizes[-1]}/{sizes[0]} (anon) | output ratio |",
-             "|---|" + "---:|" * (len(sizes) + 2)]
+    tail = f" RSS ratio {sizes[-1]}/{sizes[0]}, median (min..max); anon | output ratio |" if len(sizes) > 1 else ""
+    lines = [f"| stage | {head} |{tail}", "|---|" + "---:|" * (len(sizes) + (2 if len(sizes) > 1 else 0))]
     for name, per in results["stages"].items():
         if any(s not in per for s in sizes):
             continue
@@ -212,16 +212,16 @@ def report(results: dict[str, Any]) -> str:
             s = sizes[0]
             lines.append(f"| {name} | {per[s]['output_mb']:.1f} ({per[s]['output_files']:.0f}), "
                          f"**{per[s]['peak_rss_mb']:.0f}** ({per[s]['rss_anon_mb']:.0f} + {per[s]['rss_file_mb']:.0f}), "
-                         f"{per[s]['seconds']:.1f} | | |")
+                         f"{per[s]['seconds']:.1f} |")
             continue
         cells = " | ".join(f"{per[s]['output_mb']:.1f} ({per[s].get('output_files', 0):.0f}), "
                            f"**{per[s]['peak_rss_mb']:.0f}** ({per[s].get('rss_anon_mb', 0):.0f} + "
                            f"{per[s].get('rss_file_mb', 0):.0f}), {per[s]['seconds']:.1f}" for s in sizes)
         a, b = per[sizes[0]], per[sizes[-1]]
-        ratios = per.get("ratios") or {"peak_rss": [b["peak_rss_mb"] / a["peak_rss_mb"]], "rss_anon": [
+        ratios = results.get("ratios", {}).get(name) or {"peak_rss": [b["peak_rss_mb"] / a["peak_rss_mb"]], "rss_anon": [
             b["rss_anon_mb"] / a["rss_anon_mb"] if a.get("rss_anon_mb") else float("nan")]}
         out = b["output_mb"] / a["output_mb"] if a["output_mb"] else float("nan")
-        lines.append(f"| {name} | {cells} | {_spread(ratios['peak_rss'])} ({_spread(ratios['rss_anon'])}) | "
+        lines.append(f"| {name} | {cells} | {_spread(ratios['peak_rss'])}; {_spread(ratios['rss_anon'])} | "
                      f"{out:.1f} |")
     return "\n".join(lines)
 

@@ -193,9 +193,29 @@ class PagedArray:
         self.dtype = data.dtype
         self.ndim = data.ndim
 
+    SLAB_BYTES = 8 * 2**20  # of the file's rows: a box is copied this much at a time, its pages dropped after each
+
     def __getitem__(self, key: Any) -> np.ndarray:
-        out = np.array(self.data[key])  # a copy: views kept by the writer would fault the file's pages back in
-        release_pages(self.data)
+        key = key if isinstance(key, tuple) else (key,)
+        view = self.data[key]  # no page touched yet
+        z = key[0] if key else None
+        if not isinstance(z, slice) or not isinstance(view, np.ndarray) or view.ndim != 3:
+            out = np.array(view)  # a copy: views kept by the writer would fault the file's pages back in
+            release_pages(self.data)
+            return out
+        # A box's rows are narrower than the file's pages: copying it touches whole pages of every row it crosses
+        # (up to 16x the box for 256-byte rows of 4 KiB pages), so copy a few planes at a time.
+        start, _, step = z.indices(self.shape[0])
+        plane_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        per = max(1, self.SLAB_BYTES // max(plane_bytes, 1))
+        out = np.empty(view.shape, self.dtype)
+        rest = key[1:]
+        for i in range(0, view.shape[0], per):
+            n = min(per, view.shape[0] - i)
+            lo = start + i * step
+            out[i:i + n] = self.data[(slice(lo, lo + n * step, step) if step > 0 else
+                                      slice(lo, lo + n * step if lo + n * step >= 0 else None, step), *rest)]
+            release_pages(self.data)
         return out
 
     def __len__(self) -> int:
