@@ -114,10 +114,17 @@ def summary(runs: dict[str, dict[str, Any]], tag: str = "") -> list[str]:
         out.append(f"access: {r['median']:.2f}x ({r['min']:.2f}..{r['max']:.2f}) [cpu {r['cpu_median']:.2f}x] target "
                    f"{'>=' if r['higher_is_better'] else '<='} {r['target']}x "
                    f"{'met' if r['met'] else 'NOT met'}: {r['row']}")
-    for name in ("pyramid", "hemibrain"):
-        if name in runs:
-            ratio_lines = [line.strip() for line in runs[name]["lines"] if RATIO.search(line)]
-            out += [f"{name}: {line}" for line in ratio_lines[-12:]]
+    if "pyramid" in runs:  # the ratio rows of each shard size's tables, and the reductions
+        section = ""
+        for line in runs["pyramid"]["lines"]:
+            if line.startswith("## "):
+                section = line[3:].strip().lower()
+            elif line.startswith("|") and RATIO.search(line) and (
+                    "vs" in line or "/ level 0" in line or section.startswith("mean reduction")):
+                out.append(f"pyramid, {section}: {line.strip()}")
+    if "hemibrain" in runs:
+        out += [f"hemibrain: {line.strip()}" for line in runs["hemibrain"]["lines"]
+                if line.startswith("|") and ("vs ts copy" in line or "x |" in line)]
     return out
 
 
