@@ -17,6 +17,7 @@ from emdata.acquire.context import run_context
 from emdata.acquire.fsutil import stage_lock, write_json_atomic
 from emdata.acquire.params import check_sections, load_params
 from emdata.catalog import find
+from emdata.acquire.allocator import bound_malloc
 from emdata.sources import get_source
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def _commit(root: Path) -> str | None:
 def main(name: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    bound_malloc()  # before any thread: freed shard buffers go back to the system (bench/bench_memory.py)
     # Log lines go around the progress bars (tqdm's redirect), never through them.
     with logging_redirect_tqdm():
         run_stage(name)

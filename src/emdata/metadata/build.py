@@ -17,7 +17,7 @@ import zarr
 from emdata.acquire.fsutil import atomic_dir, write_json_atomic
 from emdata.acquire.params import dataclass_from_section, load_params
 from emdata.catalog import DATASETS
-from emdata.formats.allocator import bound_malloc
+from emdata.acquire.allocator import bound_malloc
 from emdata.metadata.records import ArrayRecord, MetadataParams, output_records
 from emdata.metadata.stats import Histogram, common_bins, foreground_fraction, intensity_stats, rebin
 from emdata.metadata.summary import summary_markdown

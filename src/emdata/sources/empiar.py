@@ -24,7 +24,6 @@ from emdata.acquire.params import MAX_SHARD_AXIS, check_chunks_and_shards, check
 from emdata.catalog import find
 from emdata.errors import DownloadError, IntegrityError, InvalidParameterError, SourceMismatchError
 from emdata.formats import VolumeFormatError, read_volume
-from emdata.formats.allocator import bound_malloc
 from emdata.formats.volume import release_pages
 from emdata.sources.base import About, Converted, FileSource, run_file_source
 
@@ -758,7 +757,6 @@ class EmpiarSource(FileSource[EmpiarParams, EmpiarPlan]):
         return run_file_source(source, params, ctx)
 
     def plan(self, params: EmpiarParams, ctx: RunContext, fetch: Downloader) -> tuple[EmpiarPlan, dict[str, str]]:
-        bound_malloc()  # before any thread: shard buffers go back to the system when freed
         api = parse_api(fetch.fetch_json(params.api_url), params.entry, params.imageset)
         known = KNOWN_ENTRIES.get(api.entry)
         pattern = Numbering(*known.file_pattern) if known and known.file_pattern else None

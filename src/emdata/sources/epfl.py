@@ -24,7 +24,6 @@ from emdata.acquire.params import check_chunks_and_shards, check_sha256_pins
 from emdata.catalog import find
 from emdata.errors import InvalidParameterError, SourceMismatchError
 from emdata.formats import read_volume
-from emdata.formats.allocator import bound_malloc
 from emdata.formats.volume import PagedArray, release_pages
 from emdata.sources.base import Converted, FileSource
 
@@ -72,7 +71,6 @@ class EpflSource(FileSource[EpflParams, None]):
 
 
     def plan(self, params: EpflParams, ctx: RunContext, fetch: Downloader) -> tuple[None, dict[str, str]]:
-        bound_malloc()  # before any thread: shard buffers go back to the system when freed
         return None, {name: BASE_URL + name for name in params.files}  # no documents: the files are all there is
 
     def convert(self, params: EpflParams, plan: None, files: Mapping[str, Path], root: zarr.Group,

@@ -32,7 +32,6 @@ from emdata.acquire.params import check_chunks_and_shards, check_sha256_pins
 from emdata.catalog import find
 from emdata.errors import DownloadError, InvalidParameterError, SourceMismatchError
 from emdata.formats import read_volume
-from emdata.formats.allocator import bound_malloc
 from emdata.formats.volume import PagedArray
 from emdata.sources.base import Converted, FileSource
 
@@ -144,7 +143,6 @@ class IdrSource(FileSource[IdrParams, IdrPlan]):
 
 
     def plan(self, params: IdrParams, ctx: RunContext, fetch: Downloader) -> tuple[IdrPlan, dict[str, str]]:
-        bound_malloc()  # before any thread: shard buffers go back to the system when freed
         # The documents first: a source that changed is caught before 152 MB are fetched.
         notes: list[str] = []
         unavailable: dict[str, str] = {}

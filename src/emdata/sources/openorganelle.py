@@ -47,7 +47,6 @@ from emdata.acquire.params import check_chunks_and_shards, check_number
 from emdata.acquire.tsio import remote_blocks
 from emdata.catalog import find
 from emdata.errors import DownloadError, InvalidParameterError, SourceMismatchError
-from emdata.formats.allocator import bound_malloc
 from emdata.sources.base import FileRecord, Provenance, SourceBase, output_path
 
 log = logging.getLogger(__name__)
@@ -449,7 +448,6 @@ class OpenOrganelleSource(SourceBase[OpenOrganelleParams]):
 
 def fetch_openorganelle(params: OpenOrganelleParams, ctx: RunContext, out: Path) -> dict[str, Any]:
     """Check the metadata and the chunks, then stream one level (or an ROI of it) into ``out`` atomically."""
-    bound_malloc()  # before any thread: shard buffers go back to the system when freed
     began = time.monotonic()
     fetch = ctx.downloader(progress=False)
     zattrs, zattrs_file = _document(fetch, ctx.checksums, f"{GROUP_URL}/.zattrs")

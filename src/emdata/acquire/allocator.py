@@ -6,7 +6,9 @@ for 20 to 45 shards). Two defaults cause it: the dynamic mmap threshold (after t
 buffers up to 32 MiB, i.e. whole shards, come from the heap, whose free space fragments and stays resident) and
 up to 8 arenas per core (each tensorstore and zarr thread keeps its own heap). A fixed threshold of 1 MiB and two
 arenas keep the growth away; speed is unchanged within the noise. ``MALLOC_ARENA_MAX`` / ``MALLOC_MMAP_THRESHOLD_``
-in the environment win (a user's own setting is left alone).
+in the environment win (a user's own setting is left alone). Called once at the start of a stage process
+(``emdata.stage.main``, the metadata stage's ``main``); library calls from a user's own process leave its
+allocator alone.
 """
 
 from __future__ import annotations
