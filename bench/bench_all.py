@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -105,10 +106,19 @@ def summary(runs: dict[str, dict[str, Any]], tag: str = "") -> list[str]:
                 out.append(f"dvc, `{m['case']}` projected to {name}: pull / tar = {p['ratio']:.2f}x (target <= 1.5x)")
     mem = _json(f"memory{tag}.json")
     if mem:
+        sizes = list(mem["sizes"])
         for name, per in mem["stages"].items():
-            sizes = list(per)
-            out.append(f"memory, {name}: peak RSS " + " -> ".join(f"{per[s]['peak_rss_mb']:.0f} MB ({s}, output "
-                                                                  f"{per[s]['output_mb']:.0f} MB)" for s in sizes))
+            if any(s not in per for s in sizes):
+                continue
+            a, b = per[sizes[0]], per[sizes[-1]]
+            line = (f"memory, {name}: peak RSS " + " -> ".join(
+                f"{per[s]['peak_rss_mb']:.0f} MB ({s}, anon {per[s].get('rss_anon_mb', 0):.0f} MB, output "
+                f"{per[s]['output_mb']:.0f} MB)" for s in sizes))
+            ratios = mem.get("ratios", {}).get(name, {}).get("peak_rss")
+            if len(sizes) > 1 and ratios:
+                line += (f"; ratio {statistics.median(ratios):.2f} ({min(ratios):.2f}..{max(ratios):.2f}) while the "
+                         f"output grows {b['output_mb'] / max(a['output_mb'], 1e-9):.1f}x (target <= 1.15)")
+            out.append(line)
     acc = _json(f"access{tag}.json")
     for r in (acc or {}).get("rows", []):
         out.append(f"access: {r['median']:.2f}x ({r['min']:.2f}..{r['max']:.2f}) [cpu {r['cpu_median']:.2f}x] target "
