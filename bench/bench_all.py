@@ -93,6 +93,15 @@ def summary(runs: dict[str, dict[str, Any]], tag: str = "") -> list[str]:
                        f"{first['ratio']:.2f}x")
     dvc = _json(f"dvc{tag}.json")
     if dvc:
+        for scale, o in (dvc.get("outputs") or {}).get("sets", {}).items():
+            what = (f"all outputs ({o['files']} files, {o['bytes'] / 1e9:.2f} GB"
+                    + ("" if scale == "1" else f", bytes x{scale}") + ")")
+            for name, r in o["ratios"].items():
+                if name.startswith("dvc pull") and name != "dvc pull, nothing to do":
+                    out.append(f"dvc, {what}: `{name}` / (GET + untar) = {r['median']:.2f}x ({r['min']:.2f}.."
+                               f"{r['max']:.2f}), CPU {r['cpu_ratio']:.2f}x (target <= 1.5x)")
+            out.append(f"dvc, {what}: push / (tar + one upload) = {o['dvc push_s'] / o['tar + one upload_s']:.2f}x "
+                       "(one sample)")
         for shard, lay in dvc["layouts"].items():
             r = lay["ratios"]
             pulls = {k: v for k, v in r.items() if k.startswith("dvc pull") and "median" in v}
