@@ -280,7 +280,9 @@ def test_a_schema_violation_is_caught_by_the_validators(tmp_path):
 
 def napari_reader(path: str) -> list:
     """napari-ome-zarr's reader, as napari calls it when a user opens ``path`` (no viewer needed)."""
-    from napari_ome_zarr._reader import napari_get_reader
+    with warnings.catch_warnings():  # napari's own pydantic v1-style models warn on import; not ours to fix
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from napari_ome_zarr._reader import napari_get_reader
 
     reader = napari_get_reader(path)
     assert reader is not None, f"napari-ome-zarr does not claim {path}"
