@@ -98,7 +98,7 @@ def summary(runs: dict[str, dict[str, Any]], tag: str = "") -> list[str]:
             what = (f"all outputs ({o['files']} files, {o['bytes'] / 1e9:.2f} GB"
                     + ("" if scale == "1" else f", bytes x{scale}") + ")")
             for name, r in o["ratios"].items():
-                if name != "dvc pull, nothing to do":  # dvc pull cases, and (--diagnostics) the bare S3 GETs
+                if name not in ("dvc pull, nothing to do", "one GET + untar"):  # pulls; (--diagnostics) bare GETs
                     out.append(f"dvc, {what}: `{name}` / (GET + untar) = {r['median']:.2f}x ({r['min']:.2f}.."
                                f"{r['max']:.2f}), CPU {r['cpu_ratio']:.2f}x"
                                + (" (target <= 1.5x)" if name.startswith("dvc pull") else ""))
@@ -135,9 +135,10 @@ def summary(runs: dict[str, dict[str, Any]], tag: str = "") -> list[str]:
         out.append(f"access: {r['median']:.2f}x ({r['min']:.2f}..{r['max']:.2f}) [cpu {r['cpu_median']:.2f}x] target "
                    f"{'>=' if r['higher_is_better'] else '<='} {r['target']}x "
                    f"{'met' if r['met'] else 'NOT met'}: {r['row']}")
-    if "pyramid" in runs:  # the ratio rows of each shard size's tables, and the reductions
+    if "pyramid" in runs:  # the ratio rows of each shard size's tables, and the reductions (from its results file)
+        made = OUT / f"RESULTS_pyramid{tag}.md"
         section = ""
-        for line in runs["pyramid"]["lines"]:
+        for line in made.read_text().splitlines() if made.exists() else runs["pyramid"]["lines"]:
             if line.startswith("## "):
                 section = line[3:].strip().lower()
             elif line.startswith("|") and RATIO.search(line) and (
