@@ -51,34 +51,29 @@ class ChunkCache:
                 self._ts_context = ts.Context({"cache_pool": {"total_bytes_limit": self.total_bytes}})
             return self._ts_context
 
+    def _lookup(self, key: Hashable) -> np.ndarray | None:
+        """The cached chunk (now the most recently used) or None; the caller holds the lock."""
+        chunk = self._lru.get(key)
+        if chunk is not None:
+            self._lru.move_to_end(key)
+            self.hits += 1
+        return chunk
+
     def get(self, key: Hashable) -> np.ndarray | None:
         """The cached chunk, or None (nothing is loaded)."""
         with self._lock:
-            chunk = self._lru.get(key)
-            if chunk is not None:
-                self._lru.move_to_end(key)
-                self.hits += 1
-            return chunk
+            return self._lookup(key)
 
     def get_many(self, keys: Sequence[Hashable]) -> list[np.ndarray | None]:
         """``get`` of each key, under one lock."""
-        out: list[np.ndarray | None] = []
         with self._lock:
-            for key in keys:
-                chunk = self._lru.get(key)
-                if chunk is not None:
-                    self._lru.move_to_end(key)
-                    self.hits += 1
-                out.append(chunk)
-        return out
+            return [self._lookup(key) for key in keys]
 
     def get_or_load(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
         """The cached chunk, or ``load()`` it once even when several threads miss it at the same time."""
         with self._lock:
-            chunk = self._lru.get(key)
+            chunk = self._lookup(key)
             if chunk is not None:
-                self._lru.move_to_end(key)
-                self.hits += 1
                 return chunk
             waiting = self._loading.get(key)
             if waiting is None:
@@ -110,10 +105,8 @@ class ChunkCache:
         waits: list[tuple[int, Future[np.ndarray]]] = []
         with self._lock:
             for n, key in enumerate(keys):
-                chunk = self._lru.get(key)
+                chunk = self._lookup(key)
                 if chunk is not None:
-                    self._lru.move_to_end(key)
-                    self.hits += 1
                     results[n] = chunk
                 elif key in self._loading:
                     self.hits += 1
