@@ -383,7 +383,7 @@ def iterate(path: Path, block: int, halo: int, border: str, prefetch: int | None
             tensorstore_only: bool = False) -> Callable[[], int]:
     def run() -> int:
         arr = open_array(path, cache=ChunkCache())  # a fresh, cold decoded-chunk cache every time
-        if tensorstore_only:  # the read path before emdata.access.direct: every chunk through tensorstore
+        if tensorstore_only:  # the read path before emdata.shards: every chunk through tensorstore
             import dataclasses
 
             arr = dataclasses.replace(arr, _direct=None)

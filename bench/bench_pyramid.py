@@ -38,7 +38,7 @@ NOTES = """## What the cases are
   layout (same zarr.json: chunks, shards, codec; the same array in memory): no read-back, no pyramid, all of
   tensorstore's threads at once. Both it and `write_image` are timed from an empty folder (creating the
   array's zarr.json included).
-- *verified*: once written, each shard's chunks are decoded straight from the shard file (`emdata.access.direct`:
+- *verified*: once written, each shard's chunks are decoded straight from the shard file (`emdata.shards`:
   the index checked against its crc32c, each chunk read and blosc-decoded; a tensorstore read-back without chunk
   cache where that reader does not apply) and compared voxel for voxel with the array handed to tensorstore: a
   wrong voxel on disk fails the write, naming the box and chunk. Decoding costs 0.5-0.8x the CPU of encoding

@@ -5,10 +5,8 @@ from __future__ import annotations
 import colorsys
 import importlib.metadata
 import itertools
-import json
 import logging
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -463,33 +461,6 @@ Backend = Literal["zarr", "tensorstore"]
 BACKENDS: tuple[str, ...] = ("zarr", "tensorstore")
 
 
-_EMPTY = 2**64 - 1  # a shard index entry (offset, nbytes) of a chunk that is not stored
-_VERIFY_POOL: Any = None
-
-
-def _verify_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
-
-
-def _verify_pool() -> Any:
-    """Threads that decode and compare read-backs (numcodecs and numpy release the GIL), one per core."""
-    global _VERIFY_POOL
-    if _VERIFY_POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _VERIFY_POOL = ThreadPoolExecutor(max_workers=_verify_threads(), thread_name_prefix="emdata-verify")
-    return _VERIFY_POOL
-
-
-def _forget_verify_pool() -> None:
-    global _VERIFY_POOL
-    _VERIFY_POOL = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_verify_pool)  # a forked child's copy of the pool has no threads
-
-
 class _Sink:
     """Writes whole shards of one level and (with ``verify``) reads each back and compares it.
 
@@ -575,105 +546,47 @@ class _Sink:
     def _verify_direct(self, box: Box, data: np.ndarray) -> bool:
         """Decode the chunks of ``box`` straight from the shard files just written and compare them with ``data``.
 
-        Each shard file is read whole, its index checked against its crc32c, each chunk blosc-decoded (numcodecs:
-        the same c-blosc; about half the CPU of a tensorstore read) on ``_verify_pool``'s threads. False (nothing
-        checked) where this does not apply (not ``bytes`` + ``blosc`` chunks in ``sharding_indexed`` with its
-        index at the end, or a box not on whole chunks): the caller reads back through tensorstore."""
-        layout = self._direct_layout()
-        if layout is None:
+        ``emdata.shards.ShardReader`` (a fresh one: no cached index) reads each chunk: the shard's index checked
+        against its crc32c, the chunk blosc-decoded with numcodecs (the same c-blosc; about half the CPU of a
+        tensorstore read), a chunk not stored read as the fill value; on the shared decoding threads. A chunk
+        that does not decode, or a damaged index, is a mismatch naming that chunk. False (nothing checked) where
+        the reader does not apply (another layout or codec) or ``box`` is not on whole chunks: the caller reads
+        back through tensorstore."""
+        from emdata.shards import CorruptShardError, ShardReader, decode_pool, decode_threads
+
+        reader = ShardReader.for_array(self.path, self.array.dtype, self.array.fill_value) if self.path else None
+        if reader is None:
             return False
-        chunks, shards, shape = layout
-        if any(b.start % c or (b.stop % c and b.stop != n) for b, c, n in zip(box, chunks, shape, strict=True)):
+        chunks, shape, per = reader.chunks_shape, reader.shape, reader.per_shard
+        if len(chunks) != len(box) or any(b.start % c or (b.stop % c and b.stop != n)
+                                          for b, c, n in zip(box, chunks, shape, strict=True)):
             return False
-        per = tuple(sh // c for sh, c in zip(shards, chunks, strict=True))
-        cidxs = list(itertools.product(*(range(b.start // c, -(-b.stop // c))
-                                         for b, c in zip(box, chunks, strict=True))))
         by_shard: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
-        for cidx in cidxs:
+        for cidx in itertools.product(*(range(b.start // c, -(-b.stop // c)) for b, c in zip(box, chunks, strict=True))):
             by_shard.setdefault(tuple(i // p for i, p in zip(cidx, per, strict=True)), []).append(cidx)
-        item = data.dtype.itemsize
-        n_inner = math.prod(per)
-        index_bytes = n_inner * 16 + 4
-        stored = data.dtype.newbyteorder("<") if item > 1 else data.dtype
 
-        def load(sidx: tuple[int, ...]) -> tuple[memoryview, np.ndarray | None]:
-            import google_crc32c
-
-            assert self.path is not None
-            path = self.path.joinpath("c", *(str(i) for i in sidx))
-            try:
-                raw = path.read_bytes()
-            except FileNotFoundError:  # nothing stored: every chunk must be the fill value
-                return memoryview(b""), None
-            if len(raw) < index_bytes or google_crc32c.value(raw[-index_bytes:-4]) != int.from_bytes(raw[-4:],
-                                                                                                   "little"):
-                raise SourceMismatchError(f"conversion of {self.what}: the shard index of {path} is damaged")
-            return memoryview(raw), np.frombuffer(raw[-index_bytes:-4], "<u8").reshape(-1, 2)
-
-        def check(raw: memoryview, index: np.ndarray | None, members: list[tuple[int, ...]]) -> tuple[int, ...] | None:
-            """The first chunk of ``members`` that differs from ``data`` (None: all equal)."""
-            from numcodecs import Blosc
-
-            out = np.empty(math.prod(chunks) * item, np.uint8)
-            codec = Blosc()
+        def check(members: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+            """The first chunk of ``members`` (all in one shard) that differs from ``data`` (None: all equal)."""
+            decoded = reader.chunks(members, scratch=True)
             for cidx in members:
                 lo = [i * c for i, c in zip(cidx, chunks, strict=True)]
                 hi = [min(a + c, n) for a, c, n in zip(lo, chunks, shape, strict=True)]
-                want = data[tuple(slice(a - b.start, h - b.start) for a, h, b in zip(lo, hi, box, strict=True))]
-                inner = 0
-                for i, p in zip(cidx, per, strict=True):
-                    inner = inner * p + i % p
-                if index is None or (int(index[inner, 0]) == _EMPTY and int(index[inner, 1]) == _EMPTY):
-                    if not (want == self.array.fill_value).all():
-                        return cidx
-                    continue
-                offset, nbytes = int(index[inner, 0]), int(index[inner, 1])
-                if offset + nbytes > len(raw) - index_bytes:
-                    return cidx
                 try:
-                    codec.decode(raw[offset:offset + nbytes], out=out)
-                except (RuntimeError, ValueError):  # blosc refuses damaged bytes: a chunk that does not read back
+                    got = next(decoded)
+                except (CorruptShardError, RuntimeError, ValueError):  # damaged index or bytes blosc refuses
                     return cidx
-                got = out.view(stored).reshape(chunks)[tuple(slice(0, h - a) for a, h in zip(lo, hi, strict=True))]
-                if not np.array_equal(got, want):
+                want = data[tuple(slice(a - b.start, h - b.start) for a, h, b in zip(lo, hi, box, strict=True))]
+                if not np.array_equal(got[tuple(slice(0, h - a) for a, h in zip(lo, hi, strict=True))], want):
                     return cidx
             return None
 
-        pool, n = _verify_pool(), _verify_threads()
-        for sidx, members in by_shard.items():
-            raw, index = load(sidx)
-            groups = [members[i::n] for i in range(n)]
-            for bad in pool.map(lambda g: check(raw, index, g), [g for g in groups if g]):  # noqa: B023
-                if bad is not None:
-                    raise SourceMismatchError(f"conversion of {self.what} does not read back equal at {box} "
-                                              f"(chunk {bad})")
+        n = decode_threads()
+        groups = [g for members in by_shard.values() for g in (members[i::n] for i in range(n)) if g]
+        for bad in decode_pool().map(check, groups):
+            if bad is not None:
+                raise SourceMismatchError(f"conversion of {self.what} does not read back equal at {box} "
+                                          f"(chunk {bad})")
         return True
-
-    def _direct_layout(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None:
-        """(chunks, shards, shape) if the array is sharded ``bytes`` + ``blosc`` chunks as ``create_multiscale``
-        writes them (index of bytes + crc32c at the end, default chunk keys with '/'), else None."""
-        if self.path is None:
-            return None
-        try:
-            meta = json.loads((self.path / "zarr.json").read_text())
-            (codec,) = meta["codecs"]
-            conf = codec["configuration"]
-            ok = (codec["name"] == "sharding_indexed"
-                  and [c["name"] for c in conf["codecs"]] == ["bytes", "blosc"]
-                  and conf["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
-                  and [c["name"] for c in conf.get("index_codecs", [])] == ["bytes", "crc32c"]
-                  and conf["index_codecs"][0].get("configuration", {}).get("endian", "little") == "little"
-                  and conf.get("index_location", "end") == "end"
-                  and meta.get("chunk_key_encoding") == {"name": "default", "configuration": {"separator": "/"}}
-                  and meta["chunk_grid"]["name"] == "regular" and not meta.get("storage_transformers"))
-            shards = tuple(int(v) for v in meta["chunk_grid"]["configuration"]["chunk_shape"])
-            chunks = tuple(int(v) for v in conf["chunk_shape"])
-            shape = tuple(int(v) for v in meta["shape"])
-        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
-            return None
-        if not ok or len(shards) != 3 or any(sh % c for sh, c in zip(shards, chunks, strict=True)):
-            return None
-        return chunks, shards, shape
 
     def _compare(self, box: Box, data: np.ndarray, slab: Box, read: Any) -> None:
         z = slice(slab[0].start - box[0].start, slab[0].stop - box[0].start)

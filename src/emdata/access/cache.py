@@ -19,7 +19,7 @@ class ChunkCache:
     """Decoded chunks shared by every array opened with it, bounded by ``total_bytes`` (0 disables caching).
 
     Overlapping blocks (halo, overlap, aligned samples of image and labels) decode each storage chunk once
-    while it stays cached: the shard reader (``emdata.access.direct``) and the zarr-python fallback keep
+    while it stays cached: the shard reader (``emdata.shards``) and the zarr-python fallback keep
     decoded chunks in a least-recently-used dict with this bound; arrays read by tensorstore share one
     ``cache_pool`` context with the same bound.
     """

@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 
 from emdata.access.cache import ChunkCache, default_cache
-from emdata.access.direct import ShardReader, decode_pool, decode_threads
+from emdata.shards import ShardReader, decode_pool, decode_threads
 from emdata.access.spec import AXES, PAD_MODES, Box, RoiNm, box_to_nm
 from emdata.errors import InvalidParameterError
 from emdata.ngff import Geometry, ome_attrs
@@ -253,7 +253,7 @@ class EmArray:
     location: Location
     axes: tuple[str, str, str] = AXES
     _store: Any = field(default=None, repr=False)
-    # Local shards of bytes + blosc chunks: decoded straight from the files (emdata.access.direct), else None.
+    # Local shards of bytes + blosc chunks: decoded straight from the files (emdata.shards), else None.
     _direct: ShardReader | None = field(default=None, repr=False)
 
     def __reduce__(self) -> tuple[Any, ...]:

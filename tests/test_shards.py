@@ -1,4 +1,4 @@
-"""The direct shard reader (emdata.access.direct): the same voxels as zarr-python and tensorstore, or no reader."""
+"""The direct shard reader (emdata.shards): the same voxels as zarr-python and tensorstore, or no reader."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from access_fixtures import em_like, make_volume
 from zarr.codecs import BloscCodec, GzipCodec
 
 from emdata.access import BlockGrid, BlockSpec, Box, ChunkCache, open_array
-from emdata.access.direct import CorruptShardError, ShardReader
+from emdata.shards import CorruptShardError, ShardReader
 
 
 def _ome(path, arr_kwargs, data, region=(slice(None),) * 3):
