@@ -107,7 +107,7 @@ def _chunks_touched(box: Box, chunk: int = 8) -> set[tuple[int, ...]]:
 
 
 def _tensorstore_only(arr):
-    """The array read through tensorstore alone (not the direct shard reader of emdata.access.direct)."""
+    """The array read through tensorstore alone (not the direct shard reader of emdata.shards)."""
     assert arr.backend == "tensorstore" and arr._direct is not None
     return dataclasses.replace(arr, _direct=None)
 
