@@ -479,3 +479,15 @@ def test_kth_tissue_voxel_is_the_kth_in_c_order(seed, shape, data):
         return
     k = data.draw(st.integers(0, len(voxels) - 1))
     assert _tissue_voxel(tissue_integral(coarse_em, 10), k) == tuple(voxels[k])
+
+
+def test_the_background_histogram_counts_like_bincount():
+    from emdata.sources.hemibrain import _histogram_uint8
+
+    rng = np.random.default_rng(4)
+    coarse = rng.integers(0, 256, (37, 41, 29), dtype=np.uint8)
+    want = np.bincount(coarse.ravel(), minlength=256)
+    for step in (1, 1000, 1 << 16, 1 << 30):
+        np.testing.assert_array_equal(_histogram_uint8(coarse, step=step), want)
+    np.testing.assert_array_equal(_histogram_uint8(coarse[:, ::3]), np.bincount(coarse[:, ::3].ravel(),
+                                                                                minlength=256))

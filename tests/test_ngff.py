@@ -345,3 +345,24 @@ def test_collection_of_named_images_for_readers_and_validators(tmp_path):
     assert open_array(path, group="testing").shape == (12, 70, 60)
     with pytest.raises(InvalidParameterError, match="'validation' is not an OME-Zarr image group"):
         ngff.write_collection(root, ["training", "validation"])
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16", "uint64", "float32"])
+def test_exact_sum_is_exact_at_the_extremes_and_on_strided_views(dtype):
+    """The figures' ``mean`` comes from ``_exact_sum``: planes summed in a narrow integer must never overflow."""
+    rng = np.random.default_rng(3)
+    shapes = [(600, 3, 5), (257, 2, 2), (258, 1, 1), (1, 7, 9)]
+    for shape in shapes:
+        if np.dtype(dtype).kind == "f":
+            arrays = [rng.random(shape).astype(dtype)]
+        else:
+            info = np.iinfo(dtype)
+            arrays = [rng.integers(info.min, min(int(info.max), 2**20), shape, endpoint=True).astype(dtype)]
+            if info.bits <= 16:  # 64-bit sums are exact below 2**53 only (the docstring's limit)
+                arrays += [np.full(shape, info.max, dtype), np.full(shape, info.min, dtype)]
+        for a in arrays:
+            for view in (a, a[:, ::2, 1:], a[::3]):
+                if view.size:
+                    want = float(view.astype(np.float64).sum()) if np.dtype(dtype).kind == "f" else \
+                        float(sum(int(v) for v in view.ravel()))
+                    assert ngff._exact_sum(view) == pytest.approx(want, rel=1e-12 if view.dtype.kind == "f" else 0)

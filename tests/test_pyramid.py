@@ -327,3 +327,54 @@ def test_levels_written_piece_by_piece_hold_the_same_voxels_and_bytes(tmp_path, 
     for level in range(4):
         np.testing.assert_array_equal(out[str(level)][...], ref[str(level)][...])
     assert trees["direct"] == trees["buffered"]
+
+
+def test_labels_written_beside_the_image_give_the_same_files_and_figures(tmp_path):
+    """``overlap_labels``: the labels stream on a second thread while the image does; same bytes, same figures
+    (the seconds apart)."""
+    rng = np.random.default_rng(13)
+    data = rng.integers(0, 255, (40, 72, 50), dtype=np.uint8)
+    seg = (data // 40).astype(np.uint64)
+    mask = (data > 200).astype(np.uint8)
+    trees, figures = {}, {}
+    for name, overlap in (("seq", False), ("ovl", True), ("ovl2", True)):
+        root = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="w", zarr_format=3)
+        figures[name] = ngff.write_image(
+            root, name="x", source=data, geometry=ngff.Geometry((4, 4, 4)), chunks=(8, 8, 8), shards=(16, 16, 16),
+            labels=[ngff.Label("seg", seg), ngff.Label("mask", mask, method="nearest")], what="x",
+            overlap_labels=overlap)
+        trees[name] = _tree(tmp_path / f"{name}.zarr")
+    assert trees["seq"] == trees["ovl"] == trees["ovl2"] and len(trees["seq"]) > 20
+
+    def strip(fig):
+        return {k: (strip(v) if isinstance(v, dict) else v) for k, v in fig.items()
+                if "seconds" not in k and k != "MBps"}
+
+    assert strip(figures["seq"]) == strip(figures["ovl"])
+    assert list(figures["ovl"]["labels"]) == ["seg", "mask"]
+    assert figures["ovl"]["labels"]["mask"]["mean"] == float(mask.mean())
+
+
+@pytest.mark.parametrize("failing", ["image", "label"])
+def test_a_failing_stream_stops_the_other_and_its_error_is_raised(tmp_path, failing):
+    data = np.arange(32**3, dtype=np.uint32).reshape(32, 32, 32) % 251
+    seg = data.astype(np.uint64)
+    read = {"image": 0, "label": 0}
+
+    def blocks(kind, arr):
+        def gen(boxes):
+            for i, box in enumerate(boxes):
+                read[kind] += 1
+                if kind == failing and i == 1:
+                    raise SourceMismatchError(f"{kind} source broke")
+                yield arr[box]
+        return ngff.Blocks(arr.shape, arr.dtype, gen)
+
+    root = zarr.open_group(str(tmp_path / "f.zarr"), mode="w", zarr_format=3)
+    with pytest.raises(SourceMismatchError, match=f"{failing} source broke"):
+        ngff.write_image(root, name="x", source=blocks("image", data.astype(np.uint8)),
+                         geometry=ngff.Geometry((4, 4, 4)), chunks=(8, 8, 8), shards=(8, 8, 8),
+                         labels=[ngff.Label("seg", blocks("label", seg))], what="x", overlap_labels=True)
+    other = "label" if failing == "image" else "image"
+    assert read[failing] == 2
+    assert read[other] <= 64  # it stopped (or had finished) and returned; nothing hangs

@@ -7,6 +7,7 @@ import importlib.metadata
 import itertools
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -723,12 +724,17 @@ def _source_shape_dtype(source: Any, what: str) -> tuple[tuple[int, int, int], n
 
 def _exact_sum(data: np.ndarray) -> float:
     """Sum of ``data``'s voxels (exact for integers below 2**53): 8- and 16-bit integers are first summed along
-    x in the narrowest integer that cannot overflow (a third of the time of one uint64 sum), then in 64 bits."""
+    z, plane onto plane, in the narrowest integer that cannot overflow (as many planes as it holds: 257 of
+    uint8 in uint16), then in 64 bits: an element-wise add per plane, 1.3-2x faster than summing along x (rows
+    of 64-256 voxels) and a fifth of the time of one uint64 sum."""
     kind, size = data.dtype.kind, data.dtype.itemsize
     if kind in "iu" and size <= 2 and data.ndim == 3 and data.size:
         wide = {1: np.int16 if kind == "i" else np.uint16, 2: np.int32 if kind == "i" else np.uint32}[size]
-        if data.shape[-1] * (2 ** (8 * size) - 1) <= np.iinfo(wide).max:
-            return float(data.sum(axis=-1, dtype=wide).sum(dtype=np.int64 if kind == "i" else np.uint64))
+        info = np.iinfo(data.dtype)
+        step = int(np.iinfo(wide).max) // max(abs(int(info.min)), int(info.max))
+        acc = np.int64 if kind == "i" else np.uint64
+        return float(sum(int(data[z:z + step].sum(axis=0, dtype=wide).sum(dtype=acc))
+                         for z in range(0, data.shape[0], step)))
     if kind in "iub":
         return float(data.sum(dtype=np.int64 if kind == "i" else np.uint64))
     return float(data.sum(dtype=np.float64))
@@ -741,10 +747,16 @@ def _tensorstore_context() -> Any:
     return ts.Context({"cache_pool": {"total_bytes_limit": 0}})
 
 
+class _Stopped(Exception):
+    """Another stream of the same ``write_image`` failed: this one stops (the other's error is raised)."""
+
+
 def _stream_level0(arrays: Sequence[zarr.Array], source: Any, factors: Sequence[Sequence[int]],
                    method: Downsampling, what: str, on_block: Callable[[int], None] | None, backend: Backend,
-                   verify: bool) -> dict[str, Any]:
-    """Write level 0 shard by shard from ``source``, read each shard back and compare, and build the pyramid."""
+                   verify: bool, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Write level 0 shard by shard from ``source``, read each shard back and compare, and build the pyramid.
+
+    ``stop``: checked before each shard; once set, the stream cancels its writes and raises ``_Stopped``."""
     shape, dtype = _source_shape_dtype(source, what)
     context = _tensorstore_context() if backend == "tensorstore" else None
     # Upper levels hold 1/8 of the data or less: at most one shard held each, none where two shards would
@@ -769,6 +781,8 @@ def _stream_level0(arrays: Sequence[zarr.Array], source: Any, factors: Sequence[
     total_sum = 0.0
     try:
         for n, box in enumerate(boxes, 1):
+            if stop is not None and stop.is_set():
+                raise _Stopped(what)
             t0 = time.monotonic()
             data = next(datas, None)
             read_s += time.monotonic() - t0
@@ -835,6 +849,7 @@ def write_image(
     on_block: Callable[[int], None] | None = None,
     backend: Backend = "tensorstore",
     verify: bool = True,
+    overlap_labels: bool = False,
 ) -> dict[str, Any]:
     """Write ``source`` as an OME-Zarr 0.5 image in ``group`` with its pyramid and labels; return figures.
 
@@ -852,6 +867,12 @@ def write_image(
     (tensorstore backend: the file read whole, its index crc32c-checked, each chunk blosc-decoded; zarr
     backend: read through zarr-python) and compares it voxel for voxel with what was handed to the writer; a
     chunk that is not stored must be all fill value. ``verify=False`` skips it (~40% of a verified write's CPU).
+
+    ``overlap_labels``: the labels are written on a second thread while the image is (each stream as it would
+    be alone: its own shards, pyramid and read-back; both sources read at once), so that a stage waiting on
+    remote reads keeps both cores busy; the in-flight memory of both streams adds up, and ``on_block`` is
+    called from both threads. The output is the same either way. If one stream fails, the other stops before
+    its next shard and the first error is raised.
     """
     method = pyramid.check_method(method)  # type: ignore[assignment]
     shape, dtype = _source_shape_dtype(source, what)
@@ -873,14 +894,45 @@ def write_image(
                                factors=factors)
     if backend not in BACKENDS:
         raise InvalidParameterError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    figures = _stream_level0(arrays, source, factors, method, what, on_block, backend, verify)
-    if labels:
-        figures["labels"] = {}
+    label_arrays = []
     for lab in labels:
         _, ldtype = _source_shape_dtype(lab.source, lab.name)
-        larrays = create_label(group, lab.name, colors=lab.colors, properties=lab.properties,
-                               downsampling=lab.method, shape=shape, dtype=ldtype, geometry=geometry,
-                               chunks=chunks, shards=shards, factors=factors)
-        figures["labels"][lab.name] = _stream_level0(larrays, lab.source, factors, lab.method,
-                                                     f"label {lab.name!r} of {what}", on_block, backend, verify)
+        label_arrays.append(create_label(group, lab.name, colors=lab.colors, properties=lab.properties,
+                                         downsampling=lab.method, shape=shape, dtype=ldtype, geometry=geometry,
+                                         chunks=chunks, shards=shards, factors=factors))
+    stop = threading.Event()
+    label_figures: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def write_labels() -> None:
+        try:
+            for lab, larrays in zip(labels, label_arrays, strict=True):
+                label_figures[lab.name] = _stream_level0(larrays, lab.source, factors, lab.method,
+                                                         f"label {lab.name!r} of {what}", on_block, backend, verify,
+                                                         stop)
+        except BaseException as exc:  # handed to the caller's thread
+            errors.append(exc)
+            stop.set()
+
+    thread = None
+    if overlap_labels and labels:
+        thread = threading.Thread(target=write_labels, name="emdata-labels", daemon=True)
+        thread.start()
+    try:
+        figures = _stream_level0(arrays, source, factors, method, what, on_block, backend, verify, stop)
+    except BaseException as exc:
+        stop.set()
+        if thread is not None:
+            thread.join()
+        if isinstance(exc, _Stopped) and errors:
+            raise errors[0] from None
+        raise
+    if thread is not None:
+        thread.join()
+    else:
+        write_labels()
+    if errors:
+        raise errors[0]
+    if labels:
+        figures["labels"] = {lab.name: label_figures[lab.name] for lab in labels}
     return figures

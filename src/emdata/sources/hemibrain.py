@@ -204,9 +204,19 @@ class Background:
                 "edge_voxels_refused": self.edge_voxels_refused}
 
 
+def _histogram_uint8(values: np.ndarray, step: int = 1 << 16) -> np.ndarray:
+    """Voxels per value 0..255 of a uint8 array (``np.bincount`` in slices of ``step``: each slice's
+    conversion to intp stays in cache; half the time of one ``np.bincount`` of 27 M voxels)."""
+    flat = np.ascontiguousarray(values).reshape(-1)
+    hist = np.zeros(256, np.int64)
+    for i in range(0, flat.size, step):
+        hist += np.bincount(flat[i:i + step], minlength=256)
+    return hist
+
+
 def measure_background(coarse_em: np.ndarray, threshold: int, edge_voxels_refused: int = 0) -> Background:
     """The background of a coarse uint8 scale, from its histogram: exact zeros vs noise in 1..``threshold``."""
-    hist = np.bincount(coarse_em.ravel(), minlength=256).astype(np.int64)
+    hist = _histogram_uint8(coarse_em)
     n = int(hist.sum())
     noise = hist[1:threshold + 1]
     total_noise = int(noise.sum())
@@ -604,7 +614,7 @@ def fetch_hemibrain_crop(params: HemibrainParams, ctx: RunContext, out: Path) ->
             result = ngff.write_image(
                 root, name="hemibrain_crop", source=blocks(EM_URL, scale.index, np.uint8, "hemibrain EM"),
                 geometry=geometry, chunks=OUTPUT_CHUNKS, shards=OUTPUT_SHARDS,
-                method="mean", labels=labels, what="hemibrain EM")
+                method="mean", labels=labels, what="hemibrain EM", overlap_labels=True)
             root.attrs["emdata"] = provenance(params, plan, sel, background, ctx.origin).to_dict()
         return result
 
