@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import itertools
 import os
 import platform
 import shutil
@@ -23,6 +24,7 @@ import tinybrain
 import zarr
 
 from emdata import ngff, pyramid
+from emdata.shards import ShardReader, decode_pool, decode_threads
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,6 +46,15 @@ NOTES = """## What the cases are
   wrong voxel on disk fails the write, naming the box and chunk. Decoding costs 0.5-0.8x the CPU of encoding
   (blosc-zstd, EM-like data), so on a CPU-bound machine a verified write stays near 0.5-0.65x of an unverified
   copy; *unverified* is the same write without that check.
+- *ts copy + read-back*: the tensorstore copy, then every chunk decoded from the shard files on disk and
+  compared voxel for voxel with the array (`read_back`: the same `emdata.shards` reader and decoding threads as
+  the verified write): the like-for-like reference for a *verified* write, whose own check is that same
+  read-back done while later shards encode. *decode of the copy*: the read-back without the comparison, the
+  decode limit of the written bytes; *bound for a verified write* is the copy's speed over this reference's.
+- The voxel sum: `write_image` returns the exact mean of the voxels (the stages' `mean_intensity`); a verified
+  write of 8/16-bit voxels sums the chunks as the read-back compares them (decoded, in cache), an unverified
+  write needs a pass of its own over each shard. *no voxel sum* stubs that sum out (measurement only) to show
+  its cost next to the copy, which computes nothing.
 - CPU seconds are the process's user+system time over all threads: on a shared machine they show the work
   done even when the wall time is stretched by other processes.
 - Output: both backends write the same zarr.json and the same compressed chunks, and zarr-python reads them
@@ -108,6 +119,59 @@ def ts_copy(path: Path, data: np.ndarray, chunks: Sequence[int], shards: Sequenc
     store = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / arrays[0].path)}}).result()
     store.write(data).result()
     return _since(t0)
+
+
+def read_back(path: Path, data: np.ndarray, compare: bool = True) -> None:
+    """Decode every chunk of the level-0 array at ``path`` from its shard files and (``compare``) check it voxel
+    for voxel against ``data``: the read-back ``write_image`` does (``emdata.shards.ShardReader``: each shard's
+    index crc32c-checked, each chunk blosc-decoded, on the decoding threads, one thread's chunks per shard at a
+    time), here over a finished copy. ``compare=False``: decoding alone, the decode limit of the written bytes."""
+    reader = ShardReader.for_array(path, data.dtype, 0)
+    assert reader is not None, f"{path}: not a layout emdata.shards reads"
+    chunks, per = reader.chunks_shape, reader.per_shard
+    by_shard: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+    for cidx in itertools.product(*(range(-(-s // c)) for s, c in zip(data.shape, chunks, strict=True))):
+        by_shard.setdefault(tuple(i // p for i, p in zip(cidx, per, strict=True)), []).append(cidx)
+    n = decode_threads()
+    groups = [g for members in by_shard.values() for g in (members[i::n] for i in range(n)) if g]
+
+    def check(members: list[tuple[int, ...]]) -> bool:
+        for cidx, got in zip(members, reader.chunks(members, scratch=True), strict=True):
+            if compare:
+                box = tuple(slice(i * c, min(i * c + c, s)) for i, c, s in zip(cidx, chunks, data.shape, strict=True))
+                if not np.array_equal(got[tuple(slice(0, b.stop - b.start) for b in box)], data[box]):
+                    return False
+        return True
+
+    if not all(decode_pool().map(check, groups)):
+        raise AssertionError(f"{path}: the copy does not read back equal")
+
+
+def ts_copy_read_back(path: Path, data: np.ndarray, chunks: Sequence[int], shards: Sequence[int]) -> Timing:
+    """The tensorstore copy, then every chunk read back from disk and compared: like for like with a verified
+    ``write_image`` (the same check, done after the copy instead of while it runs)."""
+    t0 = _clock()
+    ts_copy(path, data, chunks, shards)
+    read_back(path / "0", data)
+    return _since(t0)
+
+
+def decode_only(path: Path, data: np.ndarray) -> Timing:
+    t0 = _clock()
+    read_back(path / "0", data, compare=False)
+    return _since(t0)
+
+
+def without_sum(fn: Callable[[], Timing]) -> Timing:
+    """``fn`` with ``ngff._exact_sum`` stubbed out (measurement only: the figures' ``mean`` is then wrong): what
+    the exact voxel sum behind ``write_image``'s ``mean`` costs an unverified write, which has no read-back pass
+    to compute it in."""
+    real = ngff._exact_sum
+    ngff._exact_sum = lambda data: 0.0  # type: ignore[assignment]
+    try:
+        return fn()
+    finally:
+        ngff._exact_sum = real
 
 
 def pairwise_sum(block: np.ndarray) -> np.ndarray:
@@ -183,7 +247,8 @@ def main() -> None:
         shards = (shard,) * 3
         cases: dict[str, list[Timing]] = {k: [] for k in (
             "old level 0 (+read-back)", "old pyramid (2nd pass)", "zarr level 0", "zarr image+pyramid",
-            "ts level 0", "ts image+pyramid", "ts level 0 unverified", "ts image+pyramid unverified", "ts copy")}
+            "ts level 0", "ts image+pyramid", "ts level 0 unverified", "ts image+pyramid unverified", "ts copy",
+            "ts copy + read-back", "decode of the copy", "ts level 0 unverified, no voxel sum")}
         for _ in range(args.repeats):
             l0, pyr = old_sequence(tmp / "old.zarr", data, chunks, shards)
             cases["old level 0 (+read-back)"].append(l0)
@@ -197,6 +262,10 @@ def main() -> None:
             cases["ts image+pyramid unverified"].append(new_image(tmp / "u.zarr", data, chunks, shards, "tensorstore",
                                                                   verify=False))
             cases["ts copy"].append(ts_copy(tmp / "c.zarr", data, chunks, shards))
+            cases["ts copy + read-back"].append(ts_copy_read_back(tmp / "cr.zarr", data, chunks, shards))
+            cases["decode of the copy"].append(decode_only(tmp / "cr.zarr", data))
+            cases["ts level 0 unverified, no voxel sum"].append(without_sum(
+                lambda: new_image(tmp / "n0.zarr", data, chunks, shards, "tensorstore", n_levels=1, verify=False)))
         mb = data.nbytes / 1e6
         lines += [f"## Shards {shard}^3", "", "| case | median wall s | level-0 MB/s (wall) | median CPU s |",
                   "|---|---:|---:|---:|"]
@@ -226,14 +295,23 @@ def main() -> None:
                 lambda r: r("ts copy") / r("zarr level 0"), ">= 0.95x"),
             row("write_image level 0, tensorstore backend, verified: speed vs tensorstore copy",
                 lambda r: r("ts copy") / r("ts level 0"), ">= 0.95x"),
+            row("write_image level 0, tensorstore backend, verified: speed vs tensorstore copy + read-back and "
+                "compare (like for like)", lambda r: r("ts copy + read-back") / r("ts level 0"), ">= 0.95x"),
+            row("bound for a verified write: tensorstore copy + read-back and compare, speed vs tensorstore copy",
+                lambda r: r("ts copy") / r("ts copy + read-back"), "(ceiling of the verified rows)"),
+            row("decode limit: decoding the written chunks (both cores), time / tensorstore copy time",
+                lambda r: r("decode of the copy") / r("ts copy"), "(the read-back's own cost)"),
             row("write_image level 0, tensorstore backend, unverified: speed vs tensorstore copy",
                 lambda r: r("ts copy") / r("ts level 0 unverified"), ">= 0.95x"),
+            row("write_image level 0, tensorstore backend, unverified, voxel sum stubbed out (what the sum costs): "
+                "speed vs tensorstore copy", lambda r: r("ts copy") / r("ts level 0 unverified, no voxel sum"),
+                "(measurement only)"),
             row("write_image image+pyramid, tensorstore, verified: speed vs tensorstore copy",
                 lambda r: r("ts copy") / r("ts image+pyramid"), "(end to end >= 0.6x)"),
             row("write_image image+pyramid, tensorstore, unverified: speed vs tensorstore copy",
                 lambda r: r("ts copy") / r("ts image+pyramid unverified"), "(end to end >= 0.6x)"),
             ""]
-        print("\n".join(lines[-24:]), flush=True)
+        print("\n".join(lines[-32:]), flush=True)
 
     block = data[:256, :256, :256].copy()
     reductions = {

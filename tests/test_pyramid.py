@@ -378,3 +378,23 @@ def test_a_failing_stream_stops_the_other_and_its_error_is_raised(tmp_path, fail
     other = "label" if failing == "image" else "image"
     assert read[failing] == 2
     assert read[other] <= 64  # it stopped (or had finished) and returned; nothing hangs
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "uint64"])
+@pytest.mark.parametrize("reader", ["direct", "tensorstore"])
+def test_the_mean_figure_is_the_exact_mean_however_it_is_summed(tmp_path, monkeypatch, dtype, reader):
+    """8- and 16-bit voxels are summed by the read-back as it compares (in chunks), others as they pass; a
+    read-back through tensorstore sums the shard; unverified writes sum each shard: all give the exact mean."""
+    if reader == "tensorstore":
+        from emdata import shards
+
+        monkeypatch.setattr(shards.ShardReader, "for_array", classmethod(lambda cls, *a, **k: None))
+    info = np.iinfo(dtype)
+    data = np.random.default_rng(17).integers(max(int(info.min), -30000), min(int(info.max), 2**30),
+                                              (37, 40, 29)).astype(dtype)
+    want = float(sum(int(v) for v in data.ravel())) / data.size
+    for verify in (True, False):
+        root = zarr.open_group(str(tmp_path / f"{verify}.zarr"), mode="w", zarr_format=3)
+        fig = ngff.write_image(root, name="s", source=data, geometry=ngff.Geometry((4, 4, 4)), chunks=(8, 8, 8),
+                               shards=(16, 16, 16), what="s", verify=verify)
+        assert fig["mean"] == want
