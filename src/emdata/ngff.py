@@ -490,10 +490,11 @@ class _Sink:
         self.pending: deque[tuple[Box, np.ndarray | None, Any]] = deque()
         self.reading: deque[tuple[Box, Any]] = deque()
         self.seconds = 0.0
-        # sum_voxels: the exact sum of every voxel verified is added to voxel_sum, from the chunks as they are
-        # decoded and compared (in cache, on the decoding threads) instead of a pass of its own over the data.
+        # sum_voxels (integer voxels): each box's ``_exact_sum`` is added to voxel_sum, made from the chunks as
+        # they are decoded and compared (in cache, on the decoding threads) instead of a pass of its own over the
+        # data; the same float, box by box in the order written, as summing each box where it is written.
         self.sum_voxels = False
-        self.voxel_sum = 0
+        self.voxel_sum = 0.0
         self.store: Any = None
         self.path: Path | None = None
         if backend == "tensorstore":
@@ -548,7 +549,7 @@ class _Sink:
         while self.reading:
             self._compare(box, data, *self.reading.popleft())
         if self.sum_voxels:
-            self.voxel_sum += int(_exact_sum(data))
+            self.voxel_sum += _exact_sum(data)
 
     def _verify_direct(self, box: Box, data: np.ndarray) -> bool:
         """Decode the chunks of ``box`` straight from the shard files just written and compare them with ``data``.
@@ -591,16 +592,19 @@ class _Sink:
                 if not np.array_equal(got, want):
                     return cidx, total
                 if summed:  # equal to what was written: its sum is the data's
-                    total += int(_exact_sum(got))
+                    total += _int_sum(got)
             return None, total
 
         n = decode_threads()
         groups = [g for members in by_shard.values() for g in (members[i::n] for i in range(n)) if g]
+        box_sum = 0
         for bad, total in decode_pool().map(check, groups):
             if bad is not None:
                 raise SourceMismatchError(f"conversion of {self.what} does not read back equal at {box} "
                                           f"(chunk {bad})")
-            self.voxel_sum += total
+            box_sum += total
+        if summed:
+            self.voxel_sum += float(_wrap64(box_sum, data.dtype.kind))
         return True
 
     def _compare(self, box: Box, data: np.ndarray, slab: Box, read: Any) -> None:
@@ -736,21 +740,36 @@ def _source_shape_dtype(source: Any, what: str) -> tuple[tuple[int, int, int], n
     return shape, dtype  # type: ignore[return-value]
 
 
-def _exact_sum(data: np.ndarray) -> float:
-    """Sum of ``data``'s voxels (exact for integers below 2**53): 8- and 16-bit integers are first summed along
-    z, plane onto plane, in the narrowest integer that cannot overflow (as many planes as it holds: 257 of
-    uint8 in uint16), then in 64 bits: an element-wise add per plane, 1.3-2x faster than summing along x (rows
-    of 64-256 voxels) and a fifth of the time of one uint64 sum."""
+def _int_sum(data: np.ndarray) -> int:
+    """Sum of integer voxels as numpy's 64-bit sum gives it (exact below 2**63; wrapping like numpy beyond).
+
+    8- and 16-bit integers are first summed along z, plane onto plane, in the narrowest integer that cannot
+    overflow (as many planes as it holds: 257 of uint8 in uint16), then in 64 bits: an element-wise add per
+    plane, 1.3-2x faster than summing along x (rows of 64-256 voxels) and a fifth of the time of one uint64 sum.
+    """
     kind, size = data.dtype.kind, data.dtype.itemsize
-    if kind in "iu" and size <= 2 and data.ndim == 3 and data.size:
+    acc = np.int64 if kind == "i" else np.uint64
+    if size <= 2 and data.ndim == 3 and data.size:
         wide = {1: np.int16 if kind == "i" else np.uint16, 2: np.int32 if kind == "i" else np.uint32}[size]
         info = np.iinfo(data.dtype)
         step = int(np.iinfo(wide).max) // max(abs(int(info.min)), int(info.max))
-        acc = np.int64 if kind == "i" else np.uint64
-        return float(sum(int(data[z:z + step].sum(axis=0, dtype=wide).sum(dtype=acc))
-                         for z in range(0, data.shape[0], step)))
-    if kind in "iub":
-        return float(data.sum(dtype=np.int64 if kind == "i" else np.uint64))
+        return sum(int(data[z:z + step].sum(axis=0, dtype=wide).sum(dtype=acc)) for z in range(0, data.shape[0], step))
+    return int(data.sum(dtype=acc))
+
+
+def _wrap64(total: int, kind: str) -> int:
+    """``total`` as a 64-bit sum of that kind holds it: the sum of the parts' ``_int_sum`` is the whole's."""
+    total %= 2**64
+    return total - 2**64 if kind == "i" and total >= 2**63 else total
+
+
+def _exact_sum(data: np.ndarray) -> float:
+    """Sum of ``data``'s voxels (exact for integers below 2**53; see ``_int_sum``)."""
+    kind = data.dtype.kind
+    if kind in "iu":
+        return float(_int_sum(data))
+    if kind == "b":
+        return float(data.sum(dtype=np.uint64))
     return float(data.sum(dtype=np.float64))
 
 
@@ -781,8 +800,8 @@ def _stream_level0(arrays: Sequence[zarr.Array], source: Any, factors: Sequence[
     for sink in sinks[1:]:
         sink.depth = min(sink.depth, _Sink.INFLIGHT_BYTES // (2 * math.prod(sink.array.shards or sink.array.chunks)
                                                               * sink.array.dtype.itemsize))
-    # 8- and 16-bit integer voxels (sums exact per chunk and in total) are summed by the read-back as it compares.
-    fold_sum = verify and backend == "tensorstore" and dtype.kind in "iu" and dtype.itemsize <= 2
+    # Integer voxels are summed by the read-back as it compares (the same figure: see _Sink.sum_voxels).
+    fold_sum = verify and backend == "tensorstore" and dtype.kind in "iu"
     sinks[0].sum_voxels = fold_sum
     blocks = [tuple(a.shards or a.chunks) for a in arrays]
     boxes = shard_order(shape, factors, blocks[0], blocks)
@@ -831,7 +850,7 @@ def _stream_level0(arrays: Sequence[zarr.Array], source: Any, factors: Sequence[
         for sink in sinks:
             sink.flush()
         if fold_sum:
-            total_sum = float(sinks[0].voxel_sum)
+            total_sum = sinks[0].voxel_sum
     except BaseException:
         for sink in sinks:  # stop the writes and reads still in flight
             sink.cancel()
