@@ -14,6 +14,11 @@ every way sees the same machine state; the median of ``--repeats`` rounds is rep
   layout (``ngff.create_multiscale``: the stage's chunks, shards, codec), no pyramid, no read-back. The copy's
   time includes opening the sources and creating its arrays, as the stage's does. The ratio is copy seconds /
   stage seconds per round (issue 12: end to end >= 0.6x).
+* the measured limits beside it, per round: ``decoding what the copy wrote`` (every chunk of both copied arrays
+  decoded from its shard file on both cores with ``emdata.shards``, nothing compared: the least a read-back
+  costs; ts copy / (ts copy + that) bounds any stage that reads back what it wrote), and the stage again with
+  ``verify=False`` and with ``verify=False, n_levels=1`` forced on its ``write_image`` call (measurement only:
+  what the read-back and the pyramids cost).
 
 The replica server runs in a subprocess (``python -m emdata.offline.replica serve``) so it does not share the
 benchmark's interpreter; ``--latency`` is added before every response.
@@ -32,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 import numpy as np
@@ -42,6 +48,7 @@ from emdata import ngff
 from emdata.acquire.context import MirrorConfig, RunContext
 from emdata.acquire.params import DownloadConfig
 from emdata.offline.replica import build_replica
+from emdata.shards import ShardReader, decode_pool, decode_threads
 from emdata.sources.hemibrain import (CACHE_BYTES, DEFAULT_SEGMENTATION, EM_URL, OUTPUT_CHUNKS, OUTPUT_SHARDS, SOURCE,
                                       fetch_hemibrain_crop, open_scale, segmentation_url)
 
@@ -72,20 +79,53 @@ def run_crop(mirror: str, crop: int, seed: int, concurrency: int) -> dict[str, f
             "end_to_end_MBps": crop**3 / 1e6 / total, "seconds": total, "stream_seconds": em["seconds"]}
 
 
-def run_stage(mirror: str, crop: int, seed: int, concurrency: int) -> tuple[tuple[float, float], list[int]]:
-    """The stage's path with its segmentation: (wall, CPU) seconds and the crop's origin."""
+def run_stage(mirror: str, crop: int, seed: int, concurrency: int,
+              **write_kwargs: Any) -> tuple[tuple[float, float], list[int]]:
+    """The stage's path with its segmentation: (wall, CPU) seconds and the crop's origin.
+
+    ``write_kwargs`` (measurement only: ``verify=False``, ``n_levels=1``) are forced on the stage's
+    ``ngff.write_image`` call, to show what the read-back and the pyramids cost."""
     params = SOURCE.parse_params({"seed": seed, "crop_size": [crop] * 3, "segmentation": DEFAULT_SEGMENTATION,
                                   "min_tissue_fraction": 0.9, "concurrency": concurrency})
-    with tempfile.TemporaryDirectory(prefix="bench-hemibrain-") as tmp:
-        began, cpu = time.monotonic(), time.process_time()
-        metrics = fetch_hemibrain_crop(params, context(mirror, Path(tmp)), Path(tmp) / "crop.zarr")
-        return (time.monotonic() - began, time.process_time() - cpu), metrics["crop_origin_voxels"]
+    real = ngff.write_image
+
+    def forced(*args: Any, **kwargs: Any) -> Any:
+        return real(*args, **{**kwargs, **write_kwargs})
+
+    ngff.write_image = forced  # type: ignore[assignment]
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-hemibrain-") as tmp:
+            began, cpu = time.monotonic(), time.process_time()
+            metrics = fetch_hemibrain_crop(params, context(mirror, Path(tmp)), Path(tmp) / "crop.zarr")
+            return (time.monotonic() - began, time.process_time() - cpu), metrics["crop_origin_voxels"]
+    finally:
+        ngff.write_image = real  # type: ignore[assignment]
 
 
-def ts_copy(mirror: str, origin: list[int], crop: int, concurrency: int) -> tuple[float, float]:
+def decode_all(array_dir: Path, dtype: Any) -> None:
+    """Decode every chunk of a written array from its shard files on both cores (``emdata.shards``, as the
+    stage's read-back does), comparing nothing: the least any read-back of it costs."""
+    reader = ShardReader.for_array(array_dir, np.dtype(dtype), 0)
+    assert reader is not None, f"{array_dir}: not a layout emdata.shards reads"
+    grid = [range(-(-s // c)) for s, c in zip(reader.shape, reader.chunks_shape, strict=True)]
+    by_shard: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+    for cidx in itertools.product(*grid):
+        by_shard.setdefault(tuple(i // p for i, p in zip(cidx, reader.per_shard, strict=True)), []).append(cidx)
+    n = decode_threads()
+    groups = [g for members in by_shard.values() for g in (members[i::n] for i in range(n)) if g]
+
+    def decode(members: list[tuple[int, ...]]) -> int:
+        return sum(1 for _ in reader.chunks(members, scratch=True))
+
+    assert sum(decode_pool().map(decode, groups)) == sum(len(g) for g in groups)
+
+
+def ts_copy(mirror: str, origin: list[int], crop: int, concurrency: int,
+            decoded: list[tuple[float, float]] | None = None) -> tuple[float, float]:
     """EM and segmentation regions copied by tensorstore into level-0 arrays of the stage's layout: (wall, CPU)
-    seconds."""
+    seconds. ``decoded``: then every chunk written is decoded (``decode_all``), its (wall, CPU) appended."""
     ctx = context(mirror)
+    written = []
     with tempfile.TemporaryDirectory(prefix="bench-hemibrain-copy-") as tmp:
         began, cpu = time.monotonic(), time.process_time()
         tcontext = ctx.tensorstore_context(concurrency=concurrency, cache_bytes=CACHE_BYTES)
@@ -100,7 +140,14 @@ def ts_copy(mirror: str, origin: list[int], crop: int, concurrency: int) -> tupl
                                                           "path": str(Path(tmp) / "copy.zarr" / arrays[0].path)}}
                           ).result()
             dst.write(src.translate_to[0, 0, 0]).result()
-        return time.monotonic() - began, time.process_time() - cpu
+            written.append((Path(tmp) / "copy.zarr" / arrays[0].path, dtype))
+        seconds = time.monotonic() - began, time.process_time() - cpu
+        if decoded is not None:
+            began, cpu = time.monotonic(), time.process_time()
+            for array_dir, dtype in written:
+                decode_all(array_dir, dtype)
+            decoded.append((time.monotonic() - began, time.process_time() - cpu))
+        return seconds
 
 
 def read_concurrent(mirror: str, origin: list[int], crop: int, concurrency: int) -> float:
@@ -142,13 +189,21 @@ def main(argv: list[str] | None = None) -> int:
                                         "one at a time": []}
         stage_s: list[tuple[float, float]] = []
         copy_s: list[tuple[float, float]] = []
+        unverified_s: list[tuple[float, float]] = []
+        level0_s: list[tuple[float, float]] = []
+        decode_s: list[tuple[float, float]] = []
         origin = None
         for r in range(args.repeats):
             seconds, stage_origin = run_stage(mirror, args.crop, args.seed, args.concurrency)
             stage_s.append(seconds)
-            copy_s.append(ts_copy(mirror, stage_origin, args.crop, args.concurrency))
+            copy_s.append(ts_copy(mirror, stage_origin, args.crop, args.concurrency, decode_s))
+            unverified_s.append(run_stage(mirror, args.crop, args.seed, args.concurrency, verify=False)[0])
+            level0_s.append(run_stage(mirror, args.crop, args.seed, args.concurrency, verify=False, n_levels=1)[0])
             print(f"round {r + 1}: stage (crop + pyramids + labels) {stage_s[-1][0]:.1f} s (CPU {stage_s[-1][1]:.1f} s), "
-                  f"ts copy {copy_s[-1][0]:.1f} s (CPU {copy_s[-1][1]:.1f} s)", flush=True)
+                  f"ts copy {copy_s[-1][0]:.1f} s (CPU {copy_s[-1][1]:.1f} s), decoding what the copy wrote "
+                  f"{decode_s[-1][0]:.1f} s (CPU {decode_s[-1][1]:.1f} s); stage unverified {unverified_s[-1][0]:.1f} s "
+                  f"(CPU {unverified_s[-1][1]:.1f} s), level 0 only unverified {level0_s[-1][0]:.1f} s "
+                  f"(CPU {level0_s[-1][1]:.1f} s)", flush=True)
             crop = run_crop(mirror, args.crop, args.seed, args.concurrency)
             origin = crop["origin"]
             rows["crop stream"].append(crop["stream_MBps"])
@@ -171,10 +226,19 @@ def main(argv: list[str] | None = None) -> int:
           f"labels, read back) {statistics.median(s[0] for s in stage_s):.1f} s vs ts copy of level 0 "
           f"{statistics.median(c[0] for c in copy_s):.1f} s; CPU seconds of this process (the replica server apart) "
           f"{statistics.median(s[1] for s in stage_s):.1f} vs {statistics.median(c[1] for c in copy_s):.1f}")
-    for i, what in ((0, "speed (wall)"), (1, "CPU: copy's CPU / stage's CPU")):
-        ratios = [c[i] / s[i] for c, s in zip(copy_s, stage_s, strict=True)]
-        print(f"| hemibrain stage end to end vs ts copy, {what} | {statistics.median(ratios):.2f}x "
-              f"({min(ratios):.2f}..{max(ratios):.2f}) | target >= 0.6x |")
+    bound = [(c[0] + d[0], c[1] + d[1]) for c, d in zip(copy_s, decode_s, strict=True)]
+    for name, runs, target in (
+            ("hemibrain stage end to end vs ts copy", stage_s, "target >= 0.6x"),
+            ("bound for any verified stage: ts copy + decoding every chunk it wrote (both cores, nothing compared) "
+             "vs ts copy", bound, "(ceiling of a read-back)"),
+            ("hemibrain stage without the read-back (verify=False, measurement only) vs ts copy", unverified_s,
+             "(what the read-back costs)"),
+            ("hemibrain stage, level 0 only, no read-back (n_levels=1, verify=False; measurement only) vs ts copy",
+             level0_s, "(what the pyramids cost)")):
+        for i, what in ((0, "speed (wall)"), (1, "CPU: copy's CPU / stage's CPU")):
+            ratios = [c[i] / s[i] for c, s in zip(copy_s, runs, strict=True)]
+            print(f"| {name}, {what} | {statistics.median(ratios):.2f}x "
+                  f"({min(ratios):.2f}..{max(ratios):.2f}) | {target} |")
     return 0
 
 
