@@ -91,6 +91,19 @@ def test_read_padded_equals_numpy_pad(data_root, start, size, mode, backend):
     kwargs = {"constant_values": 7} if mode == "constant" else {}
     expected = np.pad(image, pad, mode=mode, **kwargs)[tuple(slice(a + pad, b + pad) for a, b in zip(box.start, box.stop))]
     np.testing.assert_array_equal(arr.read_padded(box, mode, 7), expected)
+    # Into a given array (filled with garbage first): the same voxels, in that array.
+    out = np.full(box.shape, 201, dtype=image.dtype)
+    assert arr.read_padded(box, mode, 7, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_read_padded_into_a_wrong_array_is_refused(data_root):
+    root, image, _ = data_root
+    arr = open_array("toy", data_root=root)
+    box = Box((-2, 0, 0), (3, 4, 4))
+    for bad in (np.empty((5, 4, 3), image.dtype), np.empty((5, 4, 4), np.float32)):
+        with pytest.raises(ValueError, match=r"out is .* the box needs \(5, 4, 4\)"):
+            arr.read_padded(box, "reflect", out=bad)
 
 
 def _file_reads() -> int:

@@ -177,3 +177,50 @@ def test_aligned_grid_without_halo_does_not_fill_the_cache(tmp_path):
     assert BlockGrid(grid.array, BlockSpec(16, border="drop")).blocks_share_chunks
     list(shared)
     assert cache.nbytes == 32**3 and shared.array._direct.chunk_reads == 4**3
+
+
+def _open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd")
+def test_shard_files_stay_open_within_a_bound_and_close_with_the_reader(tmp_path, monkeypatch):
+    import gc
+    import threading
+
+    import emdata.shards as shards
+
+    monkeypatch.setattr(shards, "_MAX_OPEN_FILES", 3)
+    data = em_like((48, 48, 48), seed=5)
+    path = make_volume(tmp_path / "f.zarr", data, n_levels=1, chunks=(8, 8, 8), shards=(16, 16, 16))  # 27 shards
+    before = _open_fds()
+    arr = open_array(path, cache=ChunkCache(0))
+    reader = arr._direct
+    assert reader is not None
+    errors: list[BaseException] = []
+
+    def read_all(seed: int, arr=arr, reader=reader) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(40):  # boxes across shards, from 4 threads at once: descriptors evicted while in use
+                start = [int(rng.integers(0, 32)) for _ in range(3)]
+                box = Box(tuple(start), tuple(a + 8 + int(rng.integers(0, 9)) for a in start))
+                np.testing.assert_array_equal(arr.read(box), data[box.slices])
+                assert len(reader._files) <= 3 + 4  # the bound, plus at most one in use per thread
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read_all, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    np.testing.assert_array_equal(arr.read(arr.bounds), data)
+    assert len(reader._files) <= 3 and all(users == 0 for _, users in reader._files.values())
+    assert _open_fds() - before <= 3
+    del arr, reader, read_all, threads
+    gc.collect()
+    assert _open_fds() <= before  # the reader's descriptors are closed with it

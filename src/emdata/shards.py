@@ -17,6 +17,8 @@ import json
 import math
 import os
 import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +30,16 @@ from emdata.errors import EmDataError
 
 _EMPTY = 2**64 - 1
 _MAX_CACHED_INDEXES = 4096
+_MAX_OPEN_FILES = 64  # shard files kept open per reader (an fd each; Linux allows 1024 per process by default)
+
+
+def _close_all(files: OrderedDict[tuple[int, ...], list[Any]], lock: threading.Lock) -> None:
+    """Close a reader's shard files once the reader is gone."""
+    with lock:
+        for fd, _ in files.values():
+            if fd is not None:
+                os.close(fd)
+        files.clear()
 
 
 class CorruptShardError(EmDataError, ValueError):
@@ -55,7 +67,11 @@ class ShardReader:
         self.chunk_reads = 0  # chunks read from their shard file (tests count them)
         self.index_reads = 0
         self._crc32c: Any = None
-        self._codec: Any = None
+        self._decompress: Any = None
+        # Open shard files, most recently used last: sidx -> [fd or None (no such file), readers using it].
+        self._files: OrderedDict[tuple[int, ...], list[Any]] = OrderedDict()
+        self._files_lock = threading.Lock()
+        weakref.finalize(self, _close_all, self._files, self._files_lock)
 
     @classmethod
     def for_array(cls, adir: Path, dtype: np.dtype, fill_value: Any) -> ShardReader | None:
@@ -63,7 +79,7 @@ class ShardReader:
         try:
             meta = json.loads((adir / "zarr.json").read_text())
             import google_crc32c  # zarr-python's own dependency for the index checksum
-            from numcodecs import Blosc
+            from numcodecs.blosc import decompress  # what numcodecs' Blosc.decode calls, without its wrapping
         except (OSError, ValueError, ImportError):
             return None
         try:
@@ -99,7 +115,7 @@ class ShardReader:
         reader = cls(adir, shape=shape, chunks=chunks, shards=shards, dtype=dtype, stored=stored,
                      fill_value=fill_value, separator=separator,
                      index_at_end=conf.get("index_location", "end") == "end")
-        reader._crc32c, reader._codec = google_crc32c, Blosc()
+        reader._crc32c, reader._decompress = google_crc32c, decompress
         return reader
 
     def shard_path(self, sidx: tuple[int, ...]) -> Path:
@@ -133,25 +149,22 @@ class ShardReader:
         return arr
 
     def chunks(self, cidxs: Sequence[tuple[int, ...]], *, scratch: bool = False) -> Iterator[np.ndarray]:
-        """The chunks ``cidxs`` decoded, in order; consecutive chunks of one shard share one open file.
+        """The chunks ``cidxs`` decoded, in order (consecutive chunks of one shard: one file lookup).
 
         ``scratch``: each is decoded into this thread's reused buffer, valid until the next one is yielded.
         """
         per = self.per_shard
-        fd: int | None = None
         open_sidx: tuple[int, ...] | None = None
+        fd: int | None = None
         try:
             for cidx in cidxs:
                 sidx = tuple(i // p for i, p in zip(cidx, per, strict=True))
                 if sidx != open_sidx:
-                    if fd is not None:
-                        os.close(fd)
-                        fd = None
+                    if open_sidx is not None:
+                        self._release(open_sidx)
+                        open_sidx = None
+                    fd = self._acquire(sidx)
                     open_sidx = sidx
-                    try:
-                        fd = os.open(self.shard_path(sidx), os.O_RDONLY)
-                    except FileNotFoundError:
-                        fd = None
                 if fd is None:
                     yield self._fill()
                     continue
@@ -172,12 +185,49 @@ class ShardReader:
                 with self._lock:
                     self.chunk_reads += 1
                 out = _decoded_scratch(self.chunk_nbytes) if scratch else np.empty(self.chunk_nbytes, np.uint8)
-                self._codec.decode(buf, out=out)
+                self._decompress(buf, out)  # blosc checks the decoded size against the chunk's
                 arr = out.view(self.stored).reshape(self.chunks_shape)
                 yield arr if self.stored == self.dtype else arr.astype(self.dtype)
         finally:
-            if fd is not None:
-                os.close(fd)
+            if open_sidx is not None:
+                self._release(open_sidx)
+
+    def _acquire(self, sidx: tuple[int, ...]) -> int | None:
+        """An open descriptor of shard ``sidx`` (None: no such file, read as fill value), kept open for the next
+        reads (``_MAX_OPEN_FILES`` per reader); ``_release`` it after use. A descriptor is closed only when no
+        read is using it, so a concurrent ``pread`` never meets a closed (or reused) descriptor."""
+        with self._files_lock:
+            entry = self._files.get(sidx)
+            if entry is not None:
+                self._files.move_to_end(sidx)
+                entry[1] += 1
+                return entry[0]  # type: ignore[no-any-return]
+        try:
+            fd: int | None = os.open(self.shard_path(sidx), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            fd = None
+        with self._files_lock:
+            entry = self._files.get(sidx)
+            if entry is not None:  # another thread opened it meanwhile: use theirs
+                if fd is not None:
+                    os.close(fd)
+                entry[1] += 1
+                return entry[0]  # type: ignore[no-any-return]
+            self._files[sidx] = [fd, 1]
+            while len(self._files) > _MAX_OPEN_FILES:
+                old = next((k for k, (_, users) in self._files.items() if users == 0), None)
+                if old is None:
+                    break
+                old_fd, _ = self._files.pop(old)
+                if old_fd is not None:
+                    os.close(old_fd)
+            return fd
+
+    def _release(self, sidx: tuple[int, ...]) -> None:
+        with self._files_lock:
+            entry = self._files.get(sidx)
+            if entry is not None:
+                entry[1] -= 1
 
     def _fill(self) -> np.ndarray:
         return np.full(self.chunks_shape, self.fill_value, dtype=self.dtype)

@@ -322,21 +322,33 @@ class EmArray:
             self._read_zarr(box, out)
 
     def read_padded(self, box: Box, mode: str = "constant", constant_value: float = 0, *,
-                    keep_chunks: bool = True) -> np.ndarray:
-        """Read any box; voxels outside the array follow ``numpy.pad(array, ..., mode)`` exactly."""
+                    keep_chunks: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+        """Read any box; voxels outside the array follow ``numpy.pad(array, ..., mode)`` exactly.
+
+        ``out``: an array of the box's shape and the array's dtype to read into (returned); else a new one.
+        """
         if mode not in PAD_MODES:
             raise InvalidParameterError(f"pad mode must be one of {PAD_MODES}, got {mode!r}")
+        if out is not None and (out.shape != box.shape or out.dtype != self.dtype):
+            raise InvalidParameterError(f"out is {out.shape} {out.dtype}, the box needs {box.shape} {self.dtype}")
         if self.bounds.contains(box):
-            return self.read(box, keep_chunks=keep_chunks)
-        if box.size == 0:
-            return np.full(box.shape, constant_value, dtype=self.dtype)
+            if out is None:
+                return self.read(box, keep_chunks=keep_chunks)
+            self.read_into(box, out, keep_chunks=keep_chunks)
+            return out
         inner = box.intersect(self.bounds)
-        if mode == "constant":
-            if inner is None:
-                return np.full(box.shape, constant_value, dtype=self.dtype)
+        if mode == "constant" or box.size == 0:
+            if inner is None or box.size == 0:
+                if out is None:
+                    return np.full(box.shape, constant_value, dtype=self.dtype)
+                out.fill(constant_value)
+                return out
             # One memset of the whole block, then the inside read over it: cheaper than filling only the
             # margins, whose rows along x are short (measured 0.2 vs 0.6 ms for a 160^3 uint8 corner block).
-            out = np.full(box.shape, constant_value, dtype=self.dtype)
+            if out is None:
+                out = np.full(box.shape, constant_value, dtype=self.dtype)
+            else:
+                out.fill(constant_value)
             self.read_into(inner, out[inner.relative_to(box)], keep_chunks=keep_chunks)
             return out
         # The source voxels the padding needs: on each padded side, from the array border at least as far
@@ -355,9 +367,10 @@ class EmArray:
             widths.append((lo, hi))
         source = Box(tuple(starts), tuple(stops))  # type: ignore[arg-type]
         single = all(max(w) <= n - 1 or mode == "edge" for w, n in zip(widths, self.shape, strict=True))
+        if out is None:
+            out = np.empty(box.shape, self.dtype)
         if source == inner and single:
             # The usual case (a halo crossing the border): read in place, mirror the margins like numpy.pad.
-            out = np.empty(box.shape, self.dtype)
             self.read_into(inner, out[inner.relative_to(box)])
             for axis, (lo, hi) in enumerate(widths):
                 _fill_margins(out, axis, lo, hi, mode)
@@ -365,7 +378,8 @@ class EmArray:
         padded = np.pad(self.read(source), widths, mode=mode)  # type: ignore[call-overload]
         crop = tuple(slice(a - (s - w[0]), b - (s - w[0]))
                      for a, b, s, w in zip(box.start, box.stop, source.start, widths, strict=True))
-        return padded[crop]
+        out[...] = padded[crop]
+        return out
 
     def _read_direct(self, box: Box, out: np.ndarray, keep: bool = True) -> None:
         # The chunks the box touches: cached ones as they are, the others decoded (in parallel on the
