@@ -396,6 +396,20 @@ def iterate(path: Path, block: int, halo: int, border: str, prefetch: int | None
     return run
 
 
+def iterate_warm(path: Path, block: int, halo: int, border: str, prefetch: int | None) -> Callable[[], int]:
+    """The iterator with every chunk already decoded in its cache: what assembling the blocks costs alone."""
+    arr = open_array(path, cache=ChunkCache())  # 512 MiB: the whole bench volume's decoded chunks fit
+    spec = BlockSpec(block, halo_voxels=halo, border=border)  # type: ignore[arg-type]
+
+    def run() -> int:
+        grid = BlockGrid(arr, spec) if prefetch is None else BlockGrid(arr, spec, prefetch=prefetch)
+        grid._keep = True  # aligned halo-0 blocks would otherwise decode again rather than use the cache
+        return sum(b.core().nbytes for b in grid)
+    run()
+    assert arr.cache.nbytes >= int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize, "every chunk must be cached"
+    return run
+
+
 def sampler_cases(path: Path, n: int, block: int, batch: int) -> tuple[Callable[[], int], Callable[[], int]]:
     """The bare RandomBlockSampler vs the same samples through the torch adapter (DataLoader, 0 workers)."""
     from emdata.access import RandomBlockSampler
@@ -435,6 +449,11 @@ def reads_suite(args: argparse.Namespace) -> None:
             iterate(path, block, args.halo, "constant", args.prefetch), total)
         cases[f"iterator {block}^3 halo {args.halo} reflect"] = (
             iterate(path, block, args.halo, "reflect", args.prefetch), total)
+        if args.halo_floor:
+            cases[f"iterator {block}^3 warm"] = (iterate_warm(path, block, 0, "constant", args.prefetch), total)
+            for border in ("constant", "reflect"):
+                cases[f"iterator {block}^3 halo {args.halo} {border} warm"] = (
+                    iterate_warm(path, block, args.halo, border, args.prefetch), total)
         if args.tensorstore_path:
             cases[f"iterator {block}^3, tensorstore path"] = (
                 iterate(path, block, 0, "constant", args.prefetch, True), total)
@@ -504,6 +523,23 @@ def reads_suite(args: argparse.Namespace) -> None:
         rows.append({"row": row, "median": med, "min": min(ratios), "max": max(ratios), "per_repeat": ratios,
                      "cpu_median": cmed, "cpu_per_repeat": cpu_ratios, "target": target,
                      "higher_is_better": higher, "met": met, "numerator": num, "denominator": den})
+    if args.halo_floor:
+        # What the halo would cost if decoding cost it nothing: halo 0's time plus the extra time that assembling
+        # the halo blocks takes with every chunk already decoded (both grids' chunks in the cache), per repeat.
+        print(f"\nhalo floor, per repeat: 1 + (halo {args.halo} warm - halo 0 warm) / halo 0 cold (time; [cpu])")
+        for block in args.block:
+            for border in ("constant", "reflect"):
+                h0, w0 = f"iterator {block}^3", f"iterator {block}^3 warm"
+                w16 = f"iterator {block}^3 halo {args.halo} {border} warm"
+                floors = [1 + (a - b) / c for a, b, c in zip(seconds[w16], seconds[w0], seconds[h0], strict=True)]
+                cfloors = [1 + (a - b) / c for a, b, c in zip(cpu[w16], cpu[w0], cpu[h0], strict=True)]
+                row = (f"halo {args.halo} vs halo 0, {block}^3 blocks, {border} border: the floor set by assembling "
+                       f"the halo blocks from decoded chunks alone")
+                med, cmed = statistics.median(floors), statistics.median(cfloors)
+                print(f"{med:5.2f}x ({min(floors):.2f}..{max(floors):.2f}) [cpu {cmed:.2f}x]  {row}")
+                rows.append({"row": row, "median": med, "min": min(floors), "max": max(floors),
+                             "per_repeat": floors, "cpu_median": cmed, "cpu_per_repeat": cfloors, "target": None,
+                             "higher_is_better": False, "met": None, "numerator": w16, "denominator": h0})
     if args.json:
         args.json.write_text(json.dumps({
             "suite": "reads", "size": args.size, "repeats": args.repeats, "cpus": os.cpu_count(),
@@ -526,6 +562,8 @@ def main() -> None:
     parser.add_argument("--samples-reads", type=int, default=400, help="reads: random samples per sampler run")
     parser.add_argument("--sample-block", type=int, default=64, help="reads: edge of the random samples")
     parser.add_argument("--batch", type=int, default=8, help="reads: DataLoader batch size")
+    parser.add_argument("--no-halo-floor", dest="halo_floor", action="store_false",
+                        help="reads: leave out the warm-cache cases (halo assembly alone) and the floor they give")
     parser.add_argument("--tensorstore-path", action="store_true",
                         help="reads: also time the iterator reading every chunk through tensorstore (the old path)")
     parser.add_argument("--repeats", type=int, default=7)
