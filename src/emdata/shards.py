@@ -219,6 +219,7 @@ class ShardReader:
                 if old is None:
                     break
                 old_fd, _ = self._files.pop(old)
+                self._indexes.pop(old, None)  # an index is used only with the file it was read from
                 if old_fd is not None:
                     os.close(old_fd)
             return fd
