@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
              "(what the read-back costs)"),
             ("hemibrain stage, level 0 only, no read-back (n_levels=1, verify=False; measurement only) vs ts copy",
              level0_s, "(what the pyramids cost)")):
-        for i, what in ((0, "speed (wall)"), (1, "CPU: copy's CPU / stage's CPU")):
+        for i, what in ((0, "speed (wall)"), (1, "CPU: copy's CPU / stage's CPU" if runs is stage_s else
+                                                  "CPU: copy's CPU / this case's CPU")):
             ratios = [c[i] / s[i] for c, s in zip(copy_s, runs, strict=True)]
             print(f"| {name}, {what} | {statistics.median(ratios):.2f}x "
                   f"({min(ratios):.2f}..{max(ratios):.2f}) | {target} |")
