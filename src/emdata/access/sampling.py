@@ -207,13 +207,8 @@ class RandomBlockSampler:
     def __getitem__(self, index: int) -> Sample:
         return self.sample(index)
 
-    def sample(self, index: int, out: Mapping[str, np.ndarray] | None = None) -> Sample:
-        """Sample number ``index`` (global, over all ranks): the same for the same seed, every time.
-
-        ``out``: per key (any subset), an array of ``read_shapes()[key]`` and the array's dtype that the
-        block's data is read into (the block's ``data`` is then that array).
-        """
-        outs = {} if out is None else out
+    def sample(self, index: int) -> Sample:
+        """Sample number ``index`` (global, over all ranks): the same for the same seed, every time."""
         rng = np.random.default_rng([self.seed, int(index)])
         for _ in range(self.max_tries):
             origin = self._draw_origin(rng)
@@ -221,13 +216,15 @@ class RandomBlockSampler:
             if self.min_foreground_fraction > 0:
                 key = self.foreground_key
                 assert key is not None
-                labels = self._read(key, boxes[key], index, outs.get(key))
+                labels = self._read(key, boxes[key], index)
                 assert labels.data is not None
                 fraction = float(self._is_foreground(labels.data[labels.block_in_read]).mean())
                 if fraction < self.min_foreground_fraction:
                     continue
-                return {k: labels if k == key else self._read(k, b, index, outs.get(k)) for k, b in boxes.items()}
-            return {k: self._read(k, b, index, outs.get(k)) for k, b in boxes.items()}
+                out = {k: labels if k == key else self._read(k, b, index) for k, b in boxes.items()}
+            else:
+                out = {k: self._read(k, b, index) for k, b in boxes.items()}
+            return out
         raise SamplingError(
             f"no sample with foreground fraction >= {self.min_foreground_fraction} in {self.foreground_key!r} "
             f"after {self.max_tries} tries (sample {index}); lower the threshold or weight origins with mask=")
@@ -267,16 +264,11 @@ class RandomBlockSampler:
             out[key] = Box.from_shape(shape, tuple(int(s) for s in start))
         return out
 
-    def read_shapes(self) -> dict[str, tuple[tuple[int, int, int], np.dtype]]:
-        """Each key's (shape, dtype) of a sample's data: the block grown by its halo, the same for every sample."""
-        return {k: (tuple(b + 2 * h for b, h in zip(self.block_shapes[k], self.halos[k], strict=True)),  # type: ignore[misc]
-                    np.dtype(self.arrays[k].dtype)) for k in self.arrays}
-
-    def _read(self, key: str, box: Box, index: int, out: np.ndarray | None = None) -> Block:
+    def _read(self, key: str, box: Box, index: int) -> Block:
         array = self.arrays[key]
         read_box = box.grow(self.halos[key])
         mode, constant = self.pads[key]
-        data = array.read_padded(read_box, "constant" if mode == "drop" else mode, constant, out=out)
+        data = array.read_padded(read_box, "constant" if mode == "drop" else mode, constant)
         return Block(index=(index,), read_box=read_box, block_box=box, core_box=box, level=array.level,
                      voxel_size_nm=array.voxel_size_nm, translation_nm=array.translation_nm, data=data)
 

@@ -28,23 +28,10 @@ from emdata.errors import InvalidParameterError
 _TORCH_SAFE = {np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64, np.dtype(np.uint64): np.int64}
 
 
-def block_to_item(block: Block, rows: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """A block as a dict of a (1, z, y, x) tensor and its placement (plain tensors, collate-friendly).
-
-    ``rows``: the item's tensors, made beforehand as rows of one batch's tensors (``_BatchTensors``): ``data``
-    already holds the block's voxels (they were read into it); the placement is written into the others.
-    """
+def block_to_item(block: Block) -> dict[str, Any]:
+    """A block as a dict of a (1, z, y, x) tensor and its placement (plain tensors, collate-friendly)."""
     data = block.data
     assert data is not None
-    if rows is not None:
-        if data.__array_interface__["data"][0] != rows["data"].data_ptr():
-            raise AssertionError(f"block {block.index} was not read into the tensor given for it")
-        values = {"read_start": block.read_box.start, "block_start": block.block_box.start,
-                  "core_start": block.core_box.start, "core_stop": block.core_box.stop, "index": block.index,
-                  "voxel_size_nm": block.voxel_size_nm, "read_origin_nm": block.read_origin_nm}
-        for name, value in values.items():
-            rows[name].numpy()[...] = value
-        return dict(rows)
     if data.dtype in _TORCH_SAFE:
         data = data.astype(_TORCH_SAFE[data.dtype])
     # One int64 and one float array, cut into views: the same values and dtypes as torch.tensor of each tuple
@@ -70,28 +57,6 @@ def block_to_item(block: Block, rows: Mapping[str, torch.Tensor] | None = None) 
     }
 
 
-class _BatchTensors:
-    """The tensors of one batch of ``n`` samples, each item's tensors a row of them: the reading threads fill
-    the rows (voxels read straight into ``data``), and ``collate`` finds the rows consecutive in memory and
-    hands out the batch without stacking (``_consecutive``). Only for dtypes torch holds as they are."""
-
-    def __init__(self, n: int, shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> None:
-        floats = torch.get_default_dtype()
-        self.tensors = {key: {
-            "data": torch.empty((n, 1, *shape), dtype=_TORCH_DTYPES[dtype]),
-            **{name: torch.empty((n, 3), dtype=torch.int64)
-               for name in ("read_start", "block_start", "core_start", "core_stop")},
-            "index": torch.empty((n, 1), dtype=torch.int64),
-            "voxel_size_nm": torch.empty((n, 3), dtype=floats),
-            "read_origin_nm": torch.empty((n, 3), dtype=floats),
-        } for key, (shape, dtype) in shapes.items()}
-        self.sample_index = torch.empty((n,), dtype=torch.int64)
-
-    def rows(self, slot: int) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
-        return ({key: {name: t[slot] for name, t in fields.items()} for key, fields in self.tensors.items()},
-                self.sample_index[slot])
-
-
 def _int_scalar(value: int) -> torch.Tensor:
     """``torch.tensor(value)`` (a 0-d int64 tensor) through numpy: torch.tensor waits for the GIL again."""
     return torch.from_numpy(np.array(value, np.int64))
@@ -113,10 +78,6 @@ def collate(batch: list[Any]) -> Any:
     elem = batch[0]
     if type(elem) is dict and all(type(b) is dict and b.keys() == elem.keys() for b in batch):
         return {key: collate([b[key] for b in batch]) for key in elem}
-    if isinstance(elem, torch.Tensor):
-        batched = _consecutive(batch)
-        if batched is not None:
-            return batched
     if (isinstance(elem, torch.Tensor) and elem.numel() >= _NUMPY_STACK_MIN and elem.device.type == "cpu"
             and not elem.requires_grad and elem.dtype in _NUMPY_DTYPES
             and all(isinstance(b, torch.Tensor) and b.shape == elem.shape and b.dtype == elem.dtype
@@ -125,32 +86,9 @@ def collate(batch: list[Any]) -> Any:
     return default_collate(batch)
 
 
-def _consecutive(batch: list[Any]) -> torch.Tensor | None:
-    """The batch as one tensor without a copy when its tensors lie one after another in one storage, each
-    contiguous (``_BatchTensors`` rows), else None. The result is exactly the items' memory, in order."""
-    first = batch[0]
-    if type(first) is not torch.Tensor or first.device.type != "cpu" or first.requires_grad:
-        return None
-    ptr, step, shape, dtype = first.data_ptr(), first.numel() * first.element_size(), first.shape, first.dtype
-    for k, b in enumerate(batch):
-        if (type(b) is not torch.Tensor or b.data_ptr() != ptr + k * step or b.shape != shape or b.dtype != dtype
-                or not b.is_contiguous() or b.requires_grad):
-            return None
-    # The last item ends inside the first item's storage: the view spans nothing else, and that storage (kept
-    # alive by the view) holds every item's bytes, whatever storage each item belongs to.
-    storage = first.untyped_storage()
-    if batch[-1].untyped_storage().data_ptr() != storage.data_ptr() or (
-            ptr + len(batch) * step > storage.data_ptr() + storage.nbytes()):
-        return None
-    return torch.as_strided(first, (len(batch), *shape), (first.numel(), *first.stride()), first.storage_offset())
-
-
 _NUMPY_FLOAT = {torch.float32: np.float32, torch.float64: np.float64}
 _NUMPY_DTYPES = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32,
                  torch.float64, torch.bool}
-_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.int8): torch.int8, np.dtype(np.int16): torch.int16,
-                 np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64, np.dtype(np.float16): torch.float16,
-                 np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
 
 def _rank_world(rank: int | None, world_size: int | None, default: tuple[int, int] = (0, 1)) -> tuple[int, int]:
@@ -237,9 +175,6 @@ class SamplerDataset(IterableDataset):  # type: ignore[type-arg]
         self.start = sampler.position
         self.num_samples = sampler.num_samples
         self.prefetch = sampler.prefetch
-        # Samples per batch when this dataset is loaded in the main process (``data_loader`` sets it): each
-        # batch's samples are read into one tensor that ``collate`` hands out without a copy. None: no such.
-        self.batch_size: int | None = None
         self.epoch = 0
         self._sampler = _Reopening(sampler)
         self._next: int | None = None  # the next position this worker yields (None: not started)
@@ -277,45 +212,15 @@ class SamplerDataset(IterableDataset):  # type: ignore[type-arg]
             first = self._resume["next"]
             self._resume = None
         sampler = self.sampler
-        batch = self.batch_size if info is None else None
-        # In the main process with a known batch size, the samples of each batch are read straight into one
-        # batch's tensors (``_BatchTensors``), which ``collate`` hands out without stacking. Only when every
-        # key's dtype is one torch holds as it is (``block_to_item`` converts the others).
-        shapes = sampler.read_shapes() if batch else {}
-        if not all(dtype in _TORCH_DTYPES for _, dtype in shapes.values()) or (
-                torch.get_default_dtype() not in _NUMPY_FLOAT):
-            batch = None
 
-        def slots() -> Iterator[tuple[int, Any]]:
-            tensors: _BatchTensors | None = None
-            for n, k in enumerate(self._positions(first, n_workers)):
-                if batch:
-                    if n % batch == 0:
-                        tensors = _BatchTensors(batch, shapes)
-                    assert tensors is not None
-                    yield k, (tensors, n % batch)
-                else:
-                    yield k, None
+        def draw(k: int) -> tuple[int, dict[str, Block]]:
+            return k, sampler.sample(self.global_index(k))
 
-        def draw(slot: tuple[int, Any]) -> tuple[int, dict[str, Any]]:
-            # In the reading threads: the sample read and made into tensors (less work for the training loop's).
-            k, rows = slot
-            index = self.global_index(k)
-            if rows is None:
-                sample = sampler.sample(index)
-                item: dict[str, Any] = {key: block_to_item(block) for key, block in sample.items()}
-                item["sample_index"] = _int_scalar(index)
-                return k, item
-            fields, sample_index = rows[0].rows(rows[1])
-            sample = sampler.sample(index, out={key: f["data"].numpy()[0] for key, f in fields.items()})
-            item = {key: block_to_item(block, fields[key]) for key, block in sample.items()}
-            sample_index.numpy()[...] = index
-            item["sample_index"] = sample_index
-            return k, item
-
-        for k, item in prefetched(slots(), draw, self.prefetch):
+        for k, sample in prefetched(self._positions(first, n_workers), draw, self.prefetch):
             # Counted before handing out: a state saved while holding this sample resumes after it.
             self._next = k + n_workers
+            item: dict[str, Any] = {key: block_to_item(block) for key, block in sample.items()}
+            item["sample_index"] = _int_scalar(self.global_index(k))
             yield item
 
     def state_dict(self) -> dict[str, int]:
@@ -379,8 +284,6 @@ def data_loader(dataset: Dataset[Any], *, batch_size: int | None = 1, num_worker
         multiprocessing_context = safe_start_method()
     if kwargs.get("collate_fn") is None and batch_size is not None:
         kwargs["collate_fn"] = collate
-        if isinstance(dataset, SamplerDataset) and num_workers == 0:
-            dataset.batch_size = batch_size  # read each batch's samples into one tensor: collate needs no copy
     with warnings.catch_warnings():
         # torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates; nothing for the user to act on.
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
