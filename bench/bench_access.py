@@ -410,21 +410,37 @@ def iterate_warm(path: Path, block: int, halo: int, border: str, prefetch: int |
     return run
 
 
-def sampler_cases(path: Path, n: int, block: int, batch: int) -> tuple[Callable[[], int], Callable[[], int]]:
-    """The bare RandomBlockSampler vs the same samples through the torch adapter (DataLoader, 0 workers)."""
+def sampler_cases(path: Path, n: int, block: int, batch: int) -> dict[str, Callable[[], int]]:
+    """The bare RandomBlockSampler vs the same samples through the torch adapter (DataLoader, 0 workers), and the
+    adapter's parts: its dataset's items without a loader, and torch's own DataLoader (not torchdata's)."""
     from emdata.access import RandomBlockSampler
 
+    def sampler() -> RandomBlockSampler:
+        return RandomBlockSampler({"raw": open_array(path, cache=ChunkCache())}, block, seed=0, num_samples=n)
+
     def bare() -> int:
-        sampler = RandomBlockSampler({"raw": open_array(path, cache=ChunkCache())}, block, seed=0, num_samples=n)
-        return sum(s["raw"].data.nbytes for s in sampler)
+        return sum(s["raw"].data.nbytes for s in sampler())
 
     def loader() -> int:
         from emdata.access.torch import data_loader, sampler_dataset
 
-        sampler = RandomBlockSampler({"raw": open_array(path, cache=ChunkCache())}, block, seed=0, num_samples=n)
         return sum(b["raw"]["data"].numel() * b["raw"]["data"].element_size()
-                   for b in data_loader(sampler_dataset(sampler), batch_size=batch, num_workers=0))
-    return bare, loader
+                   for b in data_loader(sampler_dataset(sampler()), batch_size=batch, num_workers=0))
+
+    def items() -> int:
+        from emdata.access.torch import sampler_dataset
+
+        return sum(x["raw"]["data"].numel() * x["raw"]["data"].element_size() for x in sampler_dataset(sampler()))
+
+    def torch_loader() -> int:
+        from torch.utils.data import DataLoader
+
+        from emdata.access.torch import collate, sampler_dataset
+
+        return sum(b["raw"]["data"].numel() * b["raw"]["data"].element_size()
+                   for b in DataLoader(sampler_dataset(sampler()), batch_size=batch, collate_fn=collate))
+    return {"bare sampler": bare, "torch DataLoader, 0 workers": loader, "torch dataset items, no loader": items,
+            "torch.utils.data.DataLoader, 0 workers": torch_loader}
 
 
 def reads_suite(args: argparse.Namespace) -> None:
@@ -438,7 +454,6 @@ def reads_suite(args: argparse.Namespace) -> None:
             f.read_bytes()
     n_samples = args.samples_reads
     sample_bytes = n_samples * args.sample_block**3
-    bare, loader = sampler_cases(path, n_samples, args.sample_block, args.batch)
     # name -> (function, the bytes it must deliver)
     cases: dict[str, tuple[Callable[[], int], int]] = {
         "decode limit (blosc-zstd, 2 threads)": (decode_limit(level0, 64**3), total)}
@@ -459,8 +474,8 @@ def reads_suite(args: argparse.Namespace) -> None:
                 iterate(path, block, 0, "constant", args.prefetch, True), total)
             cases[f"iterator {block}^3 halo {args.halo} constant, tensorstore path"] = (
                 iterate(path, block, args.halo, "constant", args.prefetch, True), total)
-    cases["bare sampler"] = (bare, sample_bytes)
-    cases["torch DataLoader, 0 workers"] = (loader, sample_bytes)
+    for name, fn in sampler_cases(path, n_samples, args.sample_block, args.batch).items():
+        cases[name] = (fn, sample_bytes)
     for fn, _ in cases.values():  # untimed warm-up: thread pools, imports
         fn()
     load_before = os.getloadavg()[0]
@@ -500,6 +515,11 @@ def reads_suite(args: argparse.Namespace) -> None:
     specs.append((f"torch adapter, DataLoader with 0 workers (batch {args.batch}), vs the bare sampler "
                   f"({n_samples} random {args.sample_block}^3 samples)", "bare sampler",
                   "torch DataLoader, 0 workers", 0.9, True))
+    # Where the adapter's time goes, beside that row: its dataset's items alone, and torch's own DataLoader.
+    limits = [("the torch adapter's dataset items without a DataLoader vs the bare sampler (what making tensors of "
+               "each sample costs)", "bare sampler", "torch dataset items, no loader"),
+              ("torch.utils.data.DataLoader (not torchdata's StatefulDataLoader), 0 workers, the same dataset and "
+               "collate, vs the bare sampler", "bare sampler", "torch.utils.data.DataLoader, 0 workers")]
 
     print(f"volume {args.size}^3 uint8 ({total / 1e6:.0f} MB), chunks 64^3, shards 256^3, blosc zstd; "
           f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}; "
@@ -523,6 +543,14 @@ def reads_suite(args: argparse.Namespace) -> None:
         rows.append({"row": row, "median": med, "min": min(ratios), "max": max(ratios), "per_repeat": ratios,
                      "cpu_median": cmed, "cpu_per_repeat": cpu_ratios, "target": target,
                      "higher_is_better": higher, "met": met, "numerator": num, "denominator": den})
+    for row, num, den in limits:
+        ratios = [a / b for a, b in zip(seconds[num], seconds[den], strict=True)]
+        cpu_ratios = [a / b for a, b in zip(cpu[num], cpu[den], strict=True)]
+        med, cmed = statistics.median(ratios), statistics.median(cpu_ratios)
+        print(f"{med:5.2f}x ({min(ratios):.2f}..{max(ratios):.2f}) [cpu {cmed:.2f}x]  (measured split)  {row}")
+        rows.append({"row": row, "median": med, "min": min(ratios), "max": max(ratios), "per_repeat": ratios,
+                     "cpu_median": cmed, "cpu_per_repeat": cpu_ratios, "target": None, "higher_is_better": True,
+                     "met": None, "numerator": num, "denominator": den})
     if args.halo_floor:
         # What the halo would cost if decoding cost it nothing: halo 0's time plus the extra time that assembling
         # the halo blocks takes with every chunk already decoded (both grids' chunks in the cache), per repeat.
