@@ -84,6 +84,35 @@ def test_corrupt_shard_index_is_refused(tmp_path):
         ShardReader.for_array(path / "0", np.dtype("uint8"), 0).chunk((0, 0, 0))
 
 
+def _replace_chunk(shard, n_chunks, k, frame):
+    """Rewrite a shard file (index at the end) so that chunk ``k`` is ``frame``, with a valid index checksum."""
+    import google_crc32c
+
+    raw = shard.read_bytes()
+    body, index = raw[:-(n_chunks * 16 + 4)], np.frombuffer(raw[-(n_chunks * 16 + 4):-4], "<u8").reshape(-1, 2).copy()
+    index[k] = (len(body), len(frame))
+    packed = index.tobytes()
+    shard.write_bytes(body + frame + packed + google_crc32c.value(packed).to_bytes(4, "little"))
+
+
+@pytest.mark.parametrize("bad", ["smaller chunk", "truncated frame", "not blosc"])
+def test_a_chunk_whose_blosc_frame_does_not_fit_is_refused(tmp_path, bad):
+    """A frame of fewer voxels would decode into part of the buffer (the rest: another chunk's voxels)."""
+    from numcodecs import Blosc
+
+    data = em_like((16, 16, 16), seed=2)
+    path = make_volume(tmp_path / "b.zarr", data, n_levels=1, chunks=(8, 8, 8), shards=(16, 16, 16))
+    (shard,) = [p for p in (path / "0" / "c").rglob("*") if p.is_file()]
+    good = Blosc(cname="zstd", clevel=3).encode(np.ascontiguousarray(data[:8, :8, :8]))
+    frame = {"smaller chunk": Blosc(cname="zstd", clevel=3).encode(np.zeros(8 * 8 * 4, np.uint8)),
+             "truncated frame": good[:-3], "not blosc": b"\x00" * 8}[bad]
+    _replace_chunk(shard, 8, 1, frame)  # chunk (0, 0, 1)
+    arr = open_array(path, cache=ChunkCache(0))
+    np.testing.assert_array_equal(arr.read(Box((0, 0, 0), (8, 8, 8))), data[:8, :8, :8])  # chunk 0 is fine
+    with pytest.raises(CorruptShardError, match=r"chunk \(0, 0, 1\) at \d+\+\d+: its blosc header says"):
+        arr.read(Box((0, 0, 0), (8, 8, 16)))  # chunk 0 decodes into the scratch buffer first, then chunk 1
+
+
 @pytest.mark.parametrize("border", ["constant", "reflect"])
 @pytest.mark.parametrize("block,halo", [(16, 0), (16, 5), (12, 8)])
 def test_iterator_blocks_equal_numpy_slicing(tmp_path, border, block, halo):

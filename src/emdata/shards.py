@@ -6,8 +6,9 @@ c-blosc). Measured on the benchmark volume this costs about half the CPU of the 
 (bench/bench_access.py; DATA_ACCESS_DESIGN.md, "Reading chunks"). Anything else (other codecs, another index
 layout, a key encoding we don't know) returns ``None`` from ``ShardReader.for_array`` and is read by tensorstore.
 
-The shard index is verified against its crc32c, as zarr-python and tensorstore do; each chunk's decoded size is
-checked by blosc against the chunk's size. Data is treated as immutable once opened (as tensorstore's
+The shard index is verified against its crc32c, as zarr-python and tensorstore do; each chunk's blosc header must
+say the chunk's full decoded size and exactly the stored length before anything is decoded (numcodecs would
+decode a smaller frame into part of the buffer, and c-blosc 1 trusts the header's length). Data is treated as immutable once opened (as tensorstore's
 ``recheck_cached_data="open"``): shard indexes are cached.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import threading
 import weakref
 from collections import OrderedDict
@@ -184,8 +186,13 @@ class ShardReader:
                                             f"outside the file")
                 with self._lock:
                     self.chunk_reads += 1
+                decoded, stored = _blosc_sizes(buf)
+                if decoded != self.chunk_nbytes or stored != nbytes:
+                    raise CorruptShardError(
+                        f"{self.shard_path(sidx)}: chunk {cidx} at {offset}+{nbytes}: its blosc header says "
+                        f"{decoded} bytes from {stored}, expected {self.chunk_nbytes} from {nbytes}")
                 out = _decoded_scratch(self.chunk_nbytes) if scratch else np.empty(self.chunk_nbytes, np.uint8)
-                self._decompress(buf, out)  # blosc checks the decoded size against the chunk's
+                self._decompress(buf, out)
                 arr = out.view(self.stored).reshape(self.chunks_shape)
                 yield arr if self.stored == self.dtype else arr.astype(self.dtype)
         finally:
@@ -235,6 +242,14 @@ class ShardReader:
 
 
 _local = threading.local()
+_BLOSC_HEADER = struct.Struct("<I4xI")  # after version, versionlz, flags, typesize: nbytes, (blocksize), cbytes
+
+
+def _blosc_sizes(buf: memoryview) -> tuple[int, int]:
+    """(decoded bytes, compressed bytes incl. the header) from a blosc 1 frame's 16-byte header; (-1, -1) if short."""
+    if len(buf) < 16:
+        return -1, -1
+    return _BLOSC_HEADER.unpack_from(buf, 4)  # type: ignore[return-value]
 
 
 def _scratch(nbytes: int) -> memoryview:

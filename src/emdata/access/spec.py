@@ -22,6 +22,10 @@ Triple = tuple[int, int, int]
 
 def as_triple(value: int | Sequence[int], name: str, *, minimum: int = 0) -> Triple:
     """Broadcast an int to (z, y, x) or check a 3-sequence; every value must be an integer >= ``minimum``."""
+    if type(value) is tuple and len(value) == 3:  # the common case, e.g. every Box the library makes: plain ints
+        a, b, c = value
+        if type(a) is int and type(b) is int and type(c) is int and a >= minimum and b >= minimum and c >= minimum:
+            return value  # type: ignore[return-value]
     if isinstance(value, (int,)) and not isinstance(value, bool):
         values: Sequence[Any] = (value, value, value)
     else:
