@@ -15,6 +15,7 @@ import numpy as np
 from emdata.access.open import EmArray
 from emdata.access.spec import AXES, PAD_MODES, BlockSpec, Box, RoiNm, box_to_nm
 from emdata.errors import InvalidParameterError
+from emdata.shards import decode_threads
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -139,19 +140,23 @@ class BlockGrid:
     Every voxel of ``covered_box`` (the ROI; in drop mode the ROI minus the border without full halo)
     belongs to exactly one block's core. Iteration reads the blocks in a background thread pool, up to
     ``prefetch`` blocks ahead; the array's chunk cache makes overlapping reads decode each chunk once.
+    ``prefetch=None`` (default): as many as the process's cores (2 to 4) when no two blocks share a chunk
+    and the array is read from local shards (a block's chunks are all decoded on the decoding threads, so
+    more blocks in flight only contend for the interpreter: measured 2 vs 4 blocks ahead, 128^3 blocks on 2
+    cores, 1.02x vs 0.96x of a hand-written tensorstore loop), else 4 (halo and overlap blocks are
+    assembled in the reading threads, and remote reads wait on the network: more in flight helps).
     """
 
-    def __init__(self, array: EmArray, spec: BlockSpec, *, prefetch: int = 4) -> None:
+    def __init__(self, array: EmArray, spec: BlockSpec, *, prefetch: int | None = None) -> None:
         if spec.level is not None and spec.level != array.level:
             if spec.level >= array.n_levels:
                 raise InvalidParameterError(
                     f"scale level {spec.level} does not exist: levels 0..{array.n_levels - 1} are available")
             array = array.at_level(spec.level)
-        if prefetch < 0:
-            raise InvalidParameterError(f"prefetch must be >= 0, got {prefetch!r}")
+        if prefetch is not None and (isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0):
+            raise InvalidParameterError(f"prefetch must be an int >= 0 or None, got {prefetch!r}")
         self.array = array
         self.spec = spec
-        self.prefetch = prefetch
         self.roi = resolve_roi(array, spec)
         self._axes = [
             axis_blocks(roi=(a, b), size=n, block=bs, overlap=o, halo=h, border=spec.border, axis=ax)
@@ -161,6 +166,9 @@ class BlockGrid:
         self.covered_box = Box(tuple(ax[0].core[0] for ax in self._axes),  # type: ignore[arg-type]
                                tuple(ax[-1].core[1] for ax in self._axes))  # type: ignore[arg-type]
         self._keep = self.blocks_share_chunks
+        if prefetch is None:
+            prefetch = min(4, max(2, decode_threads())) if not self._keep and array._direct is not None else 4
+        self.prefetch: int = prefetch
 
     @property
     def is_chunk_aligned(self) -> bool:
