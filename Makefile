@@ -39,7 +39,7 @@ publish: $(STAMP)
 live-check: $(STAMP)
 	$(PY) -m emdata.offline.livecheck $(LIVE_CHECK_ARGS)
 
-## Benchmarks (see bench/README.md): all of them, a summary of ratios, bench/RESULTS.md (~10-15 min on 2 cores).
+## Benchmarks (see bench/README.md): all of them, a summary of ratios, bench/RESULTS.md (~17-19 min on 2 cores).
 ## A smoke run of a few minutes (results to bench/out/RESULTS.quick.md): make bench BENCH_ARGS=--quick
 bench: $(STAMP)
 	$(PY) bench/bench_all.py $(BENCH_ARGS)
