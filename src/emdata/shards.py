@@ -8,8 +8,9 @@ layout, a key encoding we don't know) returns ``None`` from ``ShardReader.for_ar
 
 The shard index is verified against its crc32c, as zarr-python and tensorstore do; each chunk's blosc header must
 say the chunk's full decoded size and exactly the stored length before anything is decoded (numcodecs would
-decode a smaller frame into part of the buffer, and c-blosc 1 trusts the header's length). Data is treated as immutable once opened (as tensorstore's
-``recheck_cached_data="open"``): shard indexes are cached.
+decode a smaller frame into part of the buffer, and c-blosc 1 trusts the header's length). Data is treated as
+immutable once opened (as tensorstore's ``recheck_cached_data="open"``): shard indexes are cached and shard files
+kept open.
 """
 
 from __future__ import annotations
