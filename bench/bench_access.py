@@ -440,6 +440,36 @@ def sampler_cases(path: Path, n: int, block: int, batch: int) -> dict[str, Calla
             "torch.utils.data.DataLoader, 0 workers": torch_loader}
 
 
+def run_interleaved(cases: dict[str, tuple[Callable[[], int], int]], repeats: int,
+                    seconds: dict[str, list[float]], cpu: dict[str, list[float]]) -> None:
+    """Every case once per repeat, interleaved (machine noise hits every case alike); wall and CPU seconds of
+    each run appended to ``seconds``/``cpu``; each run must deliver the bytes its case names."""
+    for name in cases:
+        seconds.setdefault(name, [])
+        cpu.setdefault(name, [])
+    for _ in range(repeats):
+        for name, (fn, expect) in cases.items():
+            c0 = time.process_time()
+            t, nbytes = timed(fn)
+            cpu[name].append(time.process_time() - c0)
+            assert nbytes == expect, (name, nbytes, expect)
+            seconds[name].append(t)
+
+
+def ratio_row(row: str, ratios: list[float], cpu_ratios: list[float], num: str, den: str, target: float | None,
+              higher: bool, label: str = "") -> dict[str, object]:
+    """Print one row (median (min..max) of per-repeat ratios, the CPU median, the target or ``label`` for a
+    measured limit without one) and return it as the JSON row."""
+    med, cmed = statistics.median(ratios), statistics.median(cpu_ratios)
+    met = None if target is None else (med >= target if higher else med <= target)
+    status = (label + "  " if label else "") if target is None else (
+        f"target {'>=' if higher else '<='} {target}x {'met' if met else 'NOT met'}  ")
+    print(f"{med:5.2f}x ({min(ratios):.2f}..{max(ratios):.2f}) [cpu {cmed:.2f}x]  {status}{row}")
+    return {"row": row, "median": med, "min": min(ratios), "max": max(ratios), "per_repeat": ratios,
+            "cpu_median": cmed, "cpu_per_repeat": cpu_ratios, "target": target, "higher_is_better": higher,
+            "met": met, "numerator": num, "denominator": den}
+
+
 def reads_suite(args: argparse.Namespace) -> None:
     """Issue 12's iterator rows, side by side: every case once per repeat, interleaved; ratios per repeat."""
     assert args.size % 64 == 0, "the volume edge must be a multiple of the 64^3 chunk"
@@ -471,15 +501,9 @@ def reads_suite(args: argparse.Namespace) -> None:
     for fn, _ in cases.values():  # untimed warm-up: thread pools, imports
         fn()
     load_before = os.getloadavg()[0]
-    seconds: dict[str, list[float]] = {name: [] for name in cases}
-    cpu: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(args.repeats):
-        for name, (fn, expect) in cases.items():  # interleaved: machine noise hits every case alike
-            c0 = time.process_time()
-            t, nbytes = timed(fn)
-            cpu[name].append(time.process_time() - c0)
-            assert nbytes == expect, (name, nbytes, expect)
-            seconds[name].append(t)
+    seconds: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    run_interleaved(cases, args.repeats, seconds, cpu)
     if args.halo_floor:
         # After the cases above, not among them: the warm array's decoded chunks (the whole volume, in one cache)
         # slowed the cold cases measurably when they were interleaved (iterator vs hand-written loop 0.83x vs
@@ -495,15 +519,7 @@ def reads_suite(args: argparse.Namespace) -> None:
             fn()
         assert warm.cache.nbytes >= total, "every chunk must be in the warm cache"
         cases.update(warm_cases)
-        for name in warm_cases:
-            seconds[name], cpu[name] = [], []
-        for _ in range(args.repeats):
-            for name, (fn, expect) in warm_cases.items():
-                c0 = time.process_time()
-                t, nbytes = timed(fn)
-                cpu[name].append(time.process_time() - c0)
-                assert nbytes == expect, (name, nbytes, expect)
-                seconds[name].append(t)
+        run_interleaved(warm_cases, args.repeats, seconds, cpu)
         del warm, warm_cases
 
     # (row, numerator case, denominator case, target, higher is better): ratio = numerator time / denominator time
@@ -549,25 +565,13 @@ def reads_suite(args: argparse.Namespace) -> None:
               f"{' '.join(f'{r:.0f}' for r in rates)}")
     print("\nratios, median (min..max) of per-repeat ratios of wall time (speed ratios: >1 is faster; halo rows: "
           "time ratio); [cpu: the same ratio of CPU seconds]")
-    rows = []
-    for row, num, den, target, higher in specs:
-        ratios = [a / b for a, b in zip(seconds[num], seconds[den], strict=True)]
-        cpu_ratios = [a / b for a, b in zip(cpu[num], cpu[den], strict=True)]
-        med, cmed = statistics.median(ratios), statistics.median(cpu_ratios)
-        met = med >= target if higher else med <= target
-        print(f"{med:5.2f}x ({min(ratios):.2f}..{max(ratios):.2f}) [cpu {cmed:.2f}x]  target "
-              f"{'>=' if higher else '<='} {target}x {'met' if met else 'NOT met'}  {row}")
-        rows.append({"row": row, "median": med, "min": min(ratios), "max": max(ratios), "per_repeat": ratios,
-                     "cpu_median": cmed, "cpu_per_repeat": cpu_ratios, "target": target,
-                     "higher_is_better": higher, "met": met, "numerator": num, "denominator": den})
-    for row, num, den in limits:
-        ratios = [a / b for a, b in zip(seconds[num], seconds[den], strict=True)]
-        cpu_ratios = [a / b for a, b in zip(cpu[num], cpu[den], strict=True)]
-        med, cmed = statistics.median(ratios), statistics.median(cpu_ratios)
-        print(f"{med:5.2f}x ({min(ratios):.2f}..{max(ratios):.2f}) [cpu {cmed:.2f}x]  (measured split)  {row}")
-        rows.append({"row": row, "median": med, "min": min(ratios), "max": max(ratios), "per_repeat": ratios,
-                     "cpu_median": cmed, "cpu_per_repeat": cpu_ratios, "target": None, "higher_is_better": True,
-                     "met": None, "numerator": num, "denominator": den})
+    def ratios(num: str, den: str, times: dict[str, list[float]]) -> list[float]:
+        return [a / b for a, b in zip(times[num], times[den], strict=True)]
+
+    rows = [ratio_row(row, ratios(num, den, seconds), ratios(num, den, cpu), num, den, target, higher)
+            for row, num, den, target, higher in specs]
+    rows += [ratio_row(row, ratios(num, den, seconds), ratios(num, den, cpu), num, den, None, True,
+                       "(measured split)") for row, num, den in limits]
     if args.halo_floor:
         # What the halo would cost if decoding cost it nothing: halo 0's time plus the extra time that assembling
         # the halo blocks takes with every chunk already decoded (both grids' chunks in the cache), per repeat.
@@ -581,11 +585,7 @@ def reads_suite(args: argparse.Namespace) -> None:
                 cfloors = [1 + (a - b) / c for a, b, c in zip(cpu[w16], cpu[w0], cpu[h0], strict=True)]
                 row = (f"halo {args.halo} vs halo 0, {block}^3 blocks, {border} border: the floor set by assembling "
                        f"the halo blocks from decoded chunks alone")
-                med, cmed = statistics.median(floors), statistics.median(cfloors)
-                print(f"{med:5.2f}x ({min(floors):.2f}..{max(floors):.2f}) [cpu {cmed:.2f}x]  {row}")
-                rows.append({"row": row, "median": med, "min": min(floors), "max": max(floors),
-                             "per_repeat": floors, "cpu_median": cmed, "cpu_per_repeat": cfloors, "target": None,
-                             "higher_is_better": False, "met": None, "numerator": w16, "denominator": h0})
+                rows.append(ratio_row(row, floors, cfloors, w16, h0, None, False))
     if args.json:
         args.json.write_text(json.dumps({
             "suite": "reads", "size": args.size, "repeats": args.repeats, "cpus": os.cpu_count(),
