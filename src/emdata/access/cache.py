@@ -71,29 +71,7 @@ class ChunkCache:
 
     def get_or_load(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
         """The cached chunk, or ``load()`` it once even when several threads miss it at the same time."""
-        with self._lock:
-            chunk = self._lookup(key)
-            if chunk is not None:
-                return chunk
-            waiting = self._loading.get(key)
-            if waiting is None:
-                self.misses += 1
-                mine: Future[np.ndarray] = Future()
-                self._loading[key] = mine
-        if waiting is not None:
-            self.hits += 1
-            return waiting.result()
-        try:
-            chunk = load()
-            self.put(key, chunk)
-            mine.set_result(chunk)
-            return chunk
-        except BaseException as exc:
-            mine.set_exception(exc)
-            raise
-        finally:
-            with self._lock:
-                del self._loading[key]
+        return self.load_many([key], lambda _: [load()])[0]
 
     def load_many(self, keys: Sequence[Hashable],
                   load: Callable[[list[int]], Iterable[np.ndarray]]) -> list[np.ndarray]:
