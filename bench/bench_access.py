@@ -408,8 +408,8 @@ def iterate_warm(arr: EmArray, block: int, halo: int, border: str, prefetch: int
 
 
 def sampler_cases(path: Path, n: int, block: int, batch: int) -> dict[str, Callable[[], int]]:
-    """The bare RandomBlockSampler vs the same samples through the torch adapter (DataLoader, 0 workers), and the
-    adapter's parts: its dataset's items without a loader, and torch's own DataLoader (not torchdata's)."""
+    """The bare RandomBlockSampler vs the same samples through the torch adapter (DataLoader, 0 workers), its
+    batches without a loader, and the per-item path it replaced (torch's DataLoader batching items with collate)."""
     from emdata.access import RandomBlockSampler
 
     def sampler() -> RandomBlockSampler:
@@ -424,20 +424,21 @@ def sampler_cases(path: Path, n: int, block: int, batch: int) -> dict[str, Calla
         return sum(b["raw"]["data"].numel() * b["raw"]["data"].element_size()
                    for b in data_loader(sampler_dataset(sampler()), batch_size=batch, num_workers=0))
 
-    def items() -> int:
+    def batches() -> int:
         from emdata.access.torch import sampler_dataset
 
-        return sum(x["raw"]["data"].numel() * x["raw"]["data"].element_size() for x in sampler_dataset(sampler()))
+        return sum(b["raw"]["data"].numel() * b["raw"]["data"].element_size()
+                   for b in sampler_dataset(sampler()).batches(batch))
 
-    def torch_loader() -> int:
+    def per_item() -> int:
         from torch.utils.data import DataLoader
 
         from emdata.access.torch import collate, sampler_dataset
 
         return sum(b["raw"]["data"].numel() * b["raw"]["data"].element_size()
                    for b in DataLoader(sampler_dataset(sampler()), batch_size=batch, collate_fn=collate))
-    return {"bare sampler": bare, "torch DataLoader, 0 workers": loader, "torch dataset items, no loader": items,
-            "torch.utils.data.DataLoader, 0 workers": torch_loader}
+    return {"bare sampler": bare, "torch DataLoader, 0 workers": loader, "torch dataset batches, no loader": batches,
+            "torch DataLoader batching items, 0 workers": per_item}
 
 
 def run_interleaved(cases: dict[str, tuple[Callable[[], int], int]], repeats: int,
@@ -549,10 +550,10 @@ def reads_suite(args: argparse.Namespace) -> None:
                   f"({n_samples} random {args.sample_block}^3 samples)", "bare sampler",
                   "torch DataLoader, 0 workers", 0.9, True))
     # Where the adapter's time goes, beside that row: its dataset's items alone, and torch's own DataLoader.
-    limits = [("the torch adapter's dataset items without a DataLoader vs the bare sampler (what making tensors of "
-               "each sample costs)", "bare sampler", "torch dataset items, no loader"),
-              ("torch.utils.data.DataLoader (not torchdata's StatefulDataLoader), 0 workers, the same dataset and "
-               "collate, vs the bare sampler", "bare sampler", "torch.utils.data.DataLoader, 0 workers")]
+    limits = [("the torch adapter's batches (SamplerDataset.batches) without a DataLoader vs the bare sampler "
+               "(what making batch tensors costs)", "bare sampler", "torch dataset batches, no loader"),
+              ("the per-item path it replaced: torch.utils.data.DataLoader batching the dataset's items with "
+               "collate, 0 workers, vs the bare sampler", "bare sampler", "torch DataLoader batching items, 0 workers")]
 
     print(f"volume {args.size}^3 uint8 ({total / 1e6:.0f} MB), chunks 64^3, shards 256^3, blosc zstd; "
           f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}; "

@@ -288,3 +288,71 @@ def test_main_process_batches_equal_default_collate(volume):
         _assert_same(g, e)
         assert (g["mito"]["data"][:, 0, 0, 0, 0] == 7).all()
 
+
+
+def test_sampler_batched_in_the_dataset(volume, tmp_path):
+    """data_loader batches a SamplerDataset in the dataset (blocks_to_batch): the same batches as collating its
+    items, also for uint16 data, another default float dtype, drop_last; checkpoints and set_epoch still reach the
+    user's dataset; a bad batch_size is refused up front."""
+    from torch.utils.data import default_collate
+
+    from emdata.access.torch import block_to_item, blocks_to_batch
+
+    path, image, _ = volume
+    wide = make_volume(tmp_path / "wide.zarr", image.astype(np.uint16) * 250, n_levels=1)
+
+    def sampler(n=7, seed=9):
+        return RandomBlockSampler({"raw": open_array(path), "wide": open_array(wide)},
+                                  {"raw": BlockSpec((4, 12, 12), halo_voxels=2, border="reflect"), "wide": (4, 8, 8)},
+                                  seed=seed, num_samples=n)
+
+    samples = list(sampler())
+    for key in ("raw", "wide"):
+        blocks = [s[key] for s in samples[:5]]
+        _assert_same(blocks_to_batch(blocks), default_collate([_item_as_before(b) for b in blocks]))
+    assert blocks_to_batch([s["wide"] for s in samples[:2]])["data"].dtype == torch.int32
+    default = torch.get_default_dtype()
+    try:
+        for dtype in (torch.float64, torch.bfloat16):
+            torch.set_default_dtype(dtype)
+            blocks = [s["raw"] for s in samples[:3]]
+            got = blocks_to_batch(blocks)
+            _assert_same(got, default_collate([block_to_item(b) for b in blocks]))
+            assert got["voxel_size_nm"].dtype == dtype
+    finally:
+        torch.set_default_dtype(default)
+
+    loader = data_loader(sampler_dataset(sampler()), batch_size=3, drop_last=True)
+    plain = list(data_loader(sampler_dataset(sampler()), batch_size=3, drop_last=True, collate_fn=default_collate))
+    got = list(loader)
+    assert [len(b["sample_index"]) for b in got] == [3, 3]
+    for g, e in zip(got, plain, strict=True):
+        _assert_same(g, e)
+
+    # Samples are read straight into the batch (sample(out=)); rejected tries (foreground) are read over.
+    fg = RandomBlockSampler({"raw": open_array(path), "mito": open_array(path, label="mito")}, (4, 12, 12), seed=1,
+                            num_samples=5, foreground_key="mito", min_foreground_fraction=0.3)
+    out = {"raw": np.empty(fg.read_shape("raw"), np.uint8), "mito": np.empty(fg.read_shape("mito"), np.uint8)}
+    got_sample = fg.sample(2, out=out)
+    assert got_sample["raw"].data is out["raw"] and got_sample["mito"].data is out["mito"]
+    np.testing.assert_array_equal(out["raw"], fg.sample(2)["raw"].data)
+    for g, e in zip(data_loader(sampler_dataset(fg), batch_size=2),
+                    data_loader(sampler_dataset(fg), batch_size=2, collate_fn=default_collate), strict=True):
+        _assert_same(g, e)
+    with pytest.raises(InvalidParameterError, match="need"):
+        blocks_to_batch([s["raw"] for s in samples[:2]], np.empty((3, 1, 8, 16, 16), np.uint8))
+
+    # A checkpoint taken mid-epoch resumes after the batches already delivered; set_epoch on the user's dataset.
+    ds = sampler_dataset(sampler(n=8))
+    first = data_loader(ds, batch_size=3)
+    it = iter(first)
+    head = [int(i) for i in next(it)["sample_index"]]
+    state = first.state_dict()
+    resumed = data_loader(sampler_dataset(sampler(n=8)), batch_size=3)
+    resumed.load_state_dict(state)
+    assert head + _sample_ids(resumed) == list(range(8))
+    ds.set_epoch(1)
+    assert _sample_ids(data_loader(ds, batch_size=3)) == list(range(8, 16))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(InvalidParameterError, match="batch_size"):
+            data_loader(sampler_dataset(sampler()), batch_size=bad)

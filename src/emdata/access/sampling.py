@@ -207,8 +207,17 @@ class RandomBlockSampler:
     def __getitem__(self, index: int) -> Sample:
         return self.sample(index)
 
-    def sample(self, index: int) -> Sample:
-        """Sample number ``index`` (global, over all ranks): the same for the same seed, every time."""
+    def read_shape(self, key: str) -> Triple:
+        """The shape of ``key``'s sampled data: its block shape plus the halo on both sides."""
+        return tuple(b + 2 * h for b, h in zip(self.block_shapes[key], self.halos[key], strict=True))  # type: ignore[return-value]
+
+    def sample(self, index: int, *, out: Mapping[str, np.ndarray] | None = None) -> Sample:
+        """Sample number ``index`` (global, over all ranks): the same for the same seed, every time.
+
+        ``out``: arrays (``read_shape(key)``, the array's dtype) to read some or all keys' data into; those
+        blocks' ``data`` is that array.
+        """
+        out = {} if out is None else out
         rng = np.random.default_rng([self.seed, int(index)])
         for _ in range(self.max_tries):
             origin = self._draw_origin(rng)
@@ -216,15 +225,13 @@ class RandomBlockSampler:
             if self.min_foreground_fraction > 0:
                 key = self.foreground_key
                 assert key is not None
-                labels = self._read(key, boxes[key], index)
+                labels = self._read(key, boxes[key], index, out.get(key))
                 assert labels.data is not None
                 fraction = float(self._is_foreground(labels.data[labels.block_in_read]).mean())
                 if fraction < self.min_foreground_fraction:
                     continue
-                out = {k: labels if k == key else self._read(k, b, index) for k, b in boxes.items()}
-            else:
-                out = {k: self._read(k, b, index) for k, b in boxes.items()}
-            return out
+                return {k: labels if k == key else self._read(k, b, index, out.get(k)) for k, b in boxes.items()}
+            return {k: self._read(k, b, index, out.get(k)) for k, b in boxes.items()}
         raise SamplingError(
             f"no sample with foreground fraction >= {self.min_foreground_fraction} in {self.foreground_key!r} "
             f"after {self.max_tries} tries (sample {index}); lower the threshold or weight origins with mask=")
@@ -264,11 +271,11 @@ class RandomBlockSampler:
             out[key] = Box.from_shape(shape, tuple(int(s) for s in start))
         return out
 
-    def _read(self, key: str, box: Box, index: int) -> Block:
+    def _read(self, key: str, box: Box, index: int, out: np.ndarray | None = None) -> Block:
         array = self.arrays[key]
         read_box = box.grow(self.halos[key])
         mode, constant = self.pads[key]
-        data = array.read_padded(read_box, "constant" if mode == "drop" else mode, constant)
+        data = array.read_padded(read_box, "constant" if mode == "drop" else mode, constant, out=out)
         return Block(index=(index,), read_box=read_box, block_box=box, core_box=box, level=array.level,
                      voxel_size_nm=array.voxel_size_nm, translation_nm=array.translation_nm, data=data)
 

@@ -13,7 +13,7 @@ import multiprocessing
 import os
 import pickle
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,33 +28,69 @@ from emdata.errors import InvalidParameterError
 _TORCH_SAFE = {np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64, np.dtype(np.uint64): np.int64}
 
 
+_INT_FIELDS = ("read_start", "block_start", "core_start", "core_stop")
+
+
+def _placement(blocks: Sequence[Block]) -> tuple[np.ndarray, Any]:
+    """Every block's placement as one row of an int64 array (read, block, core start; core stop; index) and one
+    row of floats (voxel size, read origin): numpy if torch's default float dtype has one, else a tensor."""
+    ints = np.array([(*b.read_box.start, *b.block_box.start, *b.core_box.start, *b.core_box.stop, *b.index)
+                     for b in blocks], np.int64)
+    floats = [(*b.voxel_size_nm, *b.read_origin_nm) for b in blocks]
+    float_dtype = _NUMPY_FLOAT.get(torch.get_default_dtype())
+    return ints, np.array(floats, float_dtype) if float_dtype is not None else torch.tensor(floats)
+
+
+def _torch_dtype(dtype: np.dtype) -> np.dtype:
+    return np.dtype(_TORCH_SAFE.get(dtype, dtype))
+
+
 def block_to_item(block: Block) -> dict[str, Any]:
     """A block as a dict of a (1, z, y, x) tensor and its placement (plain tensors, collate-friendly)."""
     data = block.data
     assert data is not None
-    if data.dtype in _TORCH_SAFE:
-        data = data.astype(_TORCH_SAFE[data.dtype])
+    data = data.astype(_torch_dtype(data.dtype), copy=False)
     # One int64 and one float array, cut into views: the same values and dtypes as torch.tensor of each tuple
     # (int64; torch's default float dtype), a fraction of the per-item cost.
-    n = len(block.index)
-    ints = np.array((*block.read_box.start, *block.block_box.start, *block.core_box.start, *block.core_box.stop,
-                     *block.index), np.int64)
-    read_start, block_start, core_start, core_stop, index = (
-        torch.from_numpy(ints[a:b]) for a, b in ((0, 3), (3, 6), (6, 9), (9, 12), (12, 12 + n)))
-    floats = (*block.voxel_size_nm, *block.read_origin_nm)
-    float_dtype = _NUMPY_FLOAT.get(torch.get_default_dtype())
-    both = torch.from_numpy(np.array(floats, float_dtype)) if float_dtype is not None else torch.tensor(floats)
-    voxel_size_nm, read_origin_nm = both[:3], both[3:]
-    return {
-        "data": torch.from_numpy(np.ascontiguousarray(data))[None],
-        "read_start": read_start,
-        "block_start": block_start,
-        "core_start": core_start,
-        "core_stop": core_stop,
-        "index": index,
-        "voxel_size_nm": voxel_size_nm,
-        "read_origin_nm": read_origin_nm,
-    }
+    ints, floats = _placement((block,))
+    item = {"data": torch.from_numpy(np.ascontiguousarray(data))[None]}
+    item.update((name, torch.from_numpy(ints[0, 3 * i:3 * i + 3])) for i, name in enumerate(_INT_FIELDS))
+    item["index"] = torch.from_numpy(ints[0, 12:])
+    both = torch.as_tensor(floats[0])
+    item["voxel_size_nm"], item["read_origin_nm"] = both[:3], both[3:]
+    return item
+
+
+def blocks_to_batch(blocks: Sequence[Block], data: np.ndarray | None = None) -> dict[str, Any]:
+    """``collate([block_to_item(b) for b in blocks])`` (the same keys, values, dtypes and shapes), built at once:
+    the blocks' data go straight into the batch tensor and each placement field is one array.
+
+    ``data``: the batch's data array, ``(len(blocks), 1, *shape)``; blocks whose data already is its row
+    (read into it) are not copied.
+    """
+    first = blocks[0].data
+    assert first is not None
+    if any(b.data is None or b.data.shape != first.shape or b.data.dtype != first.dtype for b in blocks):
+        return collate([block_to_item(b) for b in blocks])  # default_collate's error for unequal shapes
+    if data is None:
+        data = np.empty((len(blocks), 1, *first.shape), _torch_dtype(first.dtype))
+    if data.shape != (len(blocks), 1, *first.shape) or data.dtype != _torch_dtype(first.dtype):
+        raise InvalidParameterError(f"data is {data.shape} {data.dtype}; {len(blocks)} blocks of {first.shape} "
+                                    f"{first.dtype} need {(len(blocks), 1, *first.shape)} {_torch_dtype(first.dtype)}")
+    for i, b in enumerate(blocks):
+        row, src = data[i, 0], b.data
+        assert src is not None
+        if not (src.base is data.base and src.__array_interface__ == row.__array_interface__):
+            row[...] = src
+    ints, floats = _placement(blocks)
+    batch = {"data": torch.from_numpy(data)}
+    batch.update((name, torch.from_numpy(np.ascontiguousarray(ints[:, 3 * i:3 * i + 3])))
+                 for i, name in enumerate(_INT_FIELDS))
+    batch["index"] = torch.from_numpy(np.ascontiguousarray(ints[:, 12:]))
+    for name, part in (("voxel_size_nm", floats[:, :3]), ("read_origin_nm", floats[:, 3:])):
+        batch[name] = (torch.from_numpy(np.ascontiguousarray(part)) if isinstance(part, np.ndarray)
+                       else part.contiguous())
+    return batch
 
 
 def _int_scalar(value: int) -> torch.Tensor:
@@ -199,7 +235,12 @@ class SamplerDataset(IterableDataset):  # type: ignore[type-arg]
             yield k
             k += step
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _samples(self, out_for: Callable[[int], dict[str, np.ndarray]] | None = None,
+                 ) -> Iterator[tuple[int, dict[str, Block]]]:
+        """This worker's (global index, sample) pairs, read ahead; the position is kept for ``state_dict``.
+
+        ``out_for(j)``, called in order on this thread before the ``j``-th sample is read: arrays to read it into.
+        """
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         first = self.start + worker
@@ -213,15 +254,64 @@ class SamplerDataset(IterableDataset):  # type: ignore[type-arg]
             self._resume = None
         sampler = self.sampler
 
-        def draw(k: int) -> tuple[int, dict[str, Block]]:
-            return k, sampler.sample(self.global_index(k))
+        def jobs() -> Iterator[tuple[int, dict[str, np.ndarray] | None]]:
+            for j, k in enumerate(self._positions(first, n_workers)):
+                yield k, None if out_for is None else out_for(j)
 
-        for k, sample in prefetched(self._positions(first, n_workers), draw, self.prefetch):
+        def draw(job: tuple[int, dict[str, np.ndarray] | None]) -> tuple[int, dict[str, Block]]:
+            k, out = job
+            return k, sampler.sample(self.global_index(k), out=out)
+
+        for k, sample in prefetched(jobs(), draw, self.prefetch):
             # Counted before handing out: a state saved while holding this sample resumes after it.
             self._next = k + n_workers
+            yield self.global_index(k), sample
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for index, sample in self._samples():
             item: dict[str, Any] = {key: block_to_item(block) for key, block in sample.items()}
-            item["sample_index"] = _int_scalar(self.global_index(k))
+            item["sample_index"] = _int_scalar(index)
             yield item
+
+    def batches(self, batch_size: int, drop_last: bool = False) -> Iterator[dict[str, Any]]:
+        """This worker's samples in batches of ``batch_size``: what a DataLoader with that ``batch_size`` and
+        ``collate`` makes of ``iter(self)`` (also the last, shorter batch, unless ``drop_last``), built without
+        per-item tensors in the main process (``blocks_to_batch``); in a DataLoader worker, ``default_collate``
+        of the items (it stacks into shared memory for the transfer)."""
+        _check_batch_size(batch_size)
+        if get_worker_info() is not None:
+            yield from _batched(self.__iter__(), batch_size, drop_last, default_collate)
+            return
+        # Each batch's samples are read straight into one array per key (dtypes torch has), then only the
+        # placement is built here; batch j's arrays are made when its first sample is handed to the readers.
+        sampler = self.sampler
+        layout = {key: (sampler.read_shape(key), array.dtype) for key, array in sampler.arrays.items()
+                  if _torch_dtype(array.dtype) == array.dtype}
+        buffers: dict[int, dict[str, np.ndarray]] = {}
+
+        def out_for(j: int) -> dict[str, np.ndarray]:
+            if j % batch_size == 0:
+                buffers[j // batch_size] = {key: np.empty((batch_size, 1, *shape), dtype)
+                                            for key, (shape, dtype) in layout.items()}
+            return {key: buf[j % batch_size, 0] for key, buf in buffers[j // batch_size].items()}
+
+        def batch(samples: list[tuple[int, dict[str, Block]]], number: int) -> dict[str, Any]:
+            data = buffers.pop(number)
+            out: dict[str, Any] = {key: blocks_to_batch([sample[key] for _, sample in samples],
+                                                        data[key][:len(samples)] if key in data else None)
+                                   for key in samples[0][1]}
+            out["sample_index"] = torch.from_numpy(np.array([index for index, _ in samples], np.int64))
+            return out
+
+        pending: list[tuple[int, dict[str, Block]]] = []
+        number = 0
+        for pair in self._samples(out_for):
+            pending.append(pair)
+            if len(pending) == batch_size:
+                yield batch(pending, number)
+                pending, number = [], number + 1
+        if pending and not drop_last:
+            yield batch(pending, number)
 
     def state_dict(self) -> dict[str, int]:
         # Also asked before this worker's iterator has started (StatefulDataLoader's first snapshot).
@@ -237,6 +327,48 @@ class SamplerDataset(IterableDataset):  # type: ignore[type-arg]
                 f"this state belongs to rank {state.get('rank')} of {state.get('world_size')}, this dataset is "
                 f"rank {self.rank} of {self.world_size}")
         self._resume = {k: int(v) for k, v in state.items()}
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidParameterError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def _batched(items: Iterator[Any], batch_size: int, drop_last: bool, collate_fn: Callable[[list[Any]], Any],
+             ) -> Iterator[Any]:
+    pending: list[Any] = []
+    for item in items:
+        pending.append(item)
+        if len(pending) == batch_size:
+            yield collate_fn(pending)
+            pending = []
+    if pending and not drop_last:
+        yield collate_fn(pending)
+
+
+class _Batches(IterableDataset):  # type: ignore[type-arg]
+    """A ``SamplerDataset`` batched in the dataset (``SamplerDataset.batches``): ``data_loader`` runs the loader
+    on it with ``batch_size=None``. Epoch and checkpoint calls go to the wrapped dataset."""
+
+    def __init__(self, dataset: SamplerDataset, batch_size: int, drop_last: bool) -> None:
+        _check_batch_size(batch_size)
+        self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.dataset.batches(self.batch_size, self.drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.dataset.load_state_dict(state)
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
 
 
 def grid_dataset(grid: BlockGrid, *, rank: int | None = None, world_size: int | None = None) -> GridDataset:
@@ -276,14 +408,22 @@ def data_loader(dataset: Dataset[Any], *, batch_size: int | None = 1, num_worker
     ``loader.state_dict()`` / ``load_state_dict()`` checkpoint the data position, also with workers (resume
     with the same ``num_workers``). An explicit ``multiprocessing_context`` (even ``"fork"``) is honoured.
     Batches are collated by ``collate`` (``default_collate``'s result, stacked by numpy in the main process)
-    unless ``collate_fn`` is given. Other keyword arguments go to the loader unchanged.
+    unless ``collate_fn`` is given. A ``SamplerDataset`` without ``collate_fn`` is batched in the dataset
+    (``SamplerDataset.batches``: the same batches, at a fraction of the per-item cost); the loader then runs
+    with ``batch_size=None`` and takes ``set_epoch`` and checkpoints through to your dataset as before.
+    Other keyword arguments go to the loader unchanged.
     """
     from torchdata.stateful_dataloader import StatefulDataLoader
 
     if num_workers > 0 and multiprocessing_context is None:
         multiprocessing_context = safe_start_method()
     if kwargs.get("collate_fn") is None and batch_size is not None:
-        kwargs["collate_fn"] = collate
+        if isinstance(dataset, SamplerDataset):
+            # Batched in the dataset: the same batches, without per-item tensors and stacking on this thread.
+            dataset = _Batches(dataset, batch_size, bool(kwargs.pop("drop_last", False)))
+            batch_size, kwargs["collate_fn"] = None, _as_is
+        else:
+            kwargs["collate_fn"] = collate
     with warnings.catch_warnings():
         # torchdata 0.11 calls torch.set_vital, which torch 2.13 deprecates; nothing for the user to act on.
         warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
