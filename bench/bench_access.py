@@ -613,7 +613,7 @@ def main() -> None:
                         help="reads: leave out the warm-cache cases (halo assembly alone) and the floor they give")
     parser.add_argument("--tensorstore-path", action="store_true",
                         help="reads: also time the iterator reading every chunk through tensorstore (the old path)")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
