@@ -366,3 +366,25 @@ def test_exact_sum_is_exact_at_the_extremes_and_on_strided_views(dtype):
                     want = float(view.astype(np.float64).sum()) if np.dtype(dtype).kind == "f" else \
                         float(sum(int(v) for v in view.ravel()))
                     assert ngff._exact_sum(view) == pytest.approx(want, rel=1e-12 if view.dtype.kind == "f" else 0)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint64, np.float32])
+def test_equal_reused_buffer_is_voxel_for_voxel(dtype: type) -> None:
+    """``ngff._equal`` (the read-back's compare) finds one differing voxel anywhere, on views of a larger
+    array, with its reused buffer going from larger to smaller and back; shape or dtype differences too."""
+    rng = np.random.default_rng(3)
+    whole = rng.integers(0, 200, (8, 12, 16)).astype(dtype)
+    for box in [(slice(0, 8), slice(0, 12), slice(0, 16)), (slice(2, 6), slice(4, 8), slice(8, 16)),
+                (slice(0, 8), slice(0, 12), slice(0, 16))]:
+        want = whole[box]
+        got = want.copy()
+        assert ngff._equal(got, want)
+        for idx in [(0, 0, 0), tuple(s - 1 for s in got.shape), (got.shape[0] // 2, 1, got.shape[2] - 2)]:
+            bad = got.copy()
+            bad[idx] += 1
+            assert not ngff._equal(bad, want)
+    assert not ngff._equal(whole[:2], whole[:3])
+    assert ngff._equal(whole.astype(np.int64), whole.astype(np.uint64)) == np.array_equal(
+        whole.astype(np.int64), whole.astype(np.uint64))  # other dtypes: np.array_equal itself
+    nan = np.array([np.nan], np.float32)
+    assert not ngff._equal(nan, nan.copy())  # as np.array_equal: NaN is never equal
