@@ -356,3 +356,18 @@ def test_sampler_batched_in_the_dataset(volume, tmp_path):
     for bad in (0, -1, 2.5, True):
         with pytest.raises(InvalidParameterError, match="batch_size"):
             data_loader(sampler_dataset(sampler()), batch_size=bad)
+
+
+def test_uint64_values_that_int64_cannot_hold_are_refused(tmp_path):
+    """uint64 labels become int64 tensors; a value >= 2^63 is refused (naming it), never wrapped to a negative."""
+    from emdata.access.torch import block_to_item, blocks_to_batch
+
+    ids = np.full((8, 8, 8), 2**40 + 7, np.uint64)
+    path = make_volume(tmp_path / "ids.zarr", ids, n_levels=1, chunks=(8, 8, 8), shards=None)
+    block = BlockGrid(open_array(path), BlockSpec(8))[0]
+    assert int(block_to_item(block)["data"].max()) == 2**40 + 7
+    assert int(blocks_to_batch([block])["data"].min()) == 2**40 + 7
+    big = block.with_data(np.full((8, 8, 8), 2**63 + 5, np.uint64))
+    for convert in (block_to_item, lambda b: blocks_to_batch([b])):
+        with pytest.raises(InvalidParameterError, match="9223372036854775813"):
+            convert(big)

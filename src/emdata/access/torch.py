@@ -24,7 +24,8 @@ from emdata.access.grid import Block, BlockGrid, prefetched
 from emdata.access.sampling import RandomBlockSampler
 from emdata.errors import InvalidParameterError
 
-# torch has no uint16/uint32/uint64 tensors in older releases: widen to a signed type that holds them.
+# torch has no uint16/uint32/uint64 tensors in older releases: widen to a signed type that holds them (uint64
+# values must be below 2^63, e.g. label IDs; larger ones are refused, not wrapped to negative numbers).
 _TORCH_SAFE = {np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64, np.dtype(np.uint64): np.int64}
 
 
@@ -45,10 +46,19 @@ def _torch_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(_TORCH_SAFE.get(dtype, dtype))
 
 
+def _check_fits(block: Block, data: np.ndarray) -> None:
+    """uint64 data becomes int64: values of 2^63 and more would come out negative, so they are refused."""
+    if data.dtype == np.uint64 and data.size and int(data.max()) >= 2**63:
+        raise InvalidParameterError(
+            f"block at {block.read_box} holds uint64 value {int(data.max())} >= 2^63, which torch's int64 cannot "
+            f"hold; read this array without the torch adapter")
+
+
 def block_to_item(block: Block) -> dict[str, Any]:
     """A block as a dict of a (1, z, y, x) tensor and its placement (plain tensors, collate-friendly)."""
     data = block.data
     assert data is not None
+    _check_fits(block, data)
     data = data.astype(_torch_dtype(data.dtype), copy=False)
     # One int64 and one float array, cut into views: the same values and dtypes as torch.tensor of each tuple
     # (int64; torch's default float dtype), a fraction of the per-item cost.
@@ -80,6 +90,7 @@ def blocks_to_batch(blocks: Sequence[Block], data: np.ndarray | None = None) -> 
     for i, b in enumerate(blocks):
         row, src = data[i, 0], b.data
         assert src is not None
+        _check_fits(b, src)
         if not (src.base is data.base and src.__array_interface__ == row.__array_interface__):
             row[...] = src
     ints, floats = _placement(blocks)
