@@ -195,20 +195,22 @@ def test_grid_errors_name_the_problem(tmp_path):
     assert BlockGrid(array, BlockSpec(32, border="shrink"))[0].data.shape == (16, 16, 16)
 
 
-def test_default_prefetch_follows_how_blocks_are_read(vol_dir, monkeypatch):
-    import emdata.access.grid as grid_module
-
+def test_default_prefetch_follows_how_blocks_are_read(vol_dir):
     path, _ = volume(vol_dir, (16, 16, 16))
     local, remote_like = open_array(path), open_array(path, backend="zarr")
     assert local._direct is not None and remote_like._direct is None
-    for cores, expected in ((1, 2), (2, 2), (3, 3), (16, 4)):
-        monkeypatch.setattr(grid_module, "decode_threads", lambda cores=cores: cores)
-        # Aligned blocks without halo from local shards: as many blocks ahead as decoding threads (2 to 4).
-        assert BlockGrid(local, BlockSpec(8)).prefetch == expected
-        # Blocks that share chunks (halo), or another reader: 4; an explicit value always wins.
-        assert BlockGrid(local, BlockSpec(8, halo_voxels=2)).prefetch == 4
-        assert BlockGrid(remote_like, BlockSpec(8)).prefetch == 4
-        assert BlockGrid(local, BlockSpec(8), prefetch=0).prefetch == 0
+    # Aligned blocks without halo from local shards: decoded into the block on the decoding threads, 2 ahead.
+    assert BlockGrid(local, BlockSpec(8)).prefetch == 2 and BlockGrid(local, BlockSpec(8))._direct_blocks
+    # ... of at most 16 chunks; larger ones (64 chunks of 4^3 here) through reading threads, 2 to 4 ahead.
+    from emdata.shards import decode_threads
+
+    big = BlockGrid(local, BlockSpec(16))
+    assert not big._direct_blocks and big.prefetch == min(4, max(2, decode_threads()))
+    # Blocks that share chunks (halo), or another reader: reading threads, 4; an explicit value always wins.
+    assert BlockGrid(local, BlockSpec(8, halo_voxels=2)).prefetch == 4
+    assert not BlockGrid(local, BlockSpec(8, halo_voxels=2))._direct_blocks
+    assert BlockGrid(remote_like, BlockSpec(8)).prefetch == 4
+    assert BlockGrid(local, BlockSpec(8), prefetch=0).prefetch == 0
     for bad in (-1, 1.5, True):
         with pytest.raises(InvalidParameterError, match="prefetch must be an int >= 0 or None"):
             BlockGrid(local, BlockSpec(8), prefetch=bad)  # type: ignore[arg-type]

@@ -253,3 +253,32 @@ def test_shard_files_stay_open_within_a_bound_and_close_with_the_reader(tmp_path
     del arr, reader, read_all, threads
     gc.collect()
     assert _open_fds() <= before  # the reader's descriptors are closed with it
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_direct_block_iteration(tmp_path, prefetch):
+    """Aligned blocks decoded straight into them on the decoding threads (several groups per block, padded edge
+    blocks read in turn, cached chunks copied from the cache): the voxels of numpy slicing, in order; a damaged
+    chunk fails the iteration naming it; leaving early and iterating again is fine."""
+    data = em_like((40, 64, 64), seed=5)
+    path = make_volume(tmp_path / "d.zarr", data, n_levels=1, chunks=(8, 8, 8), shards=(16, 32, 32))
+    padded = np.pad(data, [(0, 24), (0, 0), (0, 0)], constant_values=9)
+    cache = ChunkCache(64 * 2**20)
+    arr = open_array(path, cache=cache)
+    arr.read(Box((0, 0, 0), (8, 8, 8)))  # one chunk now cached: the direct iteration copies it from the cache
+    assert arr._direct.chunk_reads == 1
+    grid = BlockGrid(arr, BlockSpec(16, border="constant", constant_value=9), prefetch=prefetch)
+    assert grid._direct_blocks and grid.prefetch == prefetch
+    assert not BlockGrid(arr, BlockSpec(32))._direct_blocks  # 64 chunks: through reading threads
+    blocks = list(grid)
+    assert [b.index for b in blocks] == [b.index for b in grid.blocks()]
+    for b in blocks:  # 8 chunks per inner block, in groups; the z = 32 blocks reach past the array
+        np.testing.assert_array_equal(b.data, padded[b.read_box.slices])
+    assert arr._direct.chunk_reads == 1 + 5 * 8 * 8 - 1  # every other chunk decoded once, the cached one not
+    for _ in zip(range(2), grid):  # leave early, then iterate again
+        pass
+    assert sum(b.data.size for b in grid) == 3 * 4 * 4 * 16**3
+    (shard,) = [p for p in (path / "0" / "c").rglob("*") if p.is_file() and p.parts[-3:] == ("0", "1", "1")]
+    _replace_chunk(shard, 2 * 4 * 4, 5, b"\x00" * 8)  # chunk (0, 5, 5), in block (0, 2, 2)
+    with pytest.raises(CorruptShardError, match=r"chunk \(0, 5, 5\)"):
+        list(BlockGrid(open_array(path, cache=ChunkCache(0)), BlockSpec(16), prefetch=prefetch))

@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -381,14 +382,10 @@ class EmArray:
         out[...] = padded[crop]
         return out
 
-    def _read_direct(self, box: Box, out: np.ndarray, keep: bool = True) -> None:
-        # The chunks the box touches: cached ones as they are, the others decoded (in parallel on the
-        # process's decoding threads when there are several) and each chunk's part copied straight into
-        # ``out``. Decoded chunks are kept in the cache for overlapping reads (``keep``); otherwise each is
-        # decoded into its thread's scratch buffer and copied from there (no allocation per chunk).
-        reader = self._direct
-        assert reader is not None
-        cache, where = self.cache, str(self.location)
+    def _direct_plan(self, box: Box) -> tuple[list[Any], list[Any], list[np.ndarray | None], list[int]]:
+        """The chunks ``box`` meets: per chunk (chunk index, slice of out, slice of the chunk), its cache key,
+        the cached chunk or None, and the positions of those not cached."""
+        where = str(self.location)
         # Per axis: (chunk index, slice of out, slice of the chunk) for each chunk the box meets.
         axes = []
         for a, b, c in zip(box.start, box.stop, self.chunks, strict=True):
@@ -401,20 +398,53 @@ class EmArray:
         todo = [((i, j, k), (d0, d1, d2), (s0, s1, s2))
                 for i, d0, s0 in axes[0] for j, d1, s1 in axes[1] for k, d2, s2 in axes[2]]
         keys = [("direct", where, cidx) for cidx, _, _ in todo]
-        got = cache.get_many(keys)
-        missing = [n for n, g in enumerate(got) if g is None]
+        got = self.cache.get_many(keys)
+        return todo, keys, got, [n for n, g in enumerate(got) if g is None]
+
+    def _decode_into(self, out: np.ndarray, todo: list[Any], group: list[int]) -> None:
+        """Decode the chunks ``group`` of ``todo`` into this thread's scratch buffer, each copied into ``out`` at once."""
+        reader = self._direct
+        assert reader is not None
+        for n, chunk in zip(group, reader.chunks([todo[n][0] for n in group], scratch=True), strict=True):
+            _, dst, src = todo[n]
+            out[dst] = chunk[src]
+
+    def _submit_direct(self, box: Box, out: np.ndarray) -> list[Future[None]]:
+        """Start reading ``box`` (inside the array, from local shards) into ``out`` on the decoding threads, without
+        keeping the chunks it decodes (cached ones are copied here): done when every future returned is. One
+        group of consecutive chunks per decoding thread."""
+        todo, _, got, missing = self._direct_plan(box)
+        for n, chunk in enumerate(got):
+            if chunk is not None:
+                _, dst, src = todo[n]
+                out[dst] = chunk[src]
+        if not missing:
+            return []
+        n_groups = min(len(missing), decode_threads())
+        pool = decode_pool()
+        return [pool.submit(self._decode_into, out, todo, missing[k * len(missing) // n_groups:
+                                                                 (k + 1) * len(missing) // n_groups])
+                for k in range(n_groups)]
+
+    def _read_direct(self, box: Box, out: np.ndarray, keep: bool = True) -> None:
+        # The chunks the box touches: cached ones as they are, the others decoded (in parallel on the
+        # process's decoding threads when there are several) and each chunk's part copied straight into
+        # ``out``. Decoded chunks are kept in the cache for overlapping reads (``keep``); otherwise each is
+        # decoded into its thread's scratch buffer and copied from there (no allocation per chunk).
+        reader = self._direct
+        assert reader is not None
+        cache = self.cache
+        todo, keys, got, missing = self._direct_plan(box)
 
         def load(group: list[int]) -> None:
             # Without keep: decode into the thread's scratch buffer and copy from it at once.
-            if keep:
-                loaded = cache.load_many([keys[n] for n in group],
-                                         lambda mine: reader.chunks([todo[group[i]][0] for i in mine]))
-                for n, chunk in zip(group, loaded, strict=True):
-                    got[n] = chunk
+            if not keep:
+                self._decode_into(out, todo, group)
                 return
-            for n, chunk in zip(group, reader.chunks([todo[n][0] for n in group], scratch=True), strict=True):
-                _, dst, src = todo[n]
-                out[dst] = chunk[src]
+            loaded = cache.load_many([keys[n] for n in group],
+                                     lambda mine: reader.chunks([todo[group[i]][0] for i in mine]))
+            for n, chunk in zip(group, loaded, strict=True):
+                got[n] = chunk
 
         if missing:
             main = threading.current_thread() is threading.main_thread()
