@@ -173,8 +173,12 @@ class BlockGrid:
                                tuple(ax[-1].core[1] for ax in self._axes))  # type: ignore[arg-type]
         self._keep = self.blocks_share_chunks
         if prefetch is None:
-            prefetch = (2 if self._direct_blocks else min(4, max(2, decode_threads()))
-                        if not self._keep and array._direct is not None else 4)
+            if self._direct_blocks:
+                prefetch = 2
+            elif not self._keep and array._direct is not None:
+                prefetch = min(4, max(2, decode_threads()))
+            else:
+                prefetch = 4
         self.prefetch: int = prefetch
 
     @property
