@@ -398,6 +398,8 @@ class EmArray:
         todo = [((i, j, k), (d0, d1, d2), (s0, s1, s2))
                 for i, d0, s0 in axes[0] for j, d1, s1 in axes[1] for k, d2, s2 in axes[2]]
         keys = [("direct", where, cidx) for cidx, _, _ in todo]
+        if self.cache.nbytes == 0:  # nothing cached (aligned blocks never fill it): no lookups
+            return todo, keys, [None] * len(todo), list(range(len(todo)))
         got = self.cache.get_many(keys)
         return todo, keys, got, [n for n, g in enumerate(got) if g is None]
 
