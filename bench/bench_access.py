@@ -549,7 +549,7 @@ def reads_suite(args: argparse.Namespace) -> None:
     specs.append((f"torch adapter, DataLoader with 0 workers (batch {args.batch}), vs the bare sampler "
                   f"({n_samples} random {args.sample_block}^3 samples)", "bare sampler",
                   "torch DataLoader, 0 workers", 0.9, True))
-    # Where the adapter's time goes, beside that row: its dataset's items alone, and torch's own DataLoader.
+    # Where the adapter's time goes, beside that row: its batches without a loader, and the per-item path it replaced.
     limits = [("the torch adapter's batches (SamplerDataset.batches) without a DataLoader vs the bare sampler "
                "(what making batch tensors costs)", "bare sampler", "torch dataset batches, no loader"),
               ("the per-item path it replaced: torch.utils.data.DataLoader batching the dataset's items with "

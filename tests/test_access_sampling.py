@@ -97,6 +97,15 @@ def test_min_foreground_fraction_and_mask_weighting(volume):
     with pytest.raises(SamplingError, match="after 3 tries"):
         RandomBlockSampler(arrays, 8, seed=2, foreground_key="mito", min_foreground_fraction=0.99,
                            max_tries=3).sample(0)
+    # Read into given arrays (as the torch adapter does): the same samples, rejected tries overwritten.
+    shapes = rejecting.read_shapes()
+    assert shapes == {"raw": ((8, 8, 8), np.dtype(np.uint8)), "mito": ((8, 8, 8), np.dtype(np.uint8))}
+    for i in range(4):
+        out = {k: np.full(shape, 99, dtype) for k, (shape, dtype) in shapes.items()}
+        got, expected = rejecting.sample(i, out=out), rejecting.sample(i)
+        for k in arrays:
+            assert got[k].data is out[k] and got[k].read_box == expected[k].read_box
+            np.testing.assert_array_equal(got[k].data, expected[k].data)
 
 
 def test_roi_and_errors(volume):

@@ -289,7 +289,6 @@ def test_main_process_batches_equal_default_collate(volume):
         assert (g["mito"]["data"][:, 0, 0, 0, 0] == 7).all()
 
 
-
 def test_sampler_batched_in_the_dataset(volume, tmp_path):
     """data_loader batches a SamplerDataset in the dataset (blocks_to_batch): the same batches as collating its
     items, also for uint16 data, another default float dtype, drop_last; checkpoints and set_epoch still reach the
@@ -332,7 +331,7 @@ def test_sampler_batched_in_the_dataset(volume, tmp_path):
     # Samples are read straight into the batch (sample(out=)); rejected tries (foreground) are read over.
     fg = RandomBlockSampler({"raw": open_array(path), "mito": open_array(path, label="mito")}, (4, 12, 12), seed=1,
                             num_samples=5, foreground_key="mito", min_foreground_fraction=0.3)
-    out = {"raw": np.empty(fg.read_shape("raw"), np.uint8), "mito": np.empty(fg.read_shape("mito"), np.uint8)}
+    out = {k: np.empty(shape, dtype) for k, (shape, dtype) in fg.read_shapes().items()}
     got_sample = fg.sample(2, out=out)
     assert got_sample["raw"].data is out["raw"] and got_sample["mito"].data is out["mito"]
     np.testing.assert_array_equal(out["raw"], fg.sample(2)["raw"].data)

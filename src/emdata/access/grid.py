@@ -263,9 +263,7 @@ class BlockGrid:
         def finish(block: Block, out: np.ndarray | None, futures: list[Future[None]]) -> Block:
             for future in futures:
                 future.result()
-            if out is None:  # a padded block, read now
-                out = read_block(array, block.read_box, self.spec, keep_chunks=False)
-            return block.with_data(out)
+            return self.read(block) if out is None else block.with_data(out)  # None: a padded block, read now
 
         try:
             for block in blocks:

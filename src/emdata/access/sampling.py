@@ -207,17 +207,13 @@ class RandomBlockSampler:
     def __getitem__(self, index: int) -> Sample:
         return self.sample(index)
 
-    def read_shape(self, key: str) -> Triple:
-        """The shape of ``key``'s sampled data: its block shape plus the halo on both sides."""
-        return tuple(b + 2 * h for b, h in zip(self.block_shapes[key], self.halos[key], strict=True))  # type: ignore[return-value]
-
-    def sample(self, index: int, *, out: Mapping[str, np.ndarray] | None = None) -> Sample:
+    def sample(self, index: int, out: Mapping[str, np.ndarray] | None = None) -> Sample:
         """Sample number ``index`` (global, over all ranks): the same for the same seed, every time.
 
-        ``out``: arrays (``read_shape(key)``, the array's dtype) to read some or all keys' data into; those
-        blocks' ``data`` is that array.
+        ``out``: per key (any subset), an array of ``read_shapes()[key]`` and the array's dtype that the
+        block's data is read into (the block's ``data`` is then that array).
         """
-        out = {} if out is None else out
+        outs = {} if out is None else out
         rng = np.random.default_rng([self.seed, int(index)])
         for _ in range(self.max_tries):
             origin = self._draw_origin(rng)
@@ -225,13 +221,13 @@ class RandomBlockSampler:
             if self.min_foreground_fraction > 0:
                 key = self.foreground_key
                 assert key is not None
-                labels = self._read(key, boxes[key], index, out.get(key))
+                labels = self._read(key, boxes[key], index, outs.get(key))
                 assert labels.data is not None
                 fraction = float(self._is_foreground(labels.data[labels.block_in_read]).mean())
                 if fraction < self.min_foreground_fraction:
                     continue
-                return {k: labels if k == key else self._read(k, b, index, out.get(k)) for k, b in boxes.items()}
-            return {k: self._read(k, b, index, out.get(k)) for k, b in boxes.items()}
+                return {k: labels if k == key else self._read(k, b, index, outs.get(k)) for k, b in boxes.items()}
+            return {k: self._read(k, b, index, outs.get(k)) for k, b in boxes.items()}
         raise SamplingError(
             f"no sample with foreground fraction >= {self.min_foreground_fraction} in {self.foreground_key!r} "
             f"after {self.max_tries} tries (sample {index}); lower the threshold or weight origins with mask=")
@@ -270,6 +266,11 @@ class RandomBlockSampler:
             start = self._start_for(array, shape, centre)
             out[key] = Box.from_shape(shape, tuple(int(s) for s in start))
         return out
+
+    def read_shapes(self) -> dict[str, tuple[tuple[int, int, int], np.dtype]]:
+        """Each key's (shape, dtype) of a sample's data: the block grown by its halo, the same for every sample."""
+        return {k: (tuple(b + 2 * h for b, h in zip(self.block_shapes[k], self.halos[k], strict=True)),  # type: ignore[misc]
+                    np.dtype(self.arrays[k].dtype)) for k in self.arrays}
 
     def _read(self, key: str, box: Box, index: int, out: np.ndarray | None = None) -> Block:
         array = self.arrays[key]

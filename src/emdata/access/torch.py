@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import pickle
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -294,35 +295,26 @@ class SamplerDataset(IterableDataset):  # type: ignore[type-arg]
             yield from _batched(self.__iter__(), batch_size, drop_last, default_collate)
             return
         # Each batch's samples are read straight into one array per key (dtypes torch has), then only the
-        # placement is built here; batch j's arrays are made when its first sample is handed to the readers.
-        sampler = self.sampler
-        layout = {key: (sampler.read_shape(key), array.dtype) for key, array in sampler.arrays.items()
-                  if _torch_dtype(array.dtype) == array.dtype}
-        buffers: dict[int, dict[str, np.ndarray]] = {}
+        # placement is built here. A batch's arrays are made when its first sample is handed to the readers, and
+        # batches are built in that order, so the oldest arrays are always the next batch's.
+        layout = {key: (shape, dtype) for key, (shape, dtype) in self.sampler.read_shapes().items()
+                  if _torch_dtype(dtype) == dtype}
+        buffers: deque[dict[str, np.ndarray]] = deque()
 
         def out_for(j: int) -> dict[str, np.ndarray]:
             if j % batch_size == 0:
-                buffers[j // batch_size] = {key: np.empty((batch_size, 1, *shape), dtype)
-                                            for key, (shape, dtype) in layout.items()}
-            return {key: buf[j % batch_size, 0] for key, buf in buffers[j // batch_size].items()}
+                buffers.append({key: np.empty((batch_size, 1, *shape), dtype) for key, (shape, dtype) in layout.items()})
+            return {key: buf[j % batch_size, 0] for key, buf in buffers[-1].items()}
 
-        def batch(samples: list[tuple[int, dict[str, Block]]], number: int) -> dict[str, Any]:
-            data = buffers.pop(number)
+        def batch(samples: list[tuple[int, dict[str, Block]]]) -> dict[str, Any]:
+            data = buffers.popleft()
             out: dict[str, Any] = {key: blocks_to_batch([sample[key] for _, sample in samples],
                                                         data[key][:len(samples)] if key in data else None)
                                    for key in samples[0][1]}
             out["sample_index"] = torch.from_numpy(np.array([index for index, _ in samples], np.int64))
             return out
 
-        pending: list[tuple[int, dict[str, Block]]] = []
-        number = 0
-        for pair in self._samples(out_for):
-            pending.append(pair)
-            if len(pending) == batch_size:
-                yield batch(pending, number)
-                pending, number = [], number + 1
-        if pending and not drop_last:
-            yield batch(pending, number)
+        yield from _batched(self._samples(out_for), batch_size, drop_last, batch)
 
     def state_dict(self) -> dict[str, int]:
         # Also asked before this worker's iterator has started (StatefulDataLoader's first snapshot).
@@ -347,6 +339,7 @@ def _check_batch_size(batch_size: Any) -> None:
 
 def _batched(items: Iterator[Any], batch_size: int, drop_last: bool, collate_fn: Callable[[list[Any]], Any],
              ) -> Iterator[Any]:
+    """``collate_fn`` of each ``batch_size`` items in turn (and of the last, shorter batch unless ``drop_last``)."""
     pending: list[Any] = []
     for item in items:
         pending.append(item)
