@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from emdata.access import BlockGrid, BlockSpec, ChunkCache, EmArray, open_array
-from emdata.ngff import Geometry, create_image_group, write_block_aligned
+from emdata.ngff import UINT8_SHARDS, Geometry, create_image_group, write_block_aligned
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,23 +32,22 @@ def em_like_slab(shape: tuple[int, int, int], seed: int) -> np.ndarray:
     return np.clip(up + rng.normal(0, 10, shape).astype(np.float32), 0, 255).astype(np.uint8)
 
 
-def build_volume(path: Path, size: int) -> Path:
-    """A ``size``^3 uint8 OME-Zarr with the production layout (64^3 chunks, 256^3 shards, blosc zstd)."""
+def build_volume(path: Path, size: int, shards: tuple[int, int, int] = UINT8_SHARDS) -> Path:
+    """A ``size``^3 uint8 OME-Zarr with the stages' layout (64^3 chunks, 256 x 512 x 512 shards, blosc zstd);
+    a volume left by an earlier run with other shards is rebuilt."""
     marker = path / ".complete"
-    if marker.exists():
+    if marker.exists() and marker.read_text() == repr(shards):
         return path
     _, arrays = create_image_group(path, name="bench", shape=(size,) * 3, dtype="uint8",
                                    geometry=Geometry((8.0, 8.0, 8.0)), n_levels=1,
-                                   chunks=(64, 64, 64), shards=(256, 256, 256))
-    slab = 256
-
+                                   chunks=(64, 64, 64), shards=shards)
     class Source:
         def __getitem__(self, sl: tuple[slice, ...]) -> np.ndarray:
             shape = tuple(s.stop - s.start for s in sl)
             return em_like_slab(shape, seed=hash(tuple(s.start for s in sl)) % 2**32)  # type: ignore[arg-type]
 
-    write_block_aligned(arrays[0], Source(), slab=(slab, slab, slab))
-    marker.write_text("ok\n")
+    write_block_aligned(arrays[0], Source(), slab=shards)
+    marker.write_text(repr(shards))
     return path
 
 
@@ -555,7 +554,7 @@ def reads_suite(args: argparse.Namespace) -> None:
               ("the per-item path it replaced: torch.utils.data.DataLoader batching the dataset's items with "
                "collate, 0 workers, vs the bare sampler", "bare sampler", "torch DataLoader batching items, 0 workers")]
 
-    print(f"volume {args.size}^3 uint8 ({total / 1e6:.0f} MB), chunks 64^3, shards 256^3, blosc zstd; "
+    print(f"volume {args.size}^3 uint8 ({total / 1e6:.0f} MB), chunks 64^3, shards {'x'.join(map(str, UINT8_SHARDS))}, blosc zstd; "
           f"{os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()}; "
           f"{args.repeats} repeats, cases interleaved; load average before/after "
           f"{load_before:.1f}/{os.getloadavg()[0]:.1f}")

@@ -1,8 +1,8 @@
 """`dvc pull`/`dvc push` of the outputs vs one tar GET + unpack from the same S3 endpoint.
 
 Default (``--what outputs``): all outputs' files at their real size and count, as the stages write them with
-~2^24-voxel shards (``OUTPUTS``: shapes, stored bytes and levels from METADATA_SUMMARY.md; 396 files, 2.14 GB,
-62 zarr.json and the small shards of upper levels and labels included), random bytes (DVC and tar move bytes,
+64 MiB shards (``OUTPUTS``: shapes, stored bytes and levels from METADATA_SUMMARY.md, shard shapes from the
+stages' code; 234 files, 2.14 GB, 62 zarr.json and the small shards of upper levels and labels included), random bytes (DVC and tar move bytes,
 they don't decode them). One git+DVC workspace, one `dvc add` of the five outputs, `dvc push` to a moto S3
 endpoint on loopback (``emdata.offline.services.s3``); the baseline object is the same files as one tar. Per
 repeat, cases in a rotated order, cache and output deleted before each: one GET streamed into ``tarfile``;
@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from emdata import ngff
+from emdata.sources import empiar, hemibrain
 from emdata.offline import services
 
 BUCKET = "emdata-bench"
@@ -142,25 +143,30 @@ def delete_prefix(s3: Any, prefix: str) -> None:
             s3.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
 
 
-# --- Real scale: all outputs' files, sized as the stages write them with ~2^24-voxel shards ---------------------
+# --- Real scale: all outputs' files, sized as the stages write them (64 MiB shards) ------------------------------
 
 # (output, images): image = (path in the output, level-0 shape z,y,x, level-0 bytes stored, levels, shard, factors);
-# shapes, stored bytes and levels from METADATA_SUMMARY.md, shards of ~2^24 voxels at every level (256^3; EMPIAR
-# 16x1024x1024), pyramid factors 2 per axis (EMPIAR 1x2x2: 16 z-sections at 50 nm).
-OUTPUTS: tuple[tuple[str, tuple[tuple[str, tuple[int, int, int], float, int, tuple[int, int, int],
+# shapes, stored bytes and levels from METADATA_SUMMARY.md; shards as the stages choose them, from the same code
+# (64 MiB: uint8 256 x 512 x 512, OpenOrganelle's int16 256 x 256 x 512, EMPIAR's 16-section stack 16 x 2048 x
+# 2048; hemibrain's uint64 segmentation 256^3) at every level; pyramid factors 2 per axis (EMPIAR 1x2x2: 16
+# z-sections at 50 nm).
+_SEG_SHARDS = tuple(ngff._label_shards(hemibrain.OUTPUT_SHARDS, np.dtype(np.uint8), np.dtype(np.uint64)) or ())
+OUTPUTS: tuple[tuple[str, tuple[tuple[str, tuple[int, int, int], float, int, tuple[int, ...],
                                       tuple[int, int, int]], ...]], ...] = (
-    ("hemibrain_crop.zarr", (("", (1000, 1000, 1000), 832.0e6, 5, (256, 256, 256), (2, 2, 2)),
-                             ("labels/segmentation", (1000, 1000, 1000), 24.4e6, 5, (256, 256, 256), (2, 2, 2)))),
-    ("empiar_11759.zarr", (("", (16, 5500, 5496), 405.1e6, 8, (16, 1024, 1024), (1, 2, 2)),)),
-    ("epfl.zarr", tuple((f"{part}{sub}", (165, 768, 1024), nbytes, 5, (256, 256, 256), (2, 2, 2))
+    ("hemibrain_crop.zarr", (("", (1000, 1000, 1000), 832.0e6, 5, hemibrain.OUTPUT_SHARDS, (2, 2, 2)),
+                             ("labels/segmentation", (1000, 1000, 1000), 24.4e6, 5, _SEG_SHARDS, (2, 2, 2)))),
+    ("empiar_11759.zarr", (("", (16, 5500, 5496), 405.1e6, 8,
+                            empiar.thin_stack_shards((16, 5500, 5496), ngff.DEFAULT_CHUNKS, ngff.UINT8_SHARDS),
+                            (1, 2, 2)),)),
+    ("epfl.zarr", tuple((f"{part}{sub}", (165, 768, 1024), nbytes, 5, ngff.UINT8_SHARDS, (2, 2, 2))
                         for part in ("training", "testing") for sub, nbytes in (("", 117.1e6), ("/labels/mito", 0.3e6)))),
-    ("idr_9846137.zarr", (("", (184, 775, 1121), 145.5e6, 6, (256, 256, 256), (2, 2, 2)),)),
-    ("jrc_mus-nacc-2.zarr", (("", (188, 840, 865), 159.0e6, 5, (256, 256, 256), (2, 2, 2)),)),
+    ("idr_9846137.zarr", (("", (184, 775, 1121), 145.5e6, 6, ngff.UINT8_SHARDS, (2, 2, 2)),)),
+    ("jrc_mus-nacc-2.zarr", (("", (188, 840, 865), 159.0e6, 5, ngff.INT16_SHARDS, (2, 2, 2)),)),
 )
 
 
 def outputs_plan(scale: float = 1.0) -> dict[str, int]:
-    """Relative path -> size of every file of the outputs: one shard file per ~2^24 voxels of every level (its
+    """Relative path -> size of every file of the outputs: one shard file per shard of every level (its
     bytes in proportion to the voxels it holds), a zarr.json per array and per group. ``scale`` shrinks the
     bytes, not the files."""
     files: dict[str, int] = {}
@@ -425,7 +431,7 @@ def split_costs(sets: dict[str, Any]) -> dict[str, Any]:
 def report_outputs(results: dict[str, Any]) -> str:
     lines = []
     for o in results["outputs"]["sets"].values():
-        lines += [f"All outputs' files (~2^24-voxel shards) at {o['scale']:g} of their bytes: {o['files']} files "
+        lines += [f"All outputs' files (the stages' shards) at {o['scale']:g} of their bytes: {o['files']} files "
                   f"({o['files_under_1mb']} under 1 MiB), {o['bytes'] / 1e9:.3f} GB, median file "
                   f"{o['median_file_bytes'] / 1e6:.2f} MB; moto S3 on loopback; {results['cores']} cores; median of "
                   f"{results['repeats']} (min..max of per-repeat ratios); CPU = this process's or dvc's + the S3 "

@@ -171,6 +171,27 @@ def test_write_image_keeps_attrs_and_registers_labels(tmp_path):
     assert label_attrs["colors"][0]["rgba"] == [0, 0, 0, 0] and label_attrs["colors"][1]["rgba"][3] == 255
 
 
+def test_a_label_wider_than_its_image_gets_shards_no_larger_than_the_default(tmp_path, monkeypatch):
+    """Stage layout: uint8 images get 64 MiB shards (UINT8_SHARDS); a uint64 segmentation beside them would be
+    512 MiB per shard, so it gets DEFAULT_SHARDS (here scaled down); a uint8 mask keeps the image's."""
+    monkeypatch.setattr(ngff, "DEFAULT_SHARDS", (16, 16, 16))
+    data = (np.arange(24 * 40 * 72) % 251).astype(np.uint8).reshape(24, 40, 72)
+    seg = (np.arange(data.size, dtype=np.uint64) // 700 + 2**40).reshape(data.shape)
+    mask = (data > 100).astype(np.uint8)
+    root = zarr.open_group(str(tmp_path / "a.zarr"), mode="w", zarr_format=3)
+    ngff.write_image(root, name="a", source=data, geometry=ngff.Geometry((4.0, 4.0, 4.0)), chunks=(8, 8, 8),
+                     shards=(16, 32, 32), n_levels=2, what="a",
+                     labels=[ngff.Label("seg", seg), ngff.Label("mask", mask, method="nearest")])
+    _, image = ngff.open_multiscale(tmp_path / "a.zarr")
+    _, seg_arrays = ngff.open_multiscale(tmp_path / "a.zarr", label="seg")
+    _, mask_arrays = ngff.open_multiscale(tmp_path / "a.zarr", label="mask")
+    assert image[0].shards == (16, 32, 32) and mask_arrays[0].shards == (16, 32, 32)
+    assert seg_arrays[0].shards == (16, 16, 16) and seg_arrays[1].shards == (16, 16, 16)
+    np.testing.assert_array_equal(seg_arrays[0][...], seg)
+    np.testing.assert_array_equal(mask_arrays[0][...], mask)
+    np.testing.assert_array_equal(image[0][...], data)
+
+
 def test_write_image_fails_loudly_naming_the_source_and_block(tmp_path, monkeypatch):
     data = np.ones((20, 20, 20), np.uint8)
     root = zarr.open_group(str(tmp_path / "b.zarr"), mode="w", zarr_format=3)

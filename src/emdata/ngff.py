@@ -30,6 +30,11 @@ UNIT = "nanometer"
 DEFAULT_CHUNKS: tuple[int, int, int] = (64, 64, 64)
 # 256^3 shards hold 64 chunks each: few enough files for DVC and S3, small enough to write one at a time.
 DEFAULT_SHARDS: tuple[int, int, int] = (256, 256, 256)
+# The stages' image shards: 64 MiB of decoded voxels (uint8 256 x 512 x 512, int16 256 x 256 x 512). `dvc pull`
+# pays ~8 ms per file whatever its size, so fewer, larger files (bench/README.md, "Layout"); a label wider than
+# its image gets DEFAULT_SHARDS (uint64: 128 MiB), see ``write_image``.
+UINT8_SHARDS: tuple[int, int, int] = (256, 512, 512)
+INT16_SHARDS: tuple[int, int, int] = (256, 256, 512)
 
 Downsampling = Literal["mean", "mode", "nearest"]
 PROGRESS_EVERY_S = 5.0  # a long write logs its progress at least this often
@@ -888,6 +893,15 @@ def _stream_level0(arrays: Sequence[zarr.Array], source: Any, factors: Sequence[
     }
 
 
+def _label_shards(shards: Sequence[int] | None, dtype: np.dtype, label_dtype: np.dtype) -> Sequence[int] | None:
+    """A label's shards: the image's, or for a label wider than its image (uint64 segmentation beside uint8 EM)
+    no larger than ``DEFAULT_SHARDS`` on any axis: a 256^3 uint64 shard is 128 MiB decoded, the most the writer
+    holds of one shard."""
+    if shards is None or np.dtype(label_dtype).itemsize <= np.dtype(dtype).itemsize:
+        return shards
+    return tuple(min(int(s), d) for s, d in zip(shards, DEFAULT_SHARDS, strict=True))
+
+
 def write_image(
     group: zarr.Group,
     *,
@@ -913,7 +927,8 @@ def write_image(
     back and compared (SourceMismatchError naming ``what`` and the box); the pyramid levels are built from
     those shards as they pass (no second read of level 0), in bounded memory. Levels follow
     ``pyramid.plan_factors`` (near-isotropic) unless ``factors`` (per level, level 0 first) or ``n_levels``
-    is given. Each label is written the same way on the image's levels. ``attrs`` are added to the group's
+    is given. Each label is written the same way on the image's levels (with the image's shards, or for a label
+    of a wider dtype shards no larger than ``DEFAULT_SHARDS``). ``attrs`` are added to the group's
     attributes beside ``ome``. ``on_block`` is called with the bytes of each level-0 shard (progress bars).
 
     ``backend``: "tensorstore" (default; measured faster, bench/RESULTS_pyramid.md) or "zarr" (zarr-python).
@@ -955,7 +970,8 @@ def write_image(
         _, ldtype = _source_shape_dtype(lab.source, lab.name)
         label_arrays.append(create_label(group, lab.name, colors=lab.colors, properties=lab.properties,
                                          downsampling=lab.method, shape=shape, dtype=ldtype, geometry=geometry,
-                                         chunks=chunks, shards=shards, factors=factors))
+                                         chunks=chunks, shards=_label_shards(shards, dtype, ldtype),
+                                         factors=factors))
     stop = threading.Event()
     label_figures: dict[str, Any] = {}
     errors: list[BaseException] = []

@@ -41,7 +41,7 @@ class EpflParams:
     include_volumedata: bool = False
     voxel_size_nm: Sequence[float] = (5.0, 5.0, 5.0)
     chunks: Sequence[int] = ngff.DEFAULT_CHUNKS
-    shards: Sequence[int] = ngff.DEFAULT_SHARDS
+    shards: Sequence[int] = ngff.UINT8_SHARDS
     keep_downloads: bool = False
     sha256: Mapping[str, str] = field(default_factory=dict)  # file name -> pinned sha256 of the live file
 

@@ -63,7 +63,7 @@ RELATIVE_TOLERANCE = 1e-6
 @dataclass(frozen=True)
 class IdrParams:
     chunks: Sequence[int] = ngff.DEFAULT_CHUNKS
-    shards: Sequence[int] = ngff.DEFAULT_SHARDS
+    shards: Sequence[int] = ngff.UINT8_SHARDS
     keep_downloads: bool = False
     sha256: Mapping[str, str] = field(default_factory=dict)  # file name -> pinned sha256 of the live file
     require_omero: bool = False  # fail when an OMERO document is unavailable, instead of skipping its cross-check
