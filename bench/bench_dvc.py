@@ -2,7 +2,7 @@
 
 Default (``--what outputs``): all outputs' files at their real size and count, as the stages write them with
 64 MiB shards (``OUTPUTS``: shapes, stored bytes and levels from METADATA_SUMMARY.md, shard shapes from the
-stages' code; 234 files, 2.14 GB, 62 zarr.json and the small shards of upper levels and labels included), random bytes (DVC and tar move bytes,
+stages' code; 269 files, 2.14 GB, 62 zarr.json and the small shards of upper levels and labels included), random bytes (DVC and tar move bytes,
 they don't decode them). One git+DVC workspace, one `dvc add` of the five outputs, `dvc push` to a moto S3
 endpoint on loopback (``emdata.offline.services.s3``); the baseline object is the same files as one tar. Per
 repeat, cases in a rotated order, cache and output deleted before each: one GET streamed into ``tarfile``;
@@ -147,16 +147,16 @@ def delete_prefix(s3: Any, prefix: str) -> None:
 
 # (output, images): image = (path in the output, level-0 shape z,y,x, level-0 bytes stored, levels, shard, factors);
 # shapes, stored bytes and levels from METADATA_SUMMARY.md; shards as the stages choose them, from the same code
-# (64 MiB: uint8 256 x 512 x 512, OpenOrganelle's int16 256 x 256 x 512, EMPIAR's 16-section stack 16 x 2048 x
-# 2048; hemibrain's uint64 segmentation 256^3) at every level; pyramid factors 2 per axis (EMPIAR 1x2x2: 16
+# (64 MiB: uint8 256 x 512 x 512, OpenOrganelle's int16 256 x 256 x 512; EMPIAR's 16-section stack 16 x 1024 x
+# 1024; hemibrain's uint64 segmentation 256^3) at every level; pyramid factors 2 per axis (EMPIAR 1x2x2: 16
 # z-sections at 50 nm).
-_SEG_SHARDS = tuple(ngff._label_shards(hemibrain.OUTPUT_SHARDS, np.dtype(np.uint8), np.dtype(np.uint64)) or ())
+_SEG_SHARDS = tuple(ngff.label_shards(hemibrain.OUTPUT_SHARDS, np.dtype(np.uint8), np.dtype(np.uint64)) or ())
 OUTPUTS: tuple[tuple[str, tuple[tuple[str, tuple[int, int, int], float, int, tuple[int, ...],
                                       tuple[int, int, int]], ...]], ...] = (
     ("hemibrain_crop.zarr", (("", (1000, 1000, 1000), 832.0e6, 5, hemibrain.OUTPUT_SHARDS, (2, 2, 2)),
                              ("labels/segmentation", (1000, 1000, 1000), 24.4e6, 5, _SEG_SHARDS, (2, 2, 2)))),
     ("empiar_11759.zarr", (("", (16, 5500, 5496), 405.1e6, 8,
-                            empiar.thin_stack_shards((16, 5500, 5496), ngff.DEFAULT_CHUNKS, ngff.UINT8_SHARDS),
+                            empiar.thin_stack_shards((16, 5500, 5496), ngff.DEFAULT_CHUNKS, empiar.EmpiarParams.shards),
                             (1, 2, 2)),)),
     ("epfl.zarr", tuple((f"{part}{sub}", (165, 768, 1024), nbytes, 5, ngff.UINT8_SHARDS, (2, 2, 2))
                         for part in ("training", "testing") for sub, nbytes in (("", 117.1e6), ("/labels/mito", 0.3e6)))),

@@ -4,8 +4,8 @@ Each stage runs as users run it (``python stages/<name>.py`` in a scratch worksp
 ``mirror: {url: <replica>, serves: replica}``), one process at a time, at two sizes ("1x", "2x") whose level 0
 spans more output shards than the writer keeps in flight, "2x" about twice "1x" in voxels:
 
-- epfl (the training split and its mask): the real shape 165 x 768 x 1024 vs the replica's ``double`` profile
-  (x 2048); idr: the real 184 x 775 x 1121 vs ``double`` (x 2242);
+- epfl (the training split and its mask): the replica's ``double`` profile (165 x 768 x 2048) vs ``quad`` (x 4096);
+  idr: ``double`` (184 x 775 x 2242) vs ``quad`` (x 4484): their real shapes span too few 64 MiB output shards;
 - empiar: the replica's ``half`` profile (16 slices of 5500 x 2748) vs the real 16 x 5500 x 5496;
 - hemibrain: crop 500 x 1000 x 1000 vs params.yaml's 1000^3, with its segmentation;
 - openorganelle: ROI 256 x 512 x 1024 vs 512 x 512 x 1024 voxels of s0 (int16);
@@ -49,16 +49,18 @@ STAGES = ["epfl", "hemibrain", "empiar", "idr", "openorganelle", "metadata"]
 
 # Per size: the replica profile serving each file stage (hemibrain and OpenOrganelle always come from "full": their
 # size is a param) and params.yaml overrides (section -> values). "1x" and "2x" both span more output shards than
-# the writer keeps in flight (4 level-0 shards written + 4 read back, one a level above), "2x" about twice "1x".
+# the writer keeps in flight (128 MiB of level-0 shards written + as many read back, one a level above), "2x"
+# about twice "1x". EPFL and IDR run at 2x and 4x their real shape: with 64 MiB shards (ngff.UINT8_SHARDS) the
+# real shapes hold 4 and 6 level-0 shards, too few to fill the writer (1x real / 2x: 1.16x and 1.19x measured).
 SIZES: dict[str, dict[str, Any]] = {
     "small": {"profiles": dict.fromkeys(("epfl", "idr", "empiar", "hemibrain", "openorganelle"), "small"), "overrides": {
         "hemibrain": {"crop_size": [256, 256, 256], "min_tissue_fraction": 0.5},
         "openorganelle": {"roi_voxels": [[0, 0, 0], [64, 256, 256]]}}},
-    "1x": {"profiles": {"epfl": "full", "idr": "full", "empiar": "half"}, "overrides": {
+    "1x": {"profiles": {"epfl": "double", "idr": "double", "empiar": "half"}, "overrides": {
         "epfl": {"splits": ["training"]},
         "hemibrain": {"crop_size": [500, 1000, 1000]},
         "openorganelle": {"roi_voxels": [[0, 0, 0], [256, 512, 1024]]}}},
-    "2x": {"profiles": {"epfl": "double", "idr": "double", "empiar": "full"}, "overrides": {
+    "2x": {"profiles": {"epfl": "quad", "idr": "quad", "empiar": "full"}, "overrides": {
         "epfl": {"splits": ["training"]},
         "openorganelle": {"roi_voxels": [[0, 0, 0], [512, 512, 1024]]}}},
 }

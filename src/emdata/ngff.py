@@ -893,7 +893,7 @@ def _stream_level0(arrays: Sequence[zarr.Array], source: Any, factors: Sequence[
     }
 
 
-def _label_shards(shards: Sequence[int] | None, dtype: np.dtype, label_dtype: np.dtype) -> Sequence[int] | None:
+def label_shards(shards: Sequence[int] | None, dtype: np.dtype, label_dtype: np.dtype) -> Sequence[int] | None:
     """A label's shards: the image's, or for a label wider than its image (uint64 segmentation beside uint8 EM)
     no larger than ``DEFAULT_SHARDS`` on any axis: a 256^3 uint64 shard is 128 MiB decoded, the most the writer
     holds of one shard."""
@@ -970,7 +970,7 @@ def write_image(
         _, ldtype = _source_shape_dtype(lab.source, lab.name)
         label_arrays.append(create_label(group, lab.name, colors=lab.colors, properties=lab.properties,
                                          downsampling=lab.method, shape=shape, dtype=ldtype, geometry=geometry,
-                                         chunks=chunks, shards=_label_shards(shards, dtype, ldtype),
+                                         chunks=chunks, shards=label_shards(shards, dtype, ldtype),
                                          factors=factors))
     stop = threading.Event()
     label_figures: dict[str, Any] = {}

@@ -16,10 +16,11 @@ from emdata.offline.replica.server import Behaviour, Faults, Provider, ReplicaSe
 
 log = logging.getLogger(__name__)
 
-Profile = Literal["full", "small", "half", "double"]
-PROFILES: tuple[Profile, ...] = ("full", "small", "half", "double")
+Profile = Literal["full", "small", "half", "double", "quad"]
+PROFILES: tuple[Profile, ...] = ("full", "small", "half", "double", "quad")
 # Every source serves "full" and "small"; a source module lists any other profile it serves in EXTRA_PROFILES
-# ("half", "double": a file source at about half or twice full's voxels, for bench/bench_memory.py's sizes).
+# ("half", "double", "quad": a file source at about half, twice or four times full's voxels, for
+# bench/bench_memory.py's sizes).
 BASE_PROFILES: tuple[Profile, ...] = ("full", "small")
 
 # Each dataset of emdata.catalog has a module emdata.offline.replica.<name> that defines VERSION (int) and

@@ -17,8 +17,9 @@ SHAPES = {
     "small": {"split": (20, 96, 128), "volumedata": (48, 160, 224)},
     "half": {"split": (165, 768, 512), "volumedata": (1065, 1536, 1024)},  # full's shapes, x halved
     "double": {"split": (165, 768, 2048), "volumedata": (1065, 1536, 4096)},  # x doubled
+    "quad": {"split": (165, 768, 4096), "volumedata": (1065, 1536, 8192)},  # x four times
 }
-EXTRA_PROFILES = ("half", "double")  # bench/bench_memory.py's sizes
+EXTRA_PROFILES = ("half", "double", "quad")  # bench/bench_memory.py's sizes
 SEEDS = {"training": 101, "testing": 202, "volumedata": 303}
 
 

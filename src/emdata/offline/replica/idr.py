@@ -30,8 +30,9 @@ TIFF_PATH = ("ftp.ebi.ac.uk/pub/databases/IDR/idr0086-miron-micrographs/20200610
 API_PATH = f"idr.openmicroscopy.org/api/v0/m/images/{IMAGE_ID}/index.html"
 IMGDATA_PATH = f"idr.openmicroscopy.org/webclient/imgData/{IMAGE_ID}/index.html"
 # (z, y, x): the real shape in "full" (152.5 MB, builds in seconds); "small" keeps a similar aspect for tests.
-SHAPES = {"full": (184, 775, 1121), "small": (24, 96, 140), "half": (184, 775, 560), "double": (184, 775, 2242)}
-EXTRA_PROFILES = ("half", "double")  # bench/bench_memory.py's sizes: x halved or doubled
+SHAPES = {"full": (184, 775, 1121), "small": (24, 96, 140), "half": (184, 775, 560), "double": (184, 775, 2242),
+          "quad": (184, 775, 4484)}
+EXTRA_PROFILES = ("half", "double", "quad")  # bench/bench_memory.py's sizes: x halved, doubled, four times
 VOXEL_UM = 0.02  # 20 nm isotropic, as ImageJ stores it (spacing in µm; resolution 50 pixels per µm)
 SEED = 9846137
 SLAB = 32  # z-planes generated at once (bounded memory in "full")
