@@ -148,13 +148,12 @@ def delete_prefix(s3: Any, prefix: str) -> None:
 # (output, images): image = (path in the output, level-0 shape z,y,x, level-0 bytes stored, levels, shard, factors);
 # shapes, stored bytes and levels from METADATA_SUMMARY.md; shards as the stages choose them, from the same code
 # (64 MiB: uint8 256 x 512 x 512, OpenOrganelle's int16 256 x 256 x 512; EMPIAR's 16-section stack 16 x 1024 x
-# 1024; hemibrain's uint64 segmentation 256^3) at every level; pyramid factors 2 per axis (EMPIAR 1x2x2: 16
+# 1024; hemibrain's uint64 segmentation on the EM's shards) at every level; pyramid factors 2 per axis (EMPIAR 1x2x2: 16
 # z-sections at 50 nm).
-_SEG_SHARDS = tuple(ngff.label_shards(hemibrain.OUTPUT_SHARDS, np.dtype(np.uint8), np.dtype(np.uint64)) or ())
 OUTPUTS: tuple[tuple[str, tuple[tuple[str, tuple[int, int, int], float, int, tuple[int, ...],
                                       tuple[int, int, int]], ...]], ...] = (
     ("hemibrain_crop.zarr", (("", (1000, 1000, 1000), 832.0e6, 5, hemibrain.OUTPUT_SHARDS, (2, 2, 2)),
-                             ("labels/segmentation", (1000, 1000, 1000), 24.4e6, 5, _SEG_SHARDS, (2, 2, 2)))),
+                             ("labels/segmentation", (1000, 1000, 1000), 24.4e6, 5, hemibrain.OUTPUT_SHARDS, (2, 2, 2)))),
     ("empiar_11759.zarr", (("", (16, 5500, 5496), 405.1e6, 8,
                             empiar.thin_stack_shards((16, 5500, 5496), ngff.DEFAULT_CHUNKS, empiar.EmpiarParams.shards),
                             (1, 2, 2)),)),

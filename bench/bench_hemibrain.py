@@ -135,8 +135,7 @@ def ts_copy(mirror: str, origin: list[int], crop: int, concurrency: int,
             src = open_scale(ctx, url, 0, tcontext, name)[region]
             arrays = ngff.create_multiscale(root.create_group(name), name=name, shape=(crop,) * 3, dtype=dtype,
                                             geometry=ngff.Geometry((8.0, 8.0, 8.0)), chunks=OUTPUT_CHUNKS,
-                                            shards=ngff.label_shards(OUTPUT_SHARDS, np.dtype(np.uint8), np.dtype(dtype)),
-                                            n_levels=1)
+                                            shards=OUTPUT_SHARDS, n_levels=1)
             dst = ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
                                                           "path": str(Path(tmp) / "copy.zarr" / arrays[0].path)}}
                           ).result()
@@ -223,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for k, v in rows.items():
         print(f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} | {med[k] / base:.1f}x |")
-    print(f"\nEM + segmentation {args.crop}^3 at the same origin, shards {'x'.join(map(str, OUTPUT_SHARDS))} (segmentation "
-          f"{'x'.join(map(str, ngff.label_shards(OUTPUT_SHARDS, np.dtype(np.uint8), np.dtype(np.uint64)) or ()))}): stage (crop + pyramids + "
+    print(f"\nEM + segmentation {args.crop}^3 at the same origin, shards {'x'.join(map(str, OUTPUT_SHARDS))}: stage (crop + pyramids + "
           f"labels, read back) {statistics.median(s[0] for s in stage_s):.1f} s vs ts copy of level 0 "
           f"{statistics.median(c[0] for c in copy_s):.1f} s; CPU seconds of this process (the replica server apart) "
           f"{statistics.median(s[1] for s in stage_s):.1f} vs {statistics.median(c[1] for c in copy_s):.1f}")

@@ -171,25 +171,57 @@ def test_write_image_keeps_attrs_and_registers_labels(tmp_path):
     assert label_attrs["colors"][0]["rgba"] == [0, 0, 0, 0] and label_attrs["colors"][1]["rgba"][3] == 255
 
 
-def test_a_label_wider_than_its_image_gets_shards_no_larger_than_the_default(tmp_path, monkeypatch):
-    """Stage layout: uint8 images get 64 MiB shards (UINT8_SHARDS); a uint64 segmentation beside them would be
-    512 MiB per shard, so it gets DEFAULT_SHARDS (here scaled down); a uint8 mask keeps the image's."""
-    monkeypatch.setattr(ngff, "DEFAULT_SHARDS", (16, 16, 16))
+def test_write_unit_halves_a_shard_over_the_budget_on_whole_chunks():
+    mib = 2**20
+    assert ngff.write_unit((256, 512, 512), (64, 64, 64), 8, 128 * mib) == (256, 256, 256)  # uint64 labels
+    assert ngff.write_unit((256, 512, 512), (64, 64, 64), 1, 128 * mib) == (256, 512, 512)  # uint8: the shard
+    assert ngff.write_unit((192, 512, 512), (64, 64, 64), 8, 32 * mib) == (192, 128, 128)  # 192 does not halve
+    assert ngff.write_unit((64, 64, 64), (64, 64, 64), 8, 1) == (64, 64, 64)  # never below a chunk
+
+
+def _write_seg_beside_image(path: Path, monkeypatch: pytest.MonkeyPatch | None) -> list[tuple[str, tuple]]:
+    """uint8 image + uint64 segmentation on (16, 32, 32) shards; with ``monkeypatch`` the budgets are scaled
+    down so that the segmentation's shards (128 KiB) are written in 16^3 pieces (32 KiB) and its level 1 piece
+    by piece. Returns the level-0 boxes handed to each writer."""
+    puts: list[tuple[str, tuple]] = []
+    if monkeypatch is not None:
+        monkeypatch.setattr(ngff._Sink, "INFLIGHT_BYTES", 16**3 * 8)
+        monkeypatch.setattr(ngff._StreamingPyramid, "DIRECT_BYTES", 16**3 * 8)
+        put = ngff._Sink.put
+
+        def spy(self, box, data):
+            puts.append((self.what, tuple((b.start, b.stop) for b in box)))
+            return put(self, box, data)
+
+        monkeypatch.setattr(ngff._Sink, "put", spy)
     data = (np.arange(24 * 40 * 72) % 251).astype(np.uint8).reshape(24, 40, 72)
     seg = (np.arange(data.size, dtype=np.uint64) // 700 + 2**40).reshape(data.shape)
-    mask = (data > 100).astype(np.uint8)
-    root = zarr.open_group(str(tmp_path / "a.zarr"), mode="w", zarr_format=3)
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
     ngff.write_image(root, name="a", source=data, geometry=ngff.Geometry((4.0, 4.0, 4.0)), chunks=(8, 8, 8),
-                     shards=(16, 32, 32), n_levels=2, what="a",
-                     labels=[ngff.Label("seg", seg), ngff.Label("mask", mask, method="nearest")])
-    _, image = ngff.open_multiscale(tmp_path / "a.zarr")
-    _, seg_arrays = ngff.open_multiscale(tmp_path / "a.zarr", label="seg")
-    _, mask_arrays = ngff.open_multiscale(tmp_path / "a.zarr", label="mask")
-    assert image[0].shards == (16, 32, 32) and mask_arrays[0].shards == (16, 32, 32)
-    assert seg_arrays[0].shards == (16, 16, 16) and seg_arrays[1].shards == (16, 16, 16)
-    np.testing.assert_array_equal(seg_arrays[0][...], seg)
-    np.testing.assert_array_equal(mask_arrays[0][...], mask)
-    np.testing.assert_array_equal(image[0][...], data)
+                     shards=(16, 32, 32), n_levels=3, what="a", labels=[ngff.Label("seg", seg)])
+    return puts
+
+
+def test_a_label_wider_than_its_image_is_written_in_pieces_of_its_shards(tmp_path, monkeypatch):
+    """Labels share the image's shards; a uint64 segmentation's shard over the in-flight budget is written piece
+    by piece into the shard file: the same voxels at every level as whole shards, the same bytes run to run."""
+    _write_seg_beside_image(tmp_path / "whole.zarr", None)
+    puts = _write_seg_beside_image(tmp_path / "a.zarr", monkeypatch)
+    _write_seg_beside_image(tmp_path / "b.zarr", monkeypatch)
+    seg_level0 = [box for what, box in puts if what.startswith("label 'seg'")]
+    image_level0 = [box for what, box in puts if what == "a"]
+    assert seg_level0 and all(b - a <= 16 for box in seg_level0 for a, b in box)  # pieces, not (16, 32, 32)
+    assert any(box[2][1] - box[2][0] == 32 for box in image_level0)  # the uint8 image: whole shards
+    for label in (None, "seg"):
+        _, whole = ngff.open_multiscale(tmp_path / "whole.zarr", label=label)
+        _, piecewise = ngff.open_multiscale(tmp_path / "a.zarr", label=label)
+        for w, p in zip(whole, piecewise, strict=True):
+            assert p.shards == w.shards
+            np.testing.assert_array_equal(p[...], w[...])
+    files = sorted(f.relative_to(tmp_path / "a.zarr") for f in (tmp_path / "a.zarr").rglob("*") if f.is_file())
+    assert any("labels/seg/0/c" in str(f) for f in files)
+    for f in files:
+        assert (tmp_path / "a.zarr" / f).read_bytes() == (tmp_path / "b.zarr" / f).read_bytes(), f
 
 
 def test_write_image_fails_loudly_naming_the_source_and_block(tmp_path, monkeypatch):

@@ -184,6 +184,16 @@ def test_mode_agrees_with_brute_force_wherever_the_majority_is_unique(factors):
     assert checked > out.size // 3
 
 
+@pytest.mark.parametrize("factors", [(2, 2, 2), (1, 2, 2), (2, 2, 1)])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint64])
+def test_mode_of_a_view_is_the_mode_of_its_copy(factors, dtype):
+    """write_image hands the pyramid boxes sliced out of the source (views, not contiguous): tinybrain read
+    such a view's memory as if contiguous and gave wrong labels (silently) until pyramid.mode copied it."""
+    seg = (np.arange(24 * 40 * 72, dtype=np.uint64) // 700 % 251).astype(dtype).reshape(24, 40, 72)
+    for view in (seg[:16, :16, :16], seg[8:24, 16:40, 24:72], seg[:, ::2, :], seg.transpose(2, 1, 0)[:16]):
+        np.testing.assert_array_equal(pyramid.mode(view, factors), pyramid.mode(view.copy(), factors))
+
+
 @pytest.mark.parametrize("reader", ["direct", "tensorstore"])
 def test_a_wrong_voxel_on_disk_is_reported_with_the_box(tmp_path, monkeypatch, reader):
     """Tensorstore is handed the right shard but one voxel reaches the file wrong: the read-back (decoded from

@@ -31,8 +31,9 @@ DEFAULT_CHUNKS: tuple[int, int, int] = (64, 64, 64)
 # 256^3 shards hold 64 chunks each: few enough files for DVC and S3, small enough to write one at a time.
 DEFAULT_SHARDS: tuple[int, int, int] = (256, 256, 256)
 # The stages' image shards: 64 MiB of decoded voxels (uint8 256 x 512 x 512, int16 256 x 256 x 512). `dvc pull`
-# pays ~8 ms per file whatever its size, so fewer, larger files (bench/README.md, "Layout"); a label wider than
-# its image gets DEFAULT_SHARDS (uint64: 128 MiB), see ``write_image``.
+# pays ~8 ms per file whatever its size, so fewer, larger files (bench/README.md, "Layout"). Labels share their
+# image's shards; a wider one (uint64 segmentation: 512 MiB per shard decoded, a few MB stored) is written in
+# pieces of at most ``_Sink.INFLIGHT_BYTES`` (``write_unit``).
 UINT8_SHARDS: tuple[int, int, int] = (256, 512, 512)
 INT16_SHARDS: tuple[int, int, int] = (256, 256, 512)
 
@@ -444,6 +445,21 @@ class Label:
     method: Downsampling = "mode"
 
 
+def write_unit(shard: Sequence[int], chunks: Sequence[int], itemsize: int, most: int) -> tuple[int, ...]:
+    """The level-0 box written at once: the shard, or for a shard of more than ``most`` bytes decoded, the shard
+    halved along its longest axis (ties: the last), on whole chunks, until a piece holds at most ``most`` (or no
+    axis halves on whole chunks). A uint64 label shard of 256 x 512 x 512 (512 MiB decoded) is written in 256^3
+    pieces of 128 MiB."""
+    unit = [int(s) for s in shard]
+    while math.prod(unit) * itemsize > most:
+        halvable = [a for a in range(len(unit)) if unit[a] % 2 == 0 and (unit[a] // 2) % int(chunks[a]) == 0]
+        if not halvable:
+            break
+        axis = max(halvable, key=lambda a: (unit[a], a))
+        unit[axis] //= 2
+    return tuple(unit)
+
+
 def shard_order(shape: Sequence[int], factors: Sequence[Sequence[int]], block: Sequence[int],
                 level_blocks: Sequence[Sequence[int]]) -> list[Box]:
     """Level-0 shard boxes ordered so that each upper-level shard's sources come one after another.
@@ -620,7 +636,7 @@ class _Sink:
     def make_room(self) -> None:
         began = time.monotonic()
         try:
-            self._drain(self.depth - 1)
+            self._drain(max(self.depth - 1, 0))
         finally:
             self.seconds += time.monotonic() - began
 
@@ -660,7 +676,8 @@ class _StreamingPyramid:
 
     DIRECT_BYTES = 64 * 2**20
 
-    def __init__(self, sinks: Sequence[_Sink], factors: Sequence[Sequence[int]], method: Downsampling):
+    def __init__(self, sinks: Sequence[_Sink], factors: Sequence[Sequence[int]], method: Downsampling,
+                 unit: Sequence[int] | None = None):
         self.sinks = list(sinks)
         self.arrays = [sink.array for sink in self.sinks]
         self.factors = [tuple(int(v) for v in f) for f in factors]
@@ -671,7 +688,7 @@ class _StreamingPyramid:
         self.seconds = 0.0
         # direct[level]: pieces of that level are written as they come (see above); unit: what a level passes up.
         self.direct = [False] * len(self.arrays)
-        unit = self.blocks[0]
+        unit = tuple(unit) if unit is not None else self.blocks[0]  # the level-0 boxes ``add`` receives
         for level in range(1, len(self.arrays)):
             array, f = self.arrays[level], self.factors[level]
             piece = tuple(u // fa for u, fa in zip(unit, f, strict=True))
@@ -826,8 +843,13 @@ def _stream_level0(arrays: Sequence[zarr.Array], source: Any, factors: Sequence[
     fold_sum = verify and backend == "tensorstore" and dtype.kind in "iu"
     sinks[0].sum_voxels = fold_sum
     blocks = [tuple(a.shards or a.chunks) for a in arrays]
-    boxes = shard_order(shape, factors, blocks[0], blocks)
-    builder = _StreamingPyramid(sinks, factors, method)
+    # A level-0 shard larger than the in-flight budget is written in pieces, one at a time (each write adds its
+    # chunks to the shard file), each read back before the next; the pyramid reduces piece by piece.
+    unit = write_unit(blocks[0], arrays[0].chunks, dtype.itemsize, _Sink.INFLIGHT_BYTES)
+    if unit != blocks[0]:
+        sinks[0].depth = 0
+    boxes = shard_order(shape, factors, unit, blocks)
+    builder = _StreamingPyramid(sinks, factors, method, unit)
     if isinstance(source, Blocks):
         datas: Iterator[np.ndarray] = iter(source.read(boxes))
     else:
@@ -893,15 +915,6 @@ def _stream_level0(arrays: Sequence[zarr.Array], source: Any, factors: Sequence[
     }
 
 
-def label_shards(shards: Sequence[int] | None, dtype: np.dtype, label_dtype: np.dtype) -> Sequence[int] | None:
-    """A label's shards: the image's, or for a label wider than its image (uint64 segmentation beside uint8 EM)
-    no larger than ``DEFAULT_SHARDS`` on any axis: a 256^3 uint64 shard is 128 MiB decoded, the most the writer
-    holds of one shard."""
-    if shards is None or np.dtype(label_dtype).itemsize <= np.dtype(dtype).itemsize:
-        return shards
-    return tuple(min(int(s), d) for s, d in zip(shards, DEFAULT_SHARDS, strict=True))
-
-
 def write_image(
     group: zarr.Group,
     *,
@@ -927,8 +940,7 @@ def write_image(
     back and compared (SourceMismatchError naming ``what`` and the box); the pyramid levels are built from
     those shards as they pass (no second read of level 0), in bounded memory. Levels follow
     ``pyramid.plan_factors`` (near-isotropic) unless ``factors`` (per level, level 0 first) or ``n_levels``
-    is given. Each label is written the same way on the image's levels (with the image's shards, or for a label
-    of a wider dtype shards no larger than ``DEFAULT_SHARDS``). ``attrs`` are added to the group's
+    is given. Each label is written the same way on the image's levels and shards. ``attrs`` are added to the group's
     attributes beside ``ome``. ``on_block`` is called with the bytes of each level-0 shard (progress bars).
 
     ``backend``: "tensorstore" (default; measured faster, bench/RESULTS_pyramid.md) or "zarr" (zarr-python).
@@ -970,8 +982,7 @@ def write_image(
         _, ldtype = _source_shape_dtype(lab.source, lab.name)
         label_arrays.append(create_label(group, lab.name, colors=lab.colors, properties=lab.properties,
                                          downsampling=lab.method, shape=shape, dtype=ldtype, geometry=geometry,
-                                         chunks=chunks, shards=label_shards(shards, dtype, ldtype),
-                                         factors=factors))
+                                         chunks=chunks, shards=shards, factors=factors))
     stop = threading.Event()
     label_figures: dict[str, Any] = {}
     errors: list[BaseException] = []
