@@ -664,7 +664,8 @@ class _Sink:
 
 
 class _StreamingPyramid:
-    """Takes level-0 shards in ``shard_order`` and writes every upper level shard as soon as it is complete.
+    """Takes level-0 boxes (shards, or ``write_unit`` pieces of them) in ``shard_order`` and writes every upper
+    level shard as soon as it is complete.
 
     Each level's shard is filled in a buffer from the reductions of the level below and written whole, except
     on levels whose shard is larger than ``DIRECT_BYTES`` (256^3 uint64 labels: 128 MiB) and whose pieces are

@@ -85,11 +85,10 @@ def segmentation_layer(version: str) -> str:
 SEGMENTATION_URL = segmentation_url(DEFAULT_SEGMENTATION)
 
 OUTPUT_CHUNKS = (64, 64, 64)
-# EM shards of 256 x 512 x 512 (64 MiB of uint8, ngff.UINT8_SHARDS), the uint64 segmentation's 256^3 (128 MiB;
-# ngff.write_image gives a wider label DEFAULT_SHARDS) at every level: few files for DVC (109 for the 1000^3 crop
-# and its segmentation; 163 with 256^3 EM shards, 1,185 with 128^3). The streaming pyramid holds a bounded number
-# of shards (for uint64 labels: the shard being reduced, one level-1 and one level-2 shard being filled, no copy
-# for the writes, read-backs in 32 MiB slabs), so memory does not call for smaller shards (bench/bench_memory.py).
+# Shards of 256 x 512 x 512 at every level, EM and segmentation (64 MiB of uint8, ngff.UINT8_SHARDS; the uint64
+# segmentation's 512 MiB decoded are a few MB stored, written in 256^3 pieces: ngff.write_unit): few files for
+# DVC (55 for the 1000^3 crop and its segmentation; 163 with 256^3 shards, 1,185 with 128^3). The streaming
+# pyramid holds a bounded number of pieces (bench/bench_memory.py).
 OUTPUT_SHARDS = ngff.UINT8_SHARDS
 MIN_SELECTION_VOXELS = 4  # auto selection scale: the coarsest where the crop spans at least this per axis
 MAX_SELECTION_VOXELS = 2**26  # the coarse volume read whole for tissue selection (64 Mi voxels)
