@@ -179,7 +179,8 @@ def test_write_unit_halves_a_shard_over_the_budget_on_whole_chunks():
     assert ngff.write_unit((64, 64, 64), (64, 64, 64), 8, 1) == (64, 64, 64)  # never below a chunk
 
 
-def _write_seg_beside_image(path: Path, monkeypatch: pytest.MonkeyPatch | None) -> list[tuple[str, tuple]]:
+def _write_seg_beside_image(path: Path, monkeypatch: pytest.MonkeyPatch | None,
+                            backend: str = "tensorstore") -> list[tuple[str, tuple]]:
     """uint8 image + uint64 segmentation on (16, 32, 32) shards; with ``monkeypatch`` the budgets are scaled
     down so that the segmentation's shards (128 KiB) are written in 16^3 pieces (32 KiB) and its level 1 piece
     by piece. Returns the level-0 boxes handed to each writer."""
@@ -198,16 +199,18 @@ def _write_seg_beside_image(path: Path, monkeypatch: pytest.MonkeyPatch | None) 
     seg = (np.arange(data.size, dtype=np.uint64) // 700 + 2**40).reshape(data.shape)
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     ngff.write_image(root, name="a", source=data, geometry=ngff.Geometry((4.0, 4.0, 4.0)), chunks=(8, 8, 8),
-                     shards=(16, 32, 32), n_levels=3, what="a", labels=[ngff.Label("seg", seg)])
+                     shards=(16, 32, 32), n_levels=3, what="a", labels=[ngff.Label("seg", seg)],
+                     backend=backend)  # type: ignore[arg-type]
     return puts
 
 
-def test_a_label_wider_than_its_image_is_written_in_pieces_of_its_shards(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ngff.BACKENDS)
+def test_a_label_wider_than_its_image_is_written_in_pieces_of_its_shards(tmp_path, monkeypatch, backend):
     """Labels share the image's shards; a uint64 segmentation's shard over the in-flight budget is written piece
     by piece into the shard file: the same voxels at every level as whole shards, the same bytes run to run."""
     _write_seg_beside_image(tmp_path / "whole.zarr", None)
-    puts = _write_seg_beside_image(tmp_path / "a.zarr", monkeypatch)
-    _write_seg_beside_image(tmp_path / "b.zarr", monkeypatch)
+    puts = _write_seg_beside_image(tmp_path / "a.zarr", monkeypatch, backend)
+    _write_seg_beside_image(tmp_path / "b.zarr", monkeypatch, backend)
     seg_level0 = [box for what, box in puts if what.startswith("label 'seg'")]
     image_level0 = [box for what, box in puts if what == "a"]
     assert seg_level0 and all(b - a <= 16 for box in seg_level0 for a, b in box)  # pieces, not (16, 32, 32)
