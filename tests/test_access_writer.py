@@ -10,7 +10,8 @@ import pytest
 from access_fixtures import em_like, make_volume, write_blocks_in_process
 
 from emdata.access import BlockGrid, BlockSpec, Box, open_array
-from emdata.access.writer import BlockWriter, blend_window
+from emdata import ngff
+from emdata.access.writer import BlockWriter, blend_window, output_shards
 from emdata.ngff import open_multiscale
 
 
@@ -34,6 +35,27 @@ def test_identity_prediction_round_trips_with_the_source_geometry(tmp_path, sour
     assert (out.shape, out.voxel_size_nm, out.translation_nm) == (grid.array.shape, (8.0, 4.0, 4.0), (5.0, 6.0, 7.0))
     assert (out.chunks, out.shards, out.dtype) == (grid.array.chunks, grid.array.shards, np.float32)
     np.testing.assert_allclose(out.read(out.bounds), data, rtol=1e-5)
+
+
+def test_output_shards_are_the_inputs_up_to_the_default(tmp_path, monkeypatch):
+    """The stages' 64 MiB uint8 shards (256 x 512 x 512) would make a shard's blend buffers 512 MiB: the output's
+    shards stop at DEFAULT_SHARDS (scaled down here), on whole chunks; the voxels are the same."""
+    from types import SimpleNamespace
+
+    assert output_shards(SimpleNamespace(shards=(256, 512, 512), chunks=(64, 64, 64))) == (256, 256, 256)
+    assert output_shards(SimpleNamespace(shards=(288, 576, 96), chunks=(48, 48, 48))) == (240, 240, 96)
+    assert output_shards(SimpleNamespace(shards=None, chunks=(64, 64, 64))) == (64, 64, 64)
+    monkeypatch.setattr(ngff, "DEFAULT_SHARDS", (16, 16, 16))
+    data = em_like((20, 40, 72), seed=5)
+    path = make_volume(tmp_path / "wide.zarr", data, shards=(16, 32, 32), n_levels=1)
+    grid = BlockGrid(open_array(path), BlockSpec(8, halo_voxels=2))
+    writer = BlockWriter(tmp_path / "pred.zarr", grid, dtype="uint8", blend="average")
+    for block in grid:
+        writer.write(block, block.data)
+    writer.finalize()
+    out = open_array(tmp_path / "pred.zarr")
+    assert grid.array.shards == (16, 32, 32) and out.shards == (16, 16, 16)
+    np.testing.assert_array_equal(out.read(out.bounds), data)
 
 
 def test_level_one_output_keeps_level_one_geometry(tmp_path, source):

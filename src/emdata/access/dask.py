@@ -32,6 +32,7 @@ from emdata.access.writer import (
     add_contribution,
     block_contribution,
     crop_prediction,
+    output_shards,
     resolve_blend,
     shard_boxes,
 )
@@ -111,7 +112,7 @@ def _settings(grid: BlockGrid, target: _Target, name: str, n_levels: int) -> dic
     array = grid.array
     return {
         "format": _FORMAT, "source": str(array.location), "level": array.level, "shape": list(array.shape),
-        "chunks": list(array.chunks), "shards": list(array.shards or array.chunks), "spec": grid.spec.to_dict(),
+        "chunks": list(array.chunks), "shards": list(output_shards(array)), "spec": grid.spec.to_dict(),
         "dtype": target.dtype, "blend": target.blend, "fill_value": target.fill_value, "name": name,
         "n_levels": n_levels, "voxel_size_nm": list(array.voxel_size_nm),
         "translation_nm": list(array.translation_nm),
@@ -140,7 +141,7 @@ def _prepare(grid: BlockGrid, target: _Target, name: str, n_levels: int, downsam
     array = grid.array
     root = zarr.open_group(target.store(), mode="w", zarr_format=3)
     create_multiscale(root, name=name, shape=array.shape, dtype=np.dtype(target.dtype), geometry=array.geometry,
-                      n_levels=n_levels, chunks=array.chunks, shards=array.shards, downsampling=downsampling)
+                      n_levels=n_levels, chunks=array.chunks, shards=output_shards(array), downsampling=downsampling)
     fs.makedirs(done, exist_ok=True)
     fs.pipe_file(meta_path, json.dumps(settings, indent=1).encode())
 
@@ -173,7 +174,8 @@ def map_blocks(
     ``fn(data)`` gets a block's data with its halo (``pass_block=True``: the ``Block``) and returns a
     (z, y, x) prediction shaped like the read box (the halo is cropped) or the block box. ``out`` is a local
     path or a URL (``s3://bucket/pred.zarr``; ``storage_options`` go to fsspec, e.g. ``endpoint_url``).
-    The output has the grid array's shape, voxel size, translation, chunks and shards. ``client``: a
+    The output has the grid array's shape, voxel size, translation and chunks, and its shards up to 256^3
+    (``writer.output_shards``). ``client``: a
     ``dask.distributed.Client``; one task per output shard, z-major. ``client=None`` runs the same tasks
     one after another in this process (the single-process run; the outputs are byte-identical). The run
     resumes: shards finished before are skipped. ``blend`` as ``BlockWriter``: ``none`` writes cores,
@@ -185,7 +187,7 @@ def map_blocks(
     target = _Target(os.fspath(out), dict(storage_options or {}), np.dtype(dtype).str, blend, float(fill_value))
     _prepare(grid, target, name, n_levels, downsampling, overwrite, function_id(fn))
     array = grid.array
-    boxes = shard_boxes(array.shape, array.shards or array.chunks)
+    boxes = shard_boxes(array.shape, output_shards(array))
     fs, done = target.fs()
     todo = [b for b in boxes if not fs.exists(f"{done}/{_marker(b)}")]
     if client is None:

@@ -20,6 +20,7 @@ from numcodecs import Blosc
 from emdata.access.grid import Block, BlockGrid
 from emdata.access.spec import Box
 from emdata.errors import InvalidParameterError
+from emdata import ngff
 from emdata.ngff import Downsampling, create_image_group, write_pyramid
 
 Blend = Literal["none", "average", "smooth"]
@@ -101,6 +102,15 @@ def accumulator_dtype(dtype: np.dtype, blend: str) -> np.dtype:
     return np.dtype(np.float64 if dtype == np.float64 else np.float32)
 
 
+def output_shards(array: Any) -> tuple[int, ...]:
+    """The shards of an output written from ``array``'s blocks: ``array``'s, at most ``ngff.DEFAULT_SHARDS`` (256^3)
+    per axis, on whole chunks. Writing a shard holds a weighted sum and weights for each of its voxels (8 bytes
+    per voxel: 128 MiB for 256^3); the stages' 64 MiB uint8 input shards (256 x 512 x 512) would make it 512 MiB."""
+    shards = array.shards or array.chunks
+    return tuple(int(s) if s <= d else max(int(c), d // int(c) * int(c))
+                 for s, c, d in zip(shards, array.chunks, ngff.DEFAULT_SHARDS, strict=True))
+
+
 def shard_boxes(shape: tuple[int, ...], shards: tuple[int, ...]) -> list[Box]:
     """The output's shards as voxel boxes, z-major (the last ones clipped to the array)."""
     return list(_grid_boxes(shape, shards))
@@ -109,7 +119,8 @@ def shard_boxes(shape: tuple[int, ...], shards: tuple[int, ...]) -> list[Box]:
 class BlockWriter:
     """Accumulate predictions of ``grid``'s blocks, then ``finalize()`` into ``out_path`` (OME-Zarr 0.5).
 
-    The output has the grid array's shape, voxel size, translation, chunks and shards. ``blend="none"``
+    The output has the grid array's shape, voxel size, translation and chunks, and its shards up to 256^3
+    (``output_shards``). ``blend="none"``
     writes each block's core (crop-and-stitch); ``average`` and ``smooth`` weight every block-box voxel
     (uniform or sine window) and divide the weighted sum by the summed weights.
 
@@ -145,7 +156,7 @@ class BlockWriter:
         self.downsampling = downsampling
         self.fill_value = fill_value
         self.chunks = self.array.chunks
-        self.shards = self.array.shards or self.array.chunks
+        self.shards = output_shards(self.array)
         self.acc_dtype = accumulator_dtype(self.dtype, blend)
         self._meta = {
             "format": _FORMAT, "shape": list(self.array.shape), "dtype": self.dtype.str, "blend": blend,
@@ -263,7 +274,7 @@ class BlockWriter:
                 create_image_group(
                     self.out_path, name=self.name, shape=self.array.shape, dtype=self.dtype,
                     geometry=self.array.geometry, n_levels=self.n_levels, chunks=self.chunks,
-                    shards=self.array.shards, downsampling=self.downsampling)
+                    shards=self.shards, downsampling=self.downsampling)
                 _atomic_write(self.partial / "output_created", b"")
         return zarr.open_array(str(self.out_path / "0"), mode="r+", zarr_format=3)
 
