@@ -224,7 +224,9 @@ def peak_rss(tmp: Path, size: int, shards: Sequence[int], backend: str) -> tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=512, help="edge of the cubic uint8 volume (voxels)")
-    parser.add_argument("--shards", type=int, nargs="+", default=[256, 128], help="shard edges to test")
+    parser.add_argument("--shards", nargs="+", default=["256x512x512", "256", "128"],
+                        help="shard shapes to test: an edge (cubic) or z x y x x; default: the stages' uint8 "
+                             "shards (ngff.UINT8_SHARDS), 256^3 and 128^3")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=[256, 512, 1024])
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS_pyramid.md")
@@ -244,7 +246,7 @@ def main() -> None:
         return (f"| {name} | {statistics.median(values):.2f}x ({min(values):.2f}..{max(values):.2f}) | {target} |")
 
     for shard in args.shards:
-        shards = (shard,) * 3
+        shards = tuple(int(v) for v in shard.split("x")) if "x" in shard else (int(shard),) * 3
         cases: dict[str, list[Timing]] = {k: [] for k in (
             "old level 0 (+read-back)", "old pyramid (2nd pass)", "zarr level 0", "zarr image+pyramid",
             "ts level 0", "ts image+pyramid", "ts level 0 unverified", "ts image+pyramid unverified", "ts copy",
@@ -267,7 +269,7 @@ def main() -> None:
             cases["ts level 0 unverified, no voxel sum"].append(without_sum(
                 lambda: new_image(tmp / "n0.zarr", data, chunks, shards, "tensorstore", n_levels=1, verify=False)))
         mb = data.nbytes / 1e6
-        lines += [f"## Shards {shard}^3", "", "| case | median wall s | level-0 MB/s (wall) | median CPU s |",
+        lines += [f"## Shards {shard if 'x' in shard else shard + '^3'}", "", "| case | median wall s | level-0 MB/s (wall) | median CPU s |",
                   "|---|---:|---:|---:|"]
         for k, v in cases.items():
             wall, cpu = statistics.median(t[0] for t in v), statistics.median(t[1] for t in v)
