@@ -941,8 +941,8 @@ def write_image(
     back and compared (SourceMismatchError naming ``what`` and the box); the pyramid levels are built from
     those shards as they pass (no second read of level 0), in bounded memory. Levels follow
     ``pyramid.plan_factors`` (near-isotropic) unless ``factors`` (per level, level 0 first) or ``n_levels``
-    is given. Each label is written the same way on the image's levels and shards. ``attrs`` are added to the group's
-    attributes beside ``ome``. ``on_block`` is called with the bytes of each level-0 shard (progress bars).
+    is given. Each label is written the same way on the image's levels and shards. ``attrs`` are added to the
+    group's attributes beside ``ome``. ``on_block`` is called with the bytes of each level-0 shard (progress bars).
 
     ``backend``: "tensorstore" (default; measured faster, bench/RESULTS_pyramid.md) or "zarr" (zarr-python).
     Both write the same zarr.json and the same compressed chunks and read back identically through

@@ -17,10 +17,10 @@ import numpy as np
 import zarr
 from numcodecs import Blosc
 
+from emdata import ngff
 from emdata.access.grid import Block, BlockGrid
 from emdata.access.spec import Box
 from emdata.errors import InvalidParameterError
-from emdata import ngff
 from emdata.ngff import Downsampling, create_image_group, write_pyramid
 
 Blend = Literal["none", "average", "smooth"]

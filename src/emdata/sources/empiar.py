@@ -565,9 +565,9 @@ def thin_stack_shards(shape: Sequence[int], chunks: Sequence[int], shards: Seque
 
     A shard is clipped to the volume (rounded up to whole chunks), so 16 sections with 256^3 shards would give
     16 x 256 x 256 shards (1 MiB of uint8: hundreds of files, each a fixed cost for ``dvc pull``); with this,
-    16 x 1024 x 1024 (2^24 voxels, the voxels of a 256^3 shard). The chunks and the voxels are unchanged. (EMPIAR keeps 2^24-voxel
-    shards, not the 64 MiB of ``ngff.UINT8_SHARDS``: 16 x 2048 x 2048 measured 1.26x the peak RSS from half to the
-    whole stack, bench/README.md; the 63 files cost `dvc pull` little.)
+    16 x 1024 x 1024 (2^24 voxels, the voxels of a 256^3 shard). The chunks and the voxels are unchanged.
+    (EMPIAR keeps 2^24-voxel shards, not the 64 MiB of ``ngff.UINT8_SHARDS``: 16 x 2048 x 2048 measured 1.26x
+    the peak RSS from half to the whole stack, bench/README.md; its 63 files cost `dvc pull` little.)
     """
     z_chunk = min(int(chunks[0]), int(shape[0]))
     z = min(int(shards[0]), math.ceil(int(shape[0]) / z_chunk) * z_chunk)
