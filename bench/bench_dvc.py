@@ -2,7 +2,7 @@
 
 Default (``--what outputs``): all outputs' files at their real size and count, as the stages write them with
 64 MiB shards (``OUTPUTS``: shapes, stored bytes and levels from METADATA_SUMMARY.md, shard shapes from the
-stages' code; 269 files, 2.14 GB, 62 zarr.json and the small shards of upper levels and labels included), random bytes (DVC and tar move bytes,
+stages' code; 225 files, 2.14 GB, 62 zarr.json and the small shards of upper levels and labels included), random bytes (DVC and tar move bytes,
 they don't decode them). One git+DVC workspace, one `dvc add` of the five outputs, `dvc push` to a moto S3
 endpoint on loopback (``emdata.offline.services.s3``); the baseline object is the same files as one tar. Per
 repeat, cases in a rotated order, cache and output deleted before each: one GET streamed into ``tarfile``;
@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from emdata import ngff
-from emdata.sources import empiar, hemibrain
+from emdata.sources import empiar, hemibrain, openorganelle
 from emdata.offline import services
 
 BUCKET = "emdata-bench"
@@ -147,8 +147,8 @@ def delete_prefix(s3: Any, prefix: str) -> None:
 
 # (output, images): image = (path in the output, level-0 shape z,y,x, level-0 bytes stored, levels, shard, factors);
 # shapes, stored bytes and levels from METADATA_SUMMARY.md; shards as the stages choose them, from the same code
-# (64 MiB: uint8 256 x 512 x 512, OpenOrganelle's int16 256 x 256 x 512; EMPIAR's 16-section stack 16 x 1024 x
-# 1024; hemibrain's uint64 segmentation on the EM's shards) at every level; pyramid factors 2 per axis (EMPIAR 1x2x2: 16
+# (uint8: 256 x 512 x 512, 64 MiB, hemibrain's uint64 segmentation on the EM's shards; OpenOrganelle's int16
+# 256^3; EMPIAR's 16-section stack 16 x 1024 x 1024) at every level; pyramid factors 2 per axis (EMPIAR 1x2x2: 16
 # z-sections at 50 nm).
 OUTPUTS: tuple[tuple[str, tuple[tuple[str, tuple[int, int, int], float, int, tuple[int, ...],
                                       tuple[int, int, int]], ...]], ...] = (
@@ -160,7 +160,7 @@ OUTPUTS: tuple[tuple[str, tuple[tuple[str, tuple[int, int, int], float, int, tup
     ("epfl.zarr", tuple((f"{part}{sub}", (165, 768, 1024), nbytes, 5, ngff.UINT8_SHARDS, (2, 2, 2))
                         for part in ("training", "testing") for sub, nbytes in (("", 117.1e6), ("/labels/mito", 0.3e6)))),
     ("idr_9846137.zarr", (("", (184, 775, 1121), 145.5e6, 6, ngff.UINT8_SHARDS, (2, 2, 2)),)),
-    ("jrc_mus-nacc-2.zarr", (("", (188, 840, 865), 159.0e6, 5, ngff.INT16_SHARDS, (2, 2, 2)),)),
+    ("jrc_mus-nacc-2.zarr", (("", (188, 840, 865), 159.0e6, 5, openorganelle.OpenOrganelleParams.shards, (2, 2, 2)),)),
 )
 
 

@@ -30,12 +30,11 @@ UNIT = "nanometer"
 DEFAULT_CHUNKS: tuple[int, int, int] = (64, 64, 64)
 # 256^3 shards hold 64 chunks each: few enough files for DVC and S3, small enough to write one at a time.
 DEFAULT_SHARDS: tuple[int, int, int] = (256, 256, 256)
-# The stages' image shards: 64 MiB of decoded voxels (uint8 256 x 512 x 512, int16 256 x 256 x 512). `dvc pull`
-# pays ~8 ms per file whatever its size, so fewer, larger files (bench/README.md, "Layout"). Labels share their
-# image's shards; a wider one (uint64 segmentation: 512 MiB per shard decoded, a few MB stored) is written in
-# pieces of at most ``_Sink.INFLIGHT_BYTES`` (``write_unit``).
+# The uint8 stages' image shards: 64 MiB of decoded voxels. `dvc pull` pays ~8 ms per file whatever its size, so
+# fewer, larger files (bench/README.md, "Second layout pass"). Labels share their image's shards; a wider one
+# (uint64 segmentation: 512 MiB per shard decoded, a few MB stored) is written in pieces of at most
+# ``_Sink.INFLIGHT_BYTES`` (``write_unit``).
 UINT8_SHARDS: tuple[int, int, int] = (256, 512, 512)
-INT16_SHARDS: tuple[int, int, int] = (256, 256, 512)
 
 Downsampling = Literal["mean", "mode", "nearest"]
 PROGRESS_EVERY_S = 5.0  # a long write logs its progress at least this often

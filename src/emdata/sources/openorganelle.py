@@ -108,7 +108,7 @@ class OpenOrganelleParams:
     labels: Sequence[str] = ()  # label layers (LABEL_LAYERS) written as NGFF labels; [] = none
     max_missing_chunks: int = 0  # EM chunks of the ROI allowed to be absent (404, read as 0); the store is dense
     chunks: Sequence[int] = ngff.DEFAULT_CHUNKS
-    shards: Sequence[int] = ngff.INT16_SHARDS
+    shards: Sequence[int] = ngff.DEFAULT_SHARDS
     concurrency: int = 64  # HTTP requests in flight
     max_inflight_mb: float = 256.0  # decoded voxels requested ahead of the writer
 
