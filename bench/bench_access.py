@@ -3,7 +3,9 @@ interleaved, each row the median (min..max) of per-repeat ratios (wall time; CPU
 the block iterator vs the decode limit (numcodecs blosc decoding the shard files' chunk bytes on 2 threads)
 and vs a hand-written tensorstore loop (4 reads in flight), halo 16 vs halo 0 (constant, reflect), for
 128^3 and 256^3 blocks, and the torch DataLoader (0 workers) vs the bare sampler. ``--suite scale``:
-DataLoader workers, a dask LocalCluster vs. one process, and streaming from a loopback S3 vs. local files."""
+DataLoader workers, a dask LocalCluster vs. one process, and streaming from a loopback S3 vs. local files.
+``--suite layouts``: the block iterator on the stages' shards (256 x 512 x 512) vs the previous 256^3, the same
+size of volume, interleaved (issue 12: the layout chosen for ``dvc pull`` must not slow the iterator)."""
 
 from __future__ import annotations
 
@@ -593,10 +595,38 @@ def reads_suite(args: argparse.Namespace) -> None:
             "seconds": seconds, "cpu_seconds": cpu}, indent=1))
 
 
+def layouts_suite(args: argparse.Namespace) -> None:
+    """BlockGrid over the same-size volume in the stages' shards vs 256^3 shards: speed new / old per repeat."""
+    layouts = {"256^3": (256, 256, 256), "x".join(map(str, UINT8_SHARDS)): UINT8_SHARDS}
+    vols = {name: build_volume(args.out / f"bench_{args.size}_{name.replace('^', '')}.zarr", args.size, shards)
+            for name, shards in layouts.items()}
+    for path in vols.values():  # warm the page cache
+        for f in (path / "0").rglob("*"):
+            if f.is_file():
+                f.read_bytes()
+    cases = [(block, halo) for block in args.block for halo in (0, args.halo)]
+    times: dict[tuple[int, int, str], list[float]] = {}
+    for _ in range(args.repeats):
+        for block, halo in cases:
+            for name, path in vols.items():
+                grid = BlockGrid(open_array(path), BlockSpec(block, halo_voxels=halo))
+                t0 = time.perf_counter()
+                for b in grid:
+                    b.data.nbytes  # noqa: B018
+                times.setdefault((block, halo, name), []).append(time.perf_counter() - t0)
+    old, new = layouts
+    print(f"volume {args.size}^3 uint8, chunks 64^3, {args.repeats} repeats interleaved; speed {new} / {old} shards "
+          f"(median, min..max of per-repeat ratios)")
+    for block, halo in cases:
+        ratios = [a / b for a, b in zip(times[(block, halo, old)], times[(block, halo, new)], strict=True)]
+        print(f"- blocks {block}^3, halo {halo}: {statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--suite", choices=("reads", "scale"), default="reads",
-                        help="reads: issue 12's iterator rows (default); scale: DataLoader workers, dask, streaming")
+    parser.add_argument("--suite", choices=("reads", "scale", "layouts"), default="reads",
+                        help="reads: issue 12's iterator rows (default); scale: DataLoader workers, dask, streaming; "
+                             "layouts: the iterator on the stages' shards vs 256^3")
     parser.add_argument("--samples", type=int, default=400, help="scale suite: samples per DataLoader epoch")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="scale suite: worker counts")
     parser.add_argument("--parts", nargs="+", default=["loader", "dask", "stream"], choices=("loader", "dask", "stream"),
@@ -618,6 +648,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.suite == "scale":
         scale_suite(args)
+    elif args.suite == "layouts":
+        layouts_suite(args)
     else:
         reads_suite(args)
 
