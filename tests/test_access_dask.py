@@ -80,6 +80,25 @@ def test_cluster_output_is_byte_identical_to_single_process_and_blockwriter(tmp_
         src.shape, src.chunks, src.shards, src.voxel_size_nm, src.translation_nm)
 
 
+def test_output_shards_stop_at_the_default(tmp_path, source, monkeypatch):
+    """Each task holds blend buffers of 8 bytes per voxel of its output shard: the output's shards are the input's
+    up to DEFAULT_SHARDS (scaled down here), the same as BlockWriter's, byte for byte."""
+    from emdata import ngff
+
+    monkeypatch.setattr(ngff, "DEFAULT_SHARDS", (4, 8, 8))
+    grid = _grid(source, SPECS["smooth"])
+    result = map_blocks(smooth_model, grid, tmp_path / "single.zarr", blend="smooth")
+    out = open_array(tmp_path / "single.zarr")
+    assert open_array(source).shards == (8, 8, 8) and out.shards == (4, 8, 8)
+    assert result.shards_written == 5 * 4 * 3
+    writer = BlockWriter(tmp_path / "writer.zarr", grid, dtype="float32", blend="smooth")
+    for block in grid:
+        writer.write(block, smooth_model(block.data))
+    writer.finalize()
+    level0 = {k: v for k, v in _files(tmp_path / "single.zarr").items() if k.startswith("0/c")}
+    assert level0 and level0 == {k: v for k, v in _files(tmp_path / "writer.zarr").items() if k.startswith("0/c")}
+
+
 def test_resume_skips_finished_shards_and_refuses_other_settings(tmp_path, source):
     grid = _grid(source, SPECS["none"])
     out = tmp_path / "pred.zarr"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from access_fixtures import em_like, make_volume, write_blocks_in_process
 
-from emdata.access import BlockGrid, BlockSpec, Box, open_array
 from emdata import ngff
+from emdata.access import BlockGrid, BlockSpec, Box, open_array
 from emdata.access.writer import BlockWriter, blend_window, output_shards
 from emdata.ngff import open_multiscale
 
