@@ -1,16 +1,16 @@
 """`dvc pull`/`dvc push` of the outputs vs one tar GET + unpack from the same S3 endpoint.
 
 Default (``--what outputs``): all outputs' files at their real size and count, as the stages write them
-(``OUTPUTS``: shapes, stored bytes and levels from METADATA_SUMMARY.md, shard shapes from the stages' code: 64
-MiB for uint8; 225 files, 2.14 GB, 62 zarr.json and the small shards of upper levels and labels included),
-random bytes (DVC and tar move bytes, they don't decode them). One git+DVC workspace, one `dvc add` of the five
-outputs, `dvc push` to a moto S3 endpoint on loopback (``emdata.offline.services.s3``); the baseline object is the same files as one tar. Per
-repeat, cases in a rotated order, cache and output deleted before each: one GET streamed into ``tarfile``;
-`dvc pull` with DVC's defaults (cache.type reflink,copy: copy on ext4; jobs 4 x cores); with cache.type
-hardlink; `dvc pull` with nothing to do (DVC's fixed cost). Every pulled tree is checked against the CRC-32 of
-every written file. Wall seconds and CPU seconds (client + endpoint process) per case; ratios per repeat
-(median, min..max). ``--diagnostics`` adds cache.type symlink, plain boto3 GETs of DVC's objects (8 threads),
-and the same files at 1/32 of their bytes, which splits each case into fixed + per file + per MB.
+(``OUTPUTS``: shapes, stored bytes and levels from METADATA_SUMMARY.md, shard shapes from the stages' code: 64 MiB
+for uint8; 225 files, 2.14 GB, 62 zarr.json and the small shards of upper levels and labels included), random
+bytes (DVC and tar move bytes, they don't decode them). One git+DVC workspace, one `dvc add` of the five outputs,
+`dvc push` to a moto S3 endpoint on loopback (``emdata.offline.services.s3``); the baseline object is the same
+files as one tar. Per repeat, cases in a rotated order, cache and output deleted before each: one GET streamed
+into ``tarfile``; `dvc pull` with DVC's defaults (cache.type reflink,copy: copy on ext4; jobs 4 x cores); with
+cache.type hardlink; `dvc pull` with nothing to do (DVC's fixed cost). Every pulled tree is checked against the
+CRC-32 of every written file. Wall seconds and CPU seconds (client + endpoint process) per case; ratios per repeat
+(median, min..max). ``--diagnostics`` adds cache.type symlink, plain boto3 GETs of DVC's objects (8 threads), and
+the same files at 1/32 of their bytes, which splits each case into fixed + per file + per MB.
 
 ``--what layouts``: the older experiment: one 512^3 EM-like volume written with ``emdata.ngff.write_image`` at
 several shard sizes, push/pull per layout and a least-squares projection (``model``) to other file counts.
