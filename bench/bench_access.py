@@ -53,6 +53,13 @@ def build_volume(path: Path, size: int, shards: tuple[int, int, int] = UINT8_SHA
     return path
 
 
+def warm_page_cache(path: Path) -> None:
+    """Read every file of level 0 once: every method then reads from memory, not a cold disk."""
+    for f in (path / "0").rglob("*"):
+        if f.is_file():
+            f.read_bytes()
+
+
 def timed(fn: Callable[[], int]) -> tuple[float, int]:
     t0 = time.perf_counter()
     nbytes = fn()
@@ -124,9 +131,7 @@ def scale_suite(args: argparse.Namespace) -> None:
 
 
     path = build_volume(args.out / f"bench_{args.size}.zarr", args.size)
-    for f in (path / "0").rglob("*"):
-        if f.is_file():
-            f.read_bytes()
+    warm_page_cache(path)
     load_before = os.getloadavg()[0]
     rows: list[dict[str, object]] = []
 
@@ -478,9 +483,7 @@ def reads_suite(args: argparse.Namespace) -> None:
     path = build_volume(args.out / f"bench_{args.size}.zarr", args.size)
     level0 = path / "0"
     total = args.size**3
-    for f in level0.rglob("*"):  # warm the OS page cache: every method reads from memory, not a cold disk
-        if f.is_file():
-            f.read_bytes()
+    warm_page_cache(path)
     n_samples = args.samples_reads
     sample_bytes = n_samples * args.sample_block**3
     # name -> (function, the bytes it must deliver)
@@ -597,13 +600,11 @@ def reads_suite(args: argparse.Namespace) -> None:
 
 def layouts_suite(args: argparse.Namespace) -> None:
     """BlockGrid over the same-size volume in the stages' shards vs 256^3 shards: speed new / old per repeat."""
-    layouts = {"256^3": (256, 256, 256), "x".join(map(str, UINT8_SHARDS)): UINT8_SHARDS}
-    vols = {name: build_volume(args.out / f"bench_{args.size}_{name.replace('^', '')}.zarr", args.size, shards)
-            for name, shards in layouts.items()}
-    for path in vols.values():  # warm the page cache
-        for f in (path / "0").rglob("*"):
-            if f.is_file():
-                f.read_bytes()
+    old, new = "256^3", "x".join(map(str, UINT8_SHARDS))
+    vols = {old: build_volume(args.out / f"bench_{args.size}_256.zarr", args.size, (256, 256, 256)),
+            new: build_volume(args.out / f"bench_{args.size}.zarr", args.size)}  # the reads suite's volume
+    for path in vols.values():
+        warm_page_cache(path)
     cases = [(block, halo) for block in args.block for halo in (0, args.halo)]
     times: dict[tuple[int, int, str], list[float]] = {}
     for _ in range(args.repeats):
@@ -614,7 +615,6 @@ def layouts_suite(args: argparse.Namespace) -> None:
                 for b in grid:
                     b.data.nbytes  # noqa: B018
                 times.setdefault((block, halo, name), []).append(time.perf_counter() - t0)
-    old, new = layouts
     print(f"volume {args.size}^3 uint8, chunks 64^3, {args.repeats} repeats interleaved; speed {new} / {old} shards "
           f"(median, min..max of per-repeat ratios)")
     for block, halo in cases:

@@ -677,7 +677,7 @@ class _StreamingPyramid:
     DIRECT_BYTES = 64 * 2**20
 
     def __init__(self, sinks: Sequence[_Sink], factors: Sequence[Sequence[int]], method: Downsampling,
-                 unit: Sequence[int] | None = None):
+                 unit: Sequence[int]):
         self.sinks = list(sinks)
         self.arrays = [sink.array for sink in self.sinks]
         self.factors = [tuple(int(v) for v in f) for f in factors]
@@ -688,7 +688,7 @@ class _StreamingPyramid:
         self.seconds = 0.0
         # direct[level]: pieces of that level are written as they come (see above); unit: what a level passes up.
         self.direct = [False] * len(self.arrays)
-        unit = tuple(unit) if unit is not None else self.blocks[0]  # the level-0 boxes ``add`` receives
+        unit = tuple(unit)  # the level-0 boxes ``add`` receives (shards, or write_unit pieces of them)
         for level in range(1, len(self.arrays)):
             array, f = self.arrays[level], self.factors[level]
             piece = tuple(u // fa for u, fa in zip(unit, f, strict=True))
