@@ -191,6 +191,8 @@ def _write_seg_beside_image(path: Path, monkeypatch: pytest.MonkeyPatch | None,
         put = ngff._Sink.put
 
         def spy(self, box, data):
+            # a piece of a shard is handed over only once the previous piece is written and read back
+            assert not (self.what.startswith("label") and self.pending), (self.what, box, len(self.pending))
             puts.append((self.what, tuple((b.start, b.stop) for b in box)))
             return put(self, box, data)
 

@@ -15,7 +15,10 @@ from emdata.errors import InvalidParameterError, SourceMismatchError
 
 @pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16"])
 @pytest.mark.parametrize("factors", [(2, 2, 2), (1, 2, 2), (2, 1, 1), (1, 1, 2)])
-def test_integer_mean_is_identical_to_the_float32_rint_mean(dtype, factors):
+@pytest.mark.parametrize("slab_bytes", [None, 1, 700], ids=["one-slab", "one-cell-per-slab", "slabs-of-a-few-planes"])
+def test_integer_mean_is_identical_to_the_float32_rint_mean(dtype, factors, slab_bytes, monkeypatch):
+    if slab_bytes is not None:  # a large block is reduced in z-slabs: the same voxels however it is cut
+        monkeypatch.setattr(pyramid, "_SLAB_BYTES", slab_bytes)
     info = np.iinfo(dtype)
     rng = np.random.default_rng(7)
     # Extremes and small ranges: exact halves (ties) are frequent, negative sums round toward even too.
