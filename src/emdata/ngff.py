@@ -844,10 +844,10 @@ def _stream_level0(arrays: Sequence[zarr.Array], source: Any, factors: Sequence[
     sinks[0].sum_voxels = fold_sum
     blocks = [tuple(a.shards or a.chunks) for a in arrays]
     # A level-0 shard larger than the in-flight budget is written in pieces, one at a time (each write adds its
-    # chunks to the shard file), each read back before the next; the pyramid reduces piece by piece. Such a
-    # shard's sink has depth 1 (its budget holds less than one shard): a piece's write runs while the pyramid
-    # reduces it, and ``make_room`` finishes it (written, read back) before the next piece is fetched.
+    # chunks to the shard file), each read back before the next; the pyramid reduces piece by piece.
     unit = write_unit(blocks[0], arrays[0].chunks, dtype.itemsize, _Sink.INFLIGHT_BYTES)
+    if unit != blocks[0]:
+        sinks[0].depth = 0
     boxes = shard_order(shape, factors, unit, blocks)
     builder = _StreamingPyramid(sinks, factors, method, unit)
     if isinstance(source, Blocks):
