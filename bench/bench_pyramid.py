@@ -334,6 +334,27 @@ def main() -> None:
               for k, v in red.items()]
     lines += ["", f"pyramid.mean output identical to the old float32 mean + np.rint: {same}. Target: within 1.5x "
               "of the pairwise sum.", ""]
+    # The stages' 256 x 512 x 512 uint8 shard: pyramid.mean in z-slabs (its default) vs one pass over the block
+    # (the previous code: its 64 + 32 + 16 MiB of uint16 temporaries are fresh pages every call), interleaved.
+    stage_shard = np.concatenate([block, block[:, ::-1]], axis=1)
+    stage_shard = np.ascontiguousarray(np.concatenate([stage_shard, stage_shard[:, :, ::-1]], axis=2))
+
+    def one_pass() -> np.ndarray:
+        saved, pyramid._SLAB_BYTES = pyramid._SLAB_BYTES, 1 << 62
+        try:
+            return pyramid.mean(stage_shard, (2, 2, 2))
+        finally:
+            pyramid._SLAB_BYTES = saved
+
+    slab_s: dict[str, list[float]] = {"z-slabs": [], "one pass": []}
+    for _ in range(args.repeats):
+        slab_s["z-slabs"].append(timeit(lambda: pyramid.mean(stage_shard, (2, 2, 2))))
+        slab_s["one pass"].append(timeit(one_pass))
+    assert np.array_equal(pyramid.mean(stage_shard, (2, 2, 2)), one_pass())
+    lines += [f"pyramid.mean of one {'x'.join(map(str, stage_shard.shape))} uint8 block (at the default --size, the stages' 256 x 512 x 512 shard): z-slabs "
+              f"{min(slab_s['z-slabs']):.4f} s vs one pass (the previous code) {min(slab_s['one pass']):.4f} s, "
+              f"{ratio_row('', list(np.array(slab_s['one pass']) / np.array(slab_s['z-slabs'])), '').split('|')[2].strip()}"
+              f" faster; the same voxels.", ""]
     seg = np.random.default_rng(0).integers(0, 50, (256, 256, 256)).astype(np.uint64)
     lines += [f"Mode (tinybrain) of one 256^3 uint64 block: {timeit(lambda: pyramid.mode(seg, (2, 2, 2))):.3f} s; "
               f"nearest: {timeit(lambda: pyramid.nearest(seg, (2, 2, 2))):.3f} s.", ""]
