@@ -31,6 +31,24 @@ def test_integer_mean_is_identical_to_the_float32_rint_mean(dtype, factors, slab
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("scratch_max", [None, 0], ids=["thread-scratch", "buffer-per-call"])
+def test_mean_from_many_threads_gives_new_arrays_equal_to_one_pass(scratch_max, monkeypatch):
+    """The slabs' sums go through per-thread scratch: threads at once get each their own block's mean, and every
+    result is a new array (never the scratch), equal to the float32 rint mean of the whole block."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if scratch_max is not None:
+        monkeypatch.setattr(pyramid, "_SCRATCH_MAX_BYTES", scratch_max)
+    monkeypatch.setattr(pyramid, "_SLAB_BYTES", 4096)  # several slabs per block
+    rng = np.random.default_rng(11)
+    blocks = [rng.integers(0, 255, (24, 40, 72), endpoint=True).astype(np.uint8) for _ in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda b: pyramid.mean(b, (2, 2, 2)), blocks * 3))
+    for block, got in zip(blocks * 3, results, strict=True):
+        np.testing.assert_array_equal(got, pyramid._mean_float32(block, (2, 2, 2)))
+    assert not any(np.shares_memory(a, b) for i, a in enumerate(results) for b in results[i + 1:])
+
+
 def test_mean_rounds_half_to_even():
     block = np.array([1, 2, 1, 2, 1, 2, 1, 2], np.uint8).reshape(2, 2, 2)  # mean 1.5 -> 2
     assert pyramid.mean(block, (2, 2, 2)).item() == 2

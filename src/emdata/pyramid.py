@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from typing import Literal
 
@@ -107,11 +108,15 @@ _SUM_DTYPE = {np.dtype(np.uint8): np.uint16, np.dtype(np.int8): np.int16,
               np.dtype(np.uint16): np.int32, np.dtype(np.int16): np.int32}
 
 
-# ``mean`` reduces a large block in slabs of whole cells along z of about this many input bytes: its wide
-# temporaries then stay in cache and are reused by the allocator, where the whole block's (a 64 MiB shard:
-# 64 + 32 + 16 MiB of uint16) were fresh pages every call: 1.9x less time on the stages' 256 x 512 x 512 uint8
-# shard (bench/bench_pyramid.py, "pyramid.mean of one ... block"), up to 5x on 2048 x 2048 planes; the same bytes.
-_SLAB_BYTES = 4 << 20
+# ``mean`` reduces a block in slabs of whole cells along z of about this many input bytes, each through the
+# calling thread's reused buffers of the wider integer type (``_wide_scratch``) into its part of the output.
+# One pass over a 64 MiB shard went through 64 + 32 + 16 MiB of uint16 temporaries, fresh pages on every call
+# (the stages' malloc settings mmap every buffer of 1 MiB or more): measured on 256 x 512 x 512 uint8 shards,
+# 3.8x less time with the stages' malloc settings and 2.8x without (bench/bench_pyramid.py, "pyramid.mean of
+# one ... block"); the same bytes.
+_SLAB_BYTES = 1 << 20
+_SCRATCH_MAX_BYTES = 16 << 20  # a thread keeps at most this much; a larger need gets a buffer for the call
+_scratch = threading.local()
 
 
 def mean(block: np.ndarray, factors: Sequence[int]) -> np.ndarray:
@@ -119,8 +124,8 @@ def mean(block: np.ndarray, factors: Sequence[int]) -> np.ndarray:
 
     8-/16-bit integers: exact pairwise sums in a wider integer and round half to even, which is bit-identical
     to ``np.rint`` of the float32 mean (the sums are below 2**24 and divided by a power of two, so that mean is
-    exact) at a fraction of its cost; a large block in slabs along z (each cell lies in one slab, so the result
-    is the same). Other dtypes use that float32 mean itself.
+    exact) at a fraction of its cost; in slabs along z (each cell lies in one slab, so the result is the same).
+    Other dtypes use that float32 mean itself. The result is a new array.
     """
     f = [int(v) for v in factors]
     pad = [(0, s % fa) for s, fa in zip(block.shape, f, strict=True)]
@@ -133,34 +138,57 @@ def mean(block: np.ndarray, factors: Sequence[int]) -> np.ndarray:
         raise InvalidParameterError(f"factors must be 1 or 2 per axis, got {tuple(factors)}")
     if math.prod(f) == 1:
         return block.copy()
-    plane = max(1, block[:1].nbytes)
-    step = max(f[0], _SLAB_BYTES // plane // f[0] * f[0])
-    if step >= block.shape[0]:
-        return _mean_exact(block, f, wide)
     out = np.empty(tuple(s // fa for s, fa in zip(block.shape, f, strict=True)), dtype=block.dtype)
+    step = max(f[0], _SLAB_BYTES // max(1, block[:1].nbytes) // f[0] * f[0])
     for z in range(0, block.shape[0], step):
-        out[z // f[0]:(z + step) // f[0]] = _mean_exact(block[z:z + step], f, wide)
+        _mean_exact_into(block[z:z + step], f, np.dtype(wide), out[z // f[0]:(z + step) // f[0]])
     return out
 
 
-def _mean_exact(block: np.ndarray, f: Sequence[int], wide: type) -> np.ndarray:
-    """``mean`` of an 8-/16-bit integer ``block`` whose shape the factors (1 or 2, not all 1) divide."""
+def _wide_scratch(dtype: np.dtype, n: int) -> np.ndarray:
+    """``n`` elements of ``dtype`` from this thread's reused buffer (a new one above ``_SCRATCH_MAX_BYTES``)."""
+    if n * dtype.itemsize > _SCRATCH_MAX_BYTES:
+        return np.empty(n, dtype)
+    buf = getattr(_scratch, dtype.str, None)
+    if buf is None or buf.size < n:
+        buf = np.empty(n, dtype)
+        setattr(_scratch, dtype.str, buf)
+    return buf[:n]  # type: ignore[no-any-return]
+
+
+def _mean_exact_into(block: np.ndarray, f: Sequence[int], wide: np.dtype, out: np.ndarray) -> None:
+    """``mean`` of an 8-/16-bit integer ``block`` whose shape the factors (1 or 2, not all 1) divide, into
+    ``out``. The sums go through two regions of the thread's scratch, each halving reading one, writing the other."""
     n = math.prod(f)
+    shapes, shape = [], list(block.shape)
+    for axis, fa in enumerate(f):
+        if fa == 2:
+            shape[axis] //= 2
+            shapes.append(tuple(shape))
+    first = math.prod(shapes[0])
+    second = math.prod(shapes[1]) if len(shapes) > 1 else first
+    buf = _wide_scratch(wide, first + second)
+    regions = (buf[:first], buf[first:])
     acc: np.ndarray = block
+    halved = 0
     for axis, fa in enumerate(f):
         if fa == 2:
             lo = acc[(slice(None),) * axis + (slice(0, None, 2),)]
             hi = acc[(slice(None),) * axis + (slice(1, None, 2),)]
-            acc = np.add(lo, hi, dtype=wide)
+            dst = regions[halved % 2][:math.prod(shapes[halved])].reshape(shapes[halved])
+            np.add(lo, hi, out=dst, dtype=wide)
+            acc = dst
+            halved += 1
     # Round half to even of acc / n (n = 2**k), floor-based so negative sums round right too:
     # acc = n*q + r rounds up iff r > n/2, or r == n/2 and q is odd, i.e. iff r + n/2 - 1 + (q & 1) >= n.
     k = n.bit_length() - 1
-    odd = np.right_shift(acc, k)
+    odd = regions[halved % 2][:acc.size].reshape(acc.shape)
+    np.right_shift(acc, k, out=odd)
     odd &= 1
     acc += odd
     acc += n // 2 - 1
     acc >>= k
-    return acc.astype(block.dtype)
+    np.copyto(out, acc, casting="unsafe")  # as acc.astype(out.dtype): the values fit
 
 
 def mode(block: np.ndarray, factors: Sequence[int]) -> np.ndarray:
