@@ -5,7 +5,9 @@ the number of shards it writes, although Python holds a bounded amount (tracemal
 for 20 to 45 shards). Two defaults cause it: the dynamic mmap threshold (after the first large buffer is freed,
 buffers up to 32 MiB, i.e. whole shards, come from the heap, whose free space fragments and stays resident) and
 up to 8 arenas per core (each tensorstore and zarr thread keeps its own heap). A fixed threshold of 1 MiB and two
-arenas keep the growth away; speed is unchanged within the noise. ``MALLOC_ARENA_MAX`` / ``MALLOC_MMAP_THRESHOLD_``
+arenas keep the growth away. They cost time where a stage allocates large buffers often: the hemibrain stage
+(512^3 crop with segmentation) took 4.11 s wall / 6.43 s CPU with them vs 3.67 s / 5.63 s without (interleaved,
+4 rounds, 2026-11-26; its tensorstore copy slowed alike). ``MALLOC_ARENA_MAX`` / ``MALLOC_MMAP_THRESHOLD_``
 in the environment win (a user's own setting is left alone). Called once at the start of a stage process
 (``emdata.stage.main``, the metadata stage's ``main``); library calls from a user's own process leave its
 allocator alone.
