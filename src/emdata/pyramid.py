@@ -111,9 +111,9 @@ _SUM_DTYPE = {np.dtype(np.uint8): np.uint16, np.dtype(np.int8): np.int16,
 # ``mean`` reduces a block in slabs of whole cells along z of about this many input bytes, each through the
 # calling thread's reused buffers of the wider integer type (``_wide_scratch``) into its part of the output.
 # One pass over a 64 MiB shard went through 64 + 32 + 16 MiB of uint16 temporaries, fresh pages on every call
-# (the stages' malloc settings mmap every buffer of 1 MiB or more): measured on 256 x 512 x 512 uint8 shards,
-# 3.8x less time with the stages' malloc settings and 2.8x without (bench/bench_pyramid.py, "pyramid.mean of
-# one ... block"); the same bytes.
+# (the stages' malloc settings mmap every buffer of 1 MiB or more): on 256 x 512 x 512 uint8 shards 3.9x less
+# time with the stages' malloc settings and 2.7x without (one-off, 2026-11-26; `make bench`: bench/bench_pyramid.py,
+# "pyramid.mean of one ... block"); the same bytes.
 _SLAB_BYTES = 1 << 20
 _SCRATCH_MAX_BYTES = 16 << 20  # a thread keeps at most this much; a larger need gets a buffer for the call
 _scratch = threading.local()
