@@ -255,7 +255,9 @@ def test_hostile_input(case: str, replica_copy: Path, replica_copy_server: Repli
     kind, value, seconds = _run(stage, ws)
     if kind == "ok":  # only acceptable where the source is documented to go on without the document
         assert stage == "idr" and value.get("omero_cross_check", {}) != "done", value
-        HOSTILE.append((stage, case, f"completed without the cross-check, recorded as skipped ({seconds:.1f} s)"))
+        assert seconds < 60
+        # no seconds in the report: it is tracked, and a timing would change it on every run
+        HOSTILE.append((stage, case, "completed without the cross-check, recorded as skipped"))
         return
     assert kind == "error", f"{case}: {kind}"
     message = str(value).splitlines()[0]
