@@ -140,8 +140,9 @@ def mean(block: np.ndarray, factors: Sequence[int]) -> np.ndarray:
         return block.copy()
     out = np.empty(tuple(s // fa for s, fa in zip(block.shape, f, strict=True)), dtype=block.dtype)
     step = max(f[0], _SLAB_BYTES // max(1, block[:1].nbytes) // f[0] * f[0])
+    wide_dtype = np.dtype(wide)
     for z in range(0, block.shape[0], step):
-        _mean_exact_into(block[z:z + step], f, np.dtype(wide), out[z // f[0]:(z + step) // f[0]])
+        _mean_exact_into(block[z:z + step], f, wide_dtype, out[z // f[0]:(z + step) // f[0]])
     return out
 
 
@@ -160,13 +161,10 @@ def _mean_exact_into(block: np.ndarray, f: Sequence[int], wide: np.dtype, out: n
     """``mean`` of an 8-/16-bit integer ``block`` whose shape the factors (1 or 2, not all 1) divide, into
     ``out``. The sums go through two regions of the thread's scratch, each halving reading one, writing the other."""
     n = math.prod(f)
-    shapes, shape = [], list(block.shape)
-    for axis, fa in enumerate(f):
-        if fa == 2:
-            shape[axis] //= 2
-            shapes.append(tuple(shape))
-    first = math.prod(shapes[0])
-    second = math.prod(shapes[1]) if len(shapes) > 1 else first
+    # Each halving halves the size exactly: the first needs half the block, the second a quarter; the third
+    # (an eighth) reuses the first region, the rounding's ``odd`` whichever region the last sum did not write.
+    first = block.size // 2
+    second = first // 2 if f.count(2) > 1 else first
     buf = _wide_scratch(wide, first + second)
     regions = (buf[:first], buf[first:])
     acc: np.ndarray = block
@@ -175,7 +173,7 @@ def _mean_exact_into(block: np.ndarray, f: Sequence[int], wide: np.dtype, out: n
         if fa == 2:
             lo = acc[(slice(None),) * axis + (slice(0, None, 2),)]
             hi = acc[(slice(None),) * axis + (slice(1, None, 2),)]
-            dst = regions[halved % 2][:math.prod(shapes[halved])].reshape(shapes[halved])
+            dst = regions[halved % 2][:lo.size].reshape(lo.shape)
             np.add(lo, hi, out=dst, dtype=wide)
             acc = dst
             halved += 1
