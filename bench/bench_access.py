@@ -407,10 +407,89 @@ def iterate_warm(arr: EmArray, block: int, halo: int, border: str, prefetch: int
     spec = BlockSpec(block, halo_voxels=halo, border=border)  # type: ignore[arg-type]
 
     def run() -> int:
-        grid = BlockGrid(arr, spec) if prefetch is None else BlockGrid(arr, spec, prefetch=prefetch)
+        kwargs = {} if prefetch is None else {"prefetch": prefetch}
+        grid = BlockGrid(arr, spec, release_chunks=False, **kwargs)  # the chunks stay for the next pass
         grid._keep = True  # aligned halo-0 blocks would otherwise decode again rather than use the cache
         return sum(b.core().nbytes for b in grid)
     return run
+
+
+LARGE_VARIANTS = {  # name -> (release_chunks, reuse buffers of dropped chunks)
+    "dropped behind the pass (default)": (None, True),
+    "kept (release_chunks=False)": (False, True),
+    "kept, no buffer reuse (the previous cache)": (False, False),
+}
+
+
+def one_pass(args: argparse.Namespace) -> None:
+    """One halo pass over the large volume with a cache of half of it, as a fresh process runs it: prints JSON."""
+    size = args.large_size
+    path = args.out / f"bench_{size}.zarr"
+    release, reuse = LARGE_VARIANTS[args.variant]
+    cache = ChunkCache(size**3 // 2)
+    if not reuse:
+        cache._spare_limit = 0  # the cache before buffers were reused: every decode a new array
+    grid = BlockGrid(open_array(path, cache=cache), BlockSpec(args.block[0], halo_voxels=args.halo),
+                     release_chunks=release)
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = peak = 0
+    for b in grid:
+        n += b.core().nbytes
+        peak = max(peak, cache.nbytes)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "peak": peak,
+                      "bytes": n}))
+
+
+def large_volume_rows(args: argparse.Namespace) -> list[dict[str, object]]:
+    """A halo pass over a volume twice the chunk cache (1 GiB against the default 512 MiB's bound), each pass in a
+    fresh process as a user's inference run would be (the memory a previous case freed changes the next one's
+    page faults): the chunks behind the pass dropped as it goes, their memory reused (the default there), vs kept
+    in the LRU cache, with and without reusing evicted chunks' memory. Each case's largest cache content beside."""
+    import subprocess
+    import sys
+
+    size = args.large_size
+    path = build_volume(args.out / f"bench_{size}.zarr", size)
+    warm_page_cache(path)
+    cases = [(block, 0, next(iter(LARGE_VARIANTS))) for block in args.block]
+    cases += [(block, args.halo, variant) for block in args.block for variant in LARGE_VARIANTS]
+    seconds: dict[tuple[int, int, str], list[float]] = {c: [] for c in cases}
+    cpu: dict[tuple[int, int, str], list[float]] = {c: [] for c in cases}
+    peaks: dict[tuple[int, int, str], int] = {}
+    for _ in range(args.large_repeats):
+        for block, halo, variant in cases:
+            out = subprocess.run([sys.executable, __file__, "--suite", "pass", "--large-size", str(size), "--block",
+                                  str(block), "--halo", str(halo), "--variant", variant, "--out", str(args.out)],
+                                 check=True, capture_output=True, text=True).stdout
+            got = json.loads(out.strip().splitlines()[-1])
+            assert got["bytes"] == size**3, got
+            seconds[(block, halo, variant)].append(got["seconds"])
+            cpu[(block, halo, variant)].append(got["cpu"])
+            peaks[(block, halo, variant)] = max(peaks.get((block, halo, variant), 0), got["peak"])
+    print(f"\nhalo {args.halo} over a {size}^3 volume ({size**3 / 2**20:.0f} MiB) with a cache of half of it, each "
+          f"pass in a fresh process ({args.large_repeats} repeats, interleaved): median seconds, largest cache "
+          f"content")
+    for c in cases:
+        print(f"  {c[0]}^3 blocks, halo {c[1]}, {c[2]}: {statistics.median(seconds[c]):.2f} s, "
+              f"{peaks[c] / 2**20:.0f} MiB")
+    rows = []
+    default = next(iter(LARGE_VARIANTS))
+    for block in args.block:
+        new = (block, args.halo, default)
+        for variant in list(LARGE_VARIANTS)[1:]:
+            old = (block, args.halo, variant)
+            rows.append(ratio_row(
+                f"{block}^3 blocks, halo {args.halo}, a {size}^3 volume twice the cache: chunks dropped behind the "
+                f"pass (default; cache peak {peaks[new] / 2**20:.0f} MiB) vs {variant} (cache peak "
+                f"{peaks[old] / 2**20:.0f} MiB), speed", [a / b for a, b in zip(seconds[old], seconds[new], strict=True)],
+                [a / b for a, b in zip(cpu[old], cpu[new], strict=True)], str(old), str(new), None, True,
+                "(measured)"))
+        h0 = (block, 0, default)
+        rows.append(ratio_row(
+            f"{block}^3 blocks, a {size}^3 volume twice the cache, fresh process: halo {args.halo} vs halo 0 (time)",
+            [a / b for a, b in zip(seconds[new], seconds[h0], strict=True)],
+            [a / b for a, b in zip(cpu[new], cpu[h0], strict=True)], str(new), str(h0), None, False, "(measured)"))
+    return rows
 
 
 def sampler_cases(path: Path, n: int, block: int, batch: int) -> dict[str, Callable[[], int]]:
@@ -474,7 +553,7 @@ def ratio_row(row: str, ratios: list[float], cpu_ratios: list[float], num: str, 
     print(f"{med:5.2f}x ({min(ratios):.2f}..{max(ratios):.2f}) [cpu {cmed:.2f}x]  {status}{row}")
     return {"row": row, "median": med, "min": min(ratios), "max": max(ratios), "per_repeat": ratios,
             "cpu_median": cmed, "cpu_per_repeat": cpu_ratios, "target": target, "higher_is_better": higher,
-            "met": met, "numerator": num, "denominator": den}
+            "met": met, "numerator": num, "denominator": den, "label": label}
 
 
 def reads_suite(args: argparse.Namespace) -> None:
@@ -591,6 +670,8 @@ def reads_suite(args: argparse.Namespace) -> None:
                 row = (f"halo {args.halo} vs halo 0, {block}^3 blocks, {border} border: the floor set by assembling "
                        f"the halo blocks from decoded chunks alone")
                 rows.append(ratio_row(row, floors, cfloors, w16, h0, None, False))
+    if args.large_size:
+        rows += large_volume_rows(args)
     if args.json:
         args.json.write_text(json.dumps({
             "suite": "reads", "size": args.size, "repeats": args.repeats, "cpus": os.cpu_count(),
@@ -624,9 +705,10 @@ def layouts_suite(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--suite", choices=("reads", "scale", "layouts"), default="reads",
-                        help="reads: issue 12's iterator rows (default); scale: DataLoader workers, dask, streaming; "
-                             "layouts: the iterator on the stages' shards vs 256^3")
+    parser.add_argument("--suite", choices=("reads", "scale", "layouts", "large", "pass"), default="reads",
+                        help="reads: issue 12's iterator rows (default; with the large rows); scale: DataLoader "
+                             "workers, dask, streaming; layouts: the iterator on the stages' shards vs 256^3; large: "
+                             "only the halo pass over a volume twice the cache; pass: one such pass (internal)")
     parser.add_argument("--samples", type=int, default=400, help="scale suite: samples per DataLoader epoch")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="scale suite: worker counts")
     parser.add_argument("--parts", nargs="+", default=["loader", "dask", "stream"], choices=("loader", "dask", "stream"),
@@ -638,6 +720,11 @@ def main() -> None:
     parser.add_argument("--samples-reads", type=int, default=400, help="reads: random samples per sampler run")
     parser.add_argument("--sample-block", type=int, default=64, help="reads: edge of the random samples")
     parser.add_argument("--batch", type=int, default=8, help="reads: DataLoader batch size")
+    parser.add_argument("--large-size", type=int, default=1024,
+                        help="reads: edge of the volume twice the cache for the halo pass rows (0: skip them)")
+    parser.add_argument("--large-repeats", type=int, default=3)
+    parser.add_argument("--variant", choices=tuple(LARGE_VARIANTS), default=next(iter(LARGE_VARIANTS)),
+                        help="pass (internal, one process per pass of large_volume_rows): the cache's variant")
     parser.add_argument("--no-halo-floor", dest="halo_floor", action="store_false",
                         help="reads: leave out the warm-cache cases (halo assembly alone) and the floor they give")
     parser.add_argument("--tensorstore-path", action="store_true",
@@ -650,6 +737,10 @@ def main() -> None:
         scale_suite(args)
     elif args.suite == "layouts":
         layouts_suite(args)
+    elif args.suite == "large":
+        large_volume_rows(args)
+    elif args.suite == "pass":
+        one_pass(args)
     else:
         reads_suite(args)
 

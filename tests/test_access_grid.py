@@ -8,7 +8,7 @@ from access_fixtures import em_like, make_volume
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from emdata.access import BlockGrid, BlockSpec, Box, RoiNm, axis_blocks, open_array
+from emdata.access import BlockGrid, BlockSpec, Box, ChunkCache, RoiNm, axis_blocks, open_array
 from emdata.errors import InvalidParameterError
 
 BORDERS = ["constant", "reflect", "edge", "shrink", "drop"]
@@ -92,9 +92,9 @@ def grid_cases(draw):
 def test_grid_exact_coverage_and_halo_contents(vol_dir, case, backend):
     shape, spec = case
     path, data = volume(vol_dir, shape)
-    array = open_array(path, backend=backend)
+    array = open_array(path, backend=backend, cache=ChunkCache())
     try:
-        grid = BlockGrid(array, spec, prefetch=2)
+        grid = BlockGrid(array, spec, prefetch=2, release_chunks=True)
     except InvalidParameterError as exc:
         assert spec.border == "drop" and "drop mode" in str(exc)
         return
@@ -119,6 +119,14 @@ def test_grid_exact_coverage_and_halo_contents(vol_dir, case, backend):
             expected = data[block.read_box.slices]
         np.testing.assert_array_equal(block.data, expected)
     assert seen == len(grid)
+    if array._direct is not None and grid.blocks_share_chunks:
+        # The pass dropped every chunk it decoded once no later block read it, and none earlier: kept, the
+        # same pass decodes as many.
+        assert array.cache.nbytes == 0
+        kept = BlockGrid(open_array(path, backend=backend, cache=ChunkCache()), spec, release_chunks=False)
+        assert sum(b.data.size for b in kept) == sum(b.read_box.size for b in grid.blocks())
+        assert array.cache.misses == kept.array.cache.misses == kept.array._direct.chunk_reads
+        assert kept.array.cache.nbytes > 0
     covered = np.zeros(shape, np.int32)
     covered[grid.covered_box.slices] = 1
     np.testing.assert_array_equal(counts, covered)

@@ -205,7 +205,89 @@ def test_aligned_grid_without_halo_does_not_fill_the_cache(tmp_path):
     assert shared.blocks_share_chunks and BlockGrid(grid.array, BlockSpec(12)).blocks_share_chunks
     assert BlockGrid(grid.array, BlockSpec(16, border="drop")).blocks_share_chunks
     list(shared)
+    # Each chunk decoded once and kept: the volume fits in the cache, so the next pass decodes nothing.
     assert cache.nbytes == 32**3 and shared.array._direct.chunk_reads == 4**3
+    list(shared)
+    assert shared.array._direct.chunk_reads == 4**3
+    # It does not fit (or release_chunks=True): each chunk is dropped once the pass is past its last block.
+    padded = np.pad(data, 2)
+    for small, release in ((ChunkCache(32**3 - 1), None), (ChunkCache(64 * 2**20), True)):
+        grid = BlockGrid(open_array(path, cache=small), BlockSpec(16, halo_voxels=2), prefetch=0,
+                         release_chunks=release)
+        for b in grid:
+            np.testing.assert_array_equal(b.data, padded[tuple(slice(a + 2, z + 2) for a, z in zip(
+                b.read_box.start, b.read_box.stop, strict=True))])
+            assert small.nbytes <= 32**3 * 3 // 4  # the chunks still ahead: never the whole volume
+        assert small.nbytes == 0 and grid.array._direct.chunk_reads == 4**3
+
+
+def test_buffer_of_a_dropped_chunk_is_reused_only_when_no_view_of_it_is_left():
+    cache = ChunkCache(2**16)  # sets aside up to 8 KiB: two 4 KiB buffers
+    buf = cache.buffer(4096)
+    cache.put("a", buf.view(np.uint16).reshape(8, 16, 16))
+    held = cache.get("a")[2:5]  # a reader still copying from the chunk
+    del buf
+    cache.release(["a", "not cached"])
+    assert cache.get("a") is None and cache.nbytes == 0
+    fresh = cache.buffer(4096)
+    assert not np.shares_memory(fresh, held)  # not handed out while a view of it lives
+    del held
+    address = fresh.ctypes.data
+    cache.put("b", fresh.reshape(16, 16, 16))
+    del fresh
+    cache.release(["b"])
+    again = cache.buffer(4096)
+    assert again.ctypes.data == address and again.flags.writeable and again.shape == (4096,)
+    assert cache.buffer(512).nbytes == 512  # another size: a new array
+
+    # Evicted chunks' buffers serve the next decodes too; arrays the cache did not hand out are not reused.
+    addresses = []
+    for n in range(16):
+        chunk = cache.buffer(4096)
+        addresses.append(chunk.ctypes.data)
+        cache.put(("c", n), chunk.reshape(16, 16, 16))
+    del chunk
+    first = addresses[0]
+    cache.put(("c", 16), np.zeros((16, 16, 16), np.uint8))  # evicts ("c", 0), the least recently used
+    assert cache.get(("c", 0)) is None and cache.buffer(4096).ctypes.data == first
+    cache.release([("c", 16)])
+    assert cache._spare_bytes == 0
+
+
+def test_halo_blocks_stay_exact_while_released_and_evicted_chunks_are_reused(tmp_path):
+    import threading
+
+    data = em_like((48, 40, 56), seed=11)
+    path = make_volume(tmp_path / "r.zarr", data, n_levels=1, chunks=(8, 8, 8), shards=(16, 16, 16))
+    cache = ChunkCache(48 * 8**3)  # 48 chunks: smaller than a pass's working set, so chunks are also evicted
+    array = open_array(path, cache=cache)
+    padded = np.pad(data, 32, mode="reflect")
+    errors: list[str] = []
+
+    def check(spec, prefetch):
+        for b in BlockGrid(array, spec, prefetch=prefetch):
+            expected = padded[tuple(slice(a + 32, z + 32) for a, z in zip(b.read_box.start, b.read_box.stop,
+                                                                         strict=True))]
+            if not np.array_equal(b.data, expected):
+                errors.append(f"{spec} block {b.index}")
+
+    def random_reads(seed):
+        rng = np.random.default_rng(seed)
+        for _ in range(60):
+            start = [int(rng.integers(0, s - 12)) for s in data.shape]
+            box = Box(tuple(start), tuple(a + 12 for a in start))
+            if not np.array_equal(array.read(box), data[box.slices]):
+                errors.append(f"read {box}")
+
+    jobs = [threading.Thread(target=check, args=(BlockSpec(16, halo_voxels=4, border="reflect"), 4)),
+            threading.Thread(target=check, args=(BlockSpec(12, halo_voxels=8, border="reflect"), 2)),
+            threading.Thread(target=random_reads, args=(1,)), threading.Thread(target=random_reads, args=(2,))]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(120)
+    assert not errors, errors[:5]
+    assert cache.reused > 0 and cache.nbytes <= 48 * 8**3 and cache._spare_bytes <= cache.total_bytes // 8
 
 
 def _open_fds() -> int:

@@ -22,7 +22,7 @@ import struct
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -151,10 +151,12 @@ class ShardReader:
         (arr,) = self.chunks([cidx])
         return arr
 
-    def chunks(self, cidxs: Sequence[tuple[int, ...]], *, scratch: bool = False) -> Iterator[np.ndarray]:
+    def chunks(self, cidxs: Sequence[tuple[int, ...]], *, scratch: bool = False,
+               buffer: Callable[[int], np.ndarray] | None = None) -> Iterator[np.ndarray]:
         """The chunks ``cidxs`` decoded, in order (consecutive chunks of one shard: one file lookup).
 
         ``scratch``: each is decoded into this thread's reused buffer, valid until the next one is yielded.
+        ``buffer(nbytes)``: where to decode each otherwise (a uint8 array of ``nbytes``), default a new array.
         """
         per = self.per_shard
         open_sidx: tuple[int, ...] | None = None
@@ -192,7 +194,10 @@ class ShardReader:
                     raise CorruptShardError(
                         f"{self.shard_path(sidx)}: chunk {cidx} at {offset}+{nbytes}: its blosc header says "
                         f"{decoded} bytes from {stored}, expected {self.chunk_nbytes} from {nbytes}")
-                out = _decoded_scratch(self.chunk_nbytes) if scratch else np.empty(self.chunk_nbytes, np.uint8)
+                if scratch:
+                    out = _decoded_scratch(self.chunk_nbytes)
+                else:
+                    out = np.empty(self.chunk_nbytes, np.uint8) if buffer is None else buffer(self.chunk_nbytes)
                 self._decompress(buf, out)
                 arr = out.view(self.stored).reshape(self.chunks_shape)
                 yield arr if self.stored == self.dtype else arr.astype(self.dtype)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Future
@@ -13,6 +15,10 @@ import numpy as np
 from emdata.errors import InvalidParameterError
 
 DEFAULT_CACHE_BYTES = 512 * 2**20
+# Buffers of dropped chunks set aside for the next decode: at most this much, and an eighth of the cache's bound.
+_SPARE_MAX_BYTES = 64 * 2**20
+# Reuse relies on reference counts telling when no view of a buffer is left, which needs the GIL.
+_REFCOUNTS_TELL = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 class ChunkCache:
@@ -35,6 +41,11 @@ class ChunkCache:
         self._loading: dict[Hashable, Future[np.ndarray]] = {}
         self.hits = 0
         self.misses = 0
+        self.reused = 0  # buffers of dropped chunks handed out again by ``buffer``
+        self._spare: dict[int, list[np.ndarray]] = {}  # nbytes -> buffers of dropped chunks
+        self._spare_bytes = 0
+        self._spare_limit = min(_SPARE_MAX_BYTES, self.total_bytes // 8) if _REFCOUNTS_TELL else 0
+        self._made: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A cache is per process: another process gets an empty one with the same bound. Arrays pickled
@@ -126,6 +137,45 @@ class ChunkCache:
             while self._bytes > self.total_bytes:
                 _, evicted = self._lru.popitem(last=False)
                 self._bytes -= evicted.nbytes
+                self._set_aside(evicted)
+
+    def release(self, keys: Iterable[Hashable]) -> None:
+        """Drop these chunks (those cached): no read needs them any more; their memory serves the next decode."""
+        with self._lock:
+            for key in keys:
+                chunk = self._lru.pop(key, None)
+                if chunk is not None:
+                    self._bytes -= chunk.nbytes
+                    self._set_aside(chunk)
+
+    def buffer(self, nbytes: int) -> np.ndarray:
+        """A uint8 array of ``nbytes`` to decode a chunk into: the memory of a dropped chunk that no view uses
+        any more, else a new array."""
+        with self._lock:
+            spare = self._spare.get(nbytes)
+            while spare:
+                buf = spare.pop()
+                self._spare_bytes -= nbytes
+                # This name and getrefcount's argument, nothing else: no view of it (each holds its base) is left,
+                # and none can be made but from here. Otherwise a reader still copies from it: let it go.
+                if sys.getrefcount(buf) == 2:
+                    self.reused += 1
+                    return buf
+                del buf
+        buf = np.empty(nbytes, np.uint8)
+        if self._spare_limit:
+            with self._lock:
+                self._made[id(buf)] = buf
+        return buf
+
+    def _set_aside(self, chunk: np.ndarray) -> None:
+        """Keep the buffer behind a dropped chunk for ``buffer`` if it came from there and there is room."""
+        owner = chunk.base if chunk.base is not None else chunk
+        if (not isinstance(owner, np.ndarray) or self._made.get(id(owner)) is not owner
+                or self._spare_bytes + owner.nbytes > self._spare_limit):
+            return
+        self._spare.setdefault(owner.nbytes, []).append(owner)
+        self._spare_bytes += owner.nbytes
 
     @property
     def nbytes(self) -> int:

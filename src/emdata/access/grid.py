@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from emdata.access.open import EmArray
+from emdata.access.open import EmArray, pad_source
 from emdata.access.spec import AXES, PAD_MODES, BlockSpec, Box, RoiNm, box_to_nm
 from emdata.errors import InvalidParameterError
 from emdata.shards import decode_threads
@@ -143,6 +143,10 @@ class BlockGrid:
     Every voxel of ``covered_box`` (the ROI; in drop mode the ROI minus the border without full halo)
     belongs to exactly one block's core. Iteration reads the blocks in a background thread pool, up to
     ``prefetch`` blocks ahead; the array's chunk cache makes overlapping reads decode each chunk once.
+    ``release_chunks``: whether iterating over all blocks (of local shards) drops each decoded chunk from the
+    cache once no later block reads it, so that the cache holds the chunks ahead instead of those behind, and
+    their memory serves the next decodes. Default (None): when the chunks the pass reads do not all fit in
+    the cache (a pass over a volume that fits leaves it cached for the next pass); True: always; False: never.
     When no two blocks share a chunk and the array is read from local shards, the blocks' chunks are all
     decoded on the process's decoding threads. Blocks of at most 16 chunks are decoded straight into them
     from the iterating thread (a reading thread's hand-off per block costs more than it saves there:
@@ -153,7 +157,8 @@ class BlockGrid:
     reads wait on the network: more in flight helps).
     """
 
-    def __init__(self, array: EmArray, spec: BlockSpec, *, prefetch: int | None = None) -> None:
+    def __init__(self, array: EmArray, spec: BlockSpec, *, prefetch: int | None = None,
+                 release_chunks: bool | None = None) -> None:
         if spec.level is not None and spec.level != array.level:
             if spec.level >= array.n_levels:
                 raise InvalidParameterError(
@@ -161,6 +166,8 @@ class BlockGrid:
             array = array.at_level(spec.level)
         if prefetch is not None and (isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0):
             raise InvalidParameterError(f"prefetch must be an int >= 0 or None, got {prefetch!r}")
+        if release_chunks not in (None, True, False):
+            raise InvalidParameterError(f"release_chunks must be None, True or False, got {release_chunks!r}")
         self.array = array
         self.spec = spec
         self.roi = resolve_roi(array, spec)
@@ -180,6 +187,7 @@ class BlockGrid:
             else:
                 prefetch = 4
         self.prefetch: int = prefetch
+        self.release_chunks = release_chunks
 
     @property
     def is_chunk_aligned(self) -> bool:
@@ -241,8 +249,47 @@ class BlockGrid:
         todo = (self.block_at(i) for i in indices) if indices is not None else self.blocks()
         if self._direct_blocks and self.prefetch > 0:
             yield from self._iter_direct(todo)
+        elif indices is None and self._keep and self.release_chunks is not False and self.array._direct is not None:
+            last = self._last_reads()
+            chunks_read = math.prod(sum(map(len, axis.values())) for axis in last)
+            reads = chunks_read * math.prod(self.array.chunks) * self.array.dtype.itemsize
+            blocks = prefetched(todo, self.read, self.prefetch)
+            yield from (self._releasing(blocks, last) if self.release_chunks or reads > self.array.cache.total_bytes
+                        else blocks)
         else:
             yield from prefetched(todo, self.read, self.prefetch)
+
+    def _last_reads(self) -> list[dict[int, list[int]]]:
+        """Per axis: block index -> the chunk indices (along that axis) that no later block along it reads (the
+        chunks the blocks read along it, each listed once)."""
+        mode = self.spec.border if self.spec.border in PAD_MODES else "constant"  # drop, shrink: inside
+        out = []
+        for axis, n, c in zip(self._axes, self.array.shape, self.array.chunks, strict=True):
+            last: dict[int, int] = {}
+            for b, ab in enumerate(axis):
+                start, stop = pad_source(ab.read[0], ab.read[1], n, mode)
+                for i in range(start // c, -(-stop // c)):
+                    last[i] = b
+            by_block: dict[int, list[int]] = {}
+            for i, b in last.items():
+                by_block.setdefault(b, []).append(i)
+            out.append(by_block)
+        return out
+
+    def _releasing(self, blocks: Iterator[Block], last: list[dict[int, list[int]]]) -> Iterator[Block]:
+        """The blocks, in C order; once one is read, the chunks it was the last to read leave the cache.
+
+        The blocks reading chunk (i, j, k) are those whose z, y and x ranges meet it, so the last of them in C
+        order is (the last along z, the last along y, the last along x), and every block before it in the pass
+        has been read when it has (the reads finish in order). A chunk dropped too early would only be decoded
+        again; its memory is reused only once no view of it is left (``ChunkCache.buffer``)."""
+        lz, ly, lx = last
+        for block in blocks:
+            z, y, x = block.index
+            done = [(i, j, k) for i in lz.get(z, ()) for j in ly.get(y, ()) for k in lx.get(x, ())]
+            if done:
+                self.array.release_chunks(done)
+            yield block
 
     @property
     def _direct_blocks(self) -> bool:

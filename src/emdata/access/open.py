@@ -7,7 +7,7 @@ import itertools
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -356,16 +356,10 @@ class EmArray:
         # in as numpy.pad's first reflection reaches (the whole axis if it reflects more than once).
         starts, stops, widths = [], [], []
         for a, b, n in zip(box.start, box.stop, self.shape, strict=True):
-            idx = _pad_indices(a, b, n, mode)
-            lo, hi = max(-a, 0), max(b - n, 0)
-            start, stop = int(idx.min()), int(idx.max()) + 1
-            if lo:
-                start, stop = 0, max(stop, min(lo, n - 1) + 1)
-            if hi:
-                start, stop = min(start, n - 1 - min(hi, n - 1)), n
+            start, stop = pad_source(a, b, n, mode)
             starts.append(start)
             stops.append(stop)
-            widths.append((lo, hi))
+            widths.append((max(-a, 0), max(b - n, 0)))
         source = Box(tuple(starts), tuple(stops))  # type: ignore[arg-type]
         single = all(max(w) <= n - 1 or mode == "edge" for w, n in zip(widths, self.shape, strict=True))
         if out is None:
@@ -402,6 +396,13 @@ class EmArray:
             return todo, keys, [None] * len(todo), list(range(len(todo)))
         got = self.cache.get_many(keys)
         return todo, keys, got, [n for n, g in enumerate(got) if g is None]
+
+    def release_chunks(self, cidxs: Iterable[tuple[int, int, int]]) -> None:
+        """Drop these chunks (indices in the chunk grid) from the cache: nothing will read them soon. Reads
+        from local shards only (other reads keep their chunks in the cache's LRU or tensorstore's pool)."""
+        if self._direct is not None:
+            where = str(self.location)
+            self.cache.release(("direct", where, cidx) for cidx in cidxs)
 
     def _decode_into(self, out: np.ndarray, todo: list[Any], group: list[int]) -> None:
         """Decode the chunks ``group`` of ``todo`` into this thread's scratch buffer, each copied into ``out`` at once."""
@@ -444,7 +445,8 @@ class EmArray:
                 self._decode_into(out, todo, group)
                 return
             loaded = cache.load_many([keys[n] for n in group],
-                                     lambda mine: reader.chunks([todo[group[i]][0] for i in mine]))
+                                     lambda mine: reader.chunks([todo[group[i]][0] for i in mine],
+                                                                buffer=cache.buffer))
             for n, chunk in zip(group, loaded, strict=True):
                 got[n] = chunk
 
@@ -508,6 +510,23 @@ def _fill_margins(out: np.ndarray, axis: int, lo: int, hi: int, mode: str) -> No
             out[sl(end, end + hi)] = out[sl(end - 1, end)]
         else:
             out[sl(end, end + hi)] = mirrored(end - 1 - hi, end - 1)
+
+
+def pad_source(a: int, b: int, n: int, mode: str) -> tuple[int, int]:
+    """The voxels [start, stop) of an axis of ``n`` that ``read_padded`` reads for [a, b) with ``mode``: the part
+    inside the array for a constant border (empty if none), else from the border at least as far in as
+    numpy.pad's first reflection reaches (the whole axis if it reflects more than once)."""
+    if mode == "constant" or (a >= 0 and b <= n):
+        start = min(max(a, 0), n)
+        return start, max(min(b, n), start)
+    idx = _pad_indices(a, b, n, mode)
+    lo, hi = max(-a, 0), max(b - n, 0)
+    start, stop = int(idx.min()), int(idx.max()) + 1
+    if lo:
+        start, stop = 0, max(stop, min(lo, n - 1) + 1)
+    if hi:
+        start, stop = min(start, n - 1 - min(hi, n - 1)), n
+    return start, stop
 
 
 def _pad_indices(start: int, stop: int, n: int, mode: str) -> np.ndarray:
