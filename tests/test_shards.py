@@ -219,6 +219,19 @@ def test_aligned_grid_without_halo_does_not_fill_the_cache(tmp_path):
                 b.read_box.start, b.read_box.stop, strict=True))])
             assert small.nbytes <= 32**3 * 3 // 4  # the chunks still ahead: never the whole volume
         assert small.nbytes == 0 and grid.array._direct.chunk_reads == 4**3
+    # Some blocks, in increasing order (a resumed or sharded pass): as many chunk reads as keeping them all.
+    some, reads = [1, 2, 5, 6, 7], []
+    for release in (True, False):
+        grid = BlockGrid(open_array(path, cache=ChunkCache()), BlockSpec(16, halo_voxels=2), prefetch=2,
+                         release_chunks=release)
+        blocks = list(grid.iter_blocks(some))
+        assert [b.index for b in blocks] == [grid.block_at(i).index for i in some]
+        for b in blocks:
+            np.testing.assert_array_equal(b.data, padded[tuple(slice(a + 2, z + 2) for a, z in zip(
+                b.read_box.start, b.read_box.stop, strict=True))])
+        reads.append(grid.array._direct.chunk_reads)
+        assert (grid.array.cache.nbytes == 0) == release
+    assert reads[0] == reads[1] < 4**3  # each chunk of those blocks decoded once (none dropped too early)
 
 
 def test_buffer_of_a_dropped_chunk_is_reused_only_when_no_view_of_it_is_left():

@@ -143,8 +143,8 @@ class BlockGrid:
     Every voxel of ``covered_box`` (the ROI; in drop mode the ROI minus the border without full halo)
     belongs to exactly one block's core. Iteration reads the blocks in a background thread pool, up to
     ``prefetch`` blocks ahead; the array's chunk cache makes overlapping reads decode each chunk once.
-    ``release_chunks``: whether iterating over all blocks (of local shards) drops each decoded chunk from the
-    cache once no later block reads it, so that the cache holds the chunks ahead instead of those behind, and
+    ``release_chunks``: whether iterating over all blocks, or some in increasing order (``writer.pending()``,
+    ``shard(rank, n)``), of local shards drops each decoded chunk from the cache once no later block reads it, so that the cache holds the chunks ahead instead of those behind, and
     their memory serves the next decodes. Default (None): when the chunks the pass reads do not all fit in
     the cache (a pass over a volume that fits leaves it cached for the next pass); True: always; False: never.
     When no two blocks share a chunk and the array is read from local shards, the blocks' chunks are all
@@ -249,7 +249,8 @@ class BlockGrid:
         todo = (self.block_at(i) for i in indices) if indices is not None else self.blocks()
         if self._direct_blocks and self.prefetch > 0:
             yield from self._iter_direct(todo)
-        elif indices is None and self._keep and self.release_chunks is not False and self.array._direct is not None:
+        elif (self._keep and self.release_chunks is not False and self.array._direct is not None
+              and (indices is None or all(a < b for a, b in zip(indices, indices[1:])))):
             last = self._last_reads()
             chunks_read = math.prod(sum(map(len, axis.values())) for axis in last)
             reads = chunks_read * math.prod(self.array.chunks) * self.array.dtype.itemsize
@@ -277,19 +278,33 @@ class BlockGrid:
         return out
 
     def _releasing(self, blocks: Iterator[Block], last: list[dict[int, list[int]]]) -> Iterator[Block]:
-        """The blocks, in C order; once one is read, the chunks it was the last to read leave the cache.
+        """The blocks, in C order (all, or some in increasing order); once one is read, the chunks that no later
+        block of the grid reads leave the cache, and the rest when the pass is over.
 
         The blocks reading chunk (i, j, k) are those whose z, y and x ranges meet it, so the last of them in C
         order is (the last along z, the last along y, the last along x), and every block before it in the pass
         has been read when it has (the reads finish in order). A chunk dropped too early would only be decoded
         again; its memory is reused only once no view of it is left (``ChunkCache.buffer``)."""
         lz, ly, lx = last
+        _, ny, nx = self.grid_shape
+
+        def release(upto: int) -> None:  # the chunks last read by the blocks after ``done`` up to ``upto``
+            chunks = []
+            for flat in range(done + 1, upto + 1):
+                z, rest = divmod(flat, ny * nx)
+                y, x = divmod(rest, nx)
+                chunks += [(i, j, k) for i in lz.get(z, ()) for j in ly.get(y, ()) for k in lx.get(x, ())]
+            if chunks:
+                self.array.release_chunks(chunks)
+
+        done = -1
         for block in blocks:
             z, y, x = block.index
-            done = [(i, j, k) for i in lz.get(z, ()) for j in ly.get(y, ()) for k in lx.get(x, ())]
-            if done:
-                self.array.release_chunks(done)
+            flat = (z * ny + y) * nx + x
+            release(flat)
+            done = flat
             yield block
+        release(len(self) - 1)
 
     @property
     def _direct_blocks(self) -> bool:
