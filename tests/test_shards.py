@@ -232,6 +232,14 @@ def test_aligned_grid_without_halo_does_not_fill_the_cache(tmp_path):
         reads.append(grid.array._direct.chunk_reads)
         assert (grid.array.cache.nbytes == 0) == release
     assert reads[0] == reads[1] < 4**3  # each chunk of those blocks decoded once (none dropped too early)
+    # Any iterable of flat or (z, y, x) indices; a bad one is refused before any block is read.
+    grid = BlockGrid(open_array(path, cache=ChunkCache()), BlockSpec(16, halo_voxels=2), release_chunks=True)
+    assert [b.index for b in grid.iter_blocks(i for i in (0, (0, 1, 1), -1))] == [(0, 0, 0), (0, 1, 1), (1, 1, 1)]
+    assert grid.array.cache.nbytes == 0
+    before = grid.array._direct.chunk_reads
+    with pytest.raises(IndexError, match="block index 8 out of range"):
+        next(grid.iter_blocks([0, 8]))
+    assert grid.array._direct.chunk_reads == before
 
 
 def test_buffer_of_a_dropped_chunk_is_reused_only_when_no_view_of_it_is_left():

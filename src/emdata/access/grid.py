@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -244,13 +244,15 @@ class BlockGrid:
     def __iter__(self) -> Iterator[Block]:
         return self.iter_blocks()
 
-    def iter_blocks(self, indices: Sequence[int] | None = None) -> Iterator[Block]:
-        """Read blocks (all, or the given flat indices) in order, ``prefetch`` of them ahead in threads."""
-        todo = (self.block_at(i) for i in indices) if indices is not None else self.blocks()
+    def iter_blocks(self, indices: Iterable[int | Sequence[int]] | None = None) -> Iterator[Block]:
+        """Read blocks (all, or the given flat or (z, y, x) indices) in order, ``prefetch`` of them ahead in threads.
+        Every index is checked before any block is read."""
+        picked = None if indices is None else [self._grid_index(i) for i in indices]  # (z, y, x)
+        todo = (self.block_at(i) for i in picked) if picked is not None else self.blocks()
         if self._direct_blocks and self.prefetch > 0:
             yield from self._iter_direct(todo)
         elif (self._keep and self.release_chunks is not False and self.array._direct is not None
-              and (indices is None or all(a < b for a, b in zip(indices, indices[1:])))):
+              and (picked is None or all(a < b for a, b in zip(picked, picked[1:])))):  # C order
             last = self._last_reads()
             chunks_read = math.prod(sum(map(len, axis.values())) for axis in last)
             reads = chunks_read * math.prod(self.array.chunks) * self.array.dtype.itemsize
