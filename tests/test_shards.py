@@ -15,6 +15,11 @@ from emdata.access import BlockGrid, BlockSpec, Box, ChunkCache, open_array
 from emdata.shards import CorruptShardError, ShardReader
 
 
+def _in_padded(padded, pad, box):
+    """``box`` of an array that ``padded`` holds with ``pad`` voxels added on every side."""
+    return padded[tuple(slice(a + pad, z + pad) for a, z in zip(box.start, box.stop, strict=True))]
+
+
 def _ome(path, arr_kwargs, data, region=(slice(None),) * 3):
     """A one-level OME-Zarr image whose level 0 is created with ``arr_kwargs``; ``data[region]`` is written."""
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -126,8 +131,7 @@ def test_iterator_blocks_equal_numpy_slicing(tmp_path, border, block, halo):
     assert grid.array._direct is not None
     n = 0
     for b in grid:
-        expected = padded[tuple(slice(a + pad, z + pad) for a, z in zip(b.read_box.start, b.read_box.stop,
-                                                                           strict=True))]
+        expected = _in_padded(padded, pad, b.read_box)
         np.testing.assert_array_equal(b.data, expected)
         n += 1
     assert n == len(grid)
@@ -215,8 +219,7 @@ def test_aligned_grid_without_halo_does_not_fill_the_cache(tmp_path):
         grid = BlockGrid(open_array(path, cache=small), BlockSpec(16, halo_voxels=2), prefetch=0,
                          release_chunks=release)
         for b in grid:
-            np.testing.assert_array_equal(b.data, padded[tuple(slice(a + 2, z + 2) for a, z in zip(
-                b.read_box.start, b.read_box.stop, strict=True))])
+            np.testing.assert_array_equal(b.data, _in_padded(padded, 2, b.read_box))
             assert small.nbytes <= 32**3 * 3 // 4  # the chunks still ahead: never the whole volume
         assert small.nbytes == 0 and grid.array._direct.chunk_reads == 4**3
     # Some blocks, in increasing order (a resumed or sharded pass): as many chunk reads as keeping them all.
@@ -227,8 +230,7 @@ def test_aligned_grid_without_halo_does_not_fill_the_cache(tmp_path):
         blocks = list(grid.iter_blocks(some))
         assert [b.index for b in blocks] == [grid.block_at(i).index for i in some]
         for b in blocks:
-            np.testing.assert_array_equal(b.data, padded[tuple(slice(a + 2, z + 2) for a, z in zip(
-                b.read_box.start, b.read_box.stop, strict=True))])
+            np.testing.assert_array_equal(b.data, _in_padded(padded, 2, b.read_box))
         reads.append(grid.array._direct.chunk_reads)
         assert (grid.array.cache.nbytes == 0) == release
     assert reads[0] == reads[1] < 4**3  # each chunk of those blocks decoded once (none dropped too early)
@@ -287,8 +289,7 @@ def test_halo_blocks_stay_exact_while_released_and_evicted_chunks_are_reused(tmp
 
     def check(spec, prefetch):
         for b in BlockGrid(array, spec, prefetch=prefetch):
-            expected = padded[tuple(slice(a + 32, z + 32) for a, z in zip(b.read_box.start, b.read_box.stop,
-                                                                         strict=True))]
+            expected = _in_padded(padded, 32, b.read_box)
             if not np.array_equal(b.data, expected):
                 errors.append(f"{spec} block {b.index}")
 

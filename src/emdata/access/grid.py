@@ -144,8 +144,8 @@ class BlockGrid:
     belongs to exactly one block's core. Iteration reads the blocks in a background thread pool, up to
     ``prefetch`` blocks ahead; the array's chunk cache makes overlapping reads decode each chunk once.
     ``release_chunks``: whether iterating over all blocks, or some in increasing order (``writer.pending()``,
-    ``shard(rank, n)``), of local shards drops each decoded chunk from the cache once no later block reads it, so that the cache holds the chunks ahead instead of those behind, and
-    their memory serves the next decodes. Default (None): when the chunks the pass reads do not all fit in
+    ``shard(rank, n)``), of local shards drops each decoded chunk from the cache once no later block reads it,
+    so that the cache holds the chunks ahead instead of those behind, and their memory serves the next decodes. Default (None): when the chunks the pass reads do not all fit in
     the cache (a pass over a volume that fits leaves it cached for the next pass); True: always; False: never.
     When no two blocks share a chunk and the array is read from local shards, the blocks' chunks are all
     decoded on the process's decoding threads. Blocks of at most 16 chunks are decoded straight into them
@@ -288,21 +288,18 @@ class BlockGrid:
         has been read when it has (the reads finish in order). A chunk dropped too early would only be decoded
         again; its memory is reused only once no view of it is left (``ChunkCache.buffer``)."""
         lz, ly, lx = last
-        _, ny, nx = self.grid_shape
 
         def release(upto: int) -> None:  # the chunks last read by the blocks after ``done`` up to ``upto``
             chunks = []
             for flat in range(done + 1, upto + 1):
-                z, rest = divmod(flat, ny * nx)
-                y, x = divmod(rest, nx)
+                z, y, x = self._grid_index(flat)
                 chunks += [(i, j, k) for i in lz.get(z, ()) for j in ly.get(y, ()) for k in lx.get(x, ())]
             if chunks:
                 self.array.release_chunks(chunks)
 
         done = -1
         for block in blocks:
-            z, y, x = block.index
-            flat = (z * ny + y) * nx + x
+            flat = int(np.ravel_multi_index(block.index, self.grid_shape))
             release(flat)
             done = flat
             yield block

@@ -379,7 +379,6 @@ class EmArray:
     def _direct_plan(self, box: Box) -> tuple[list[Any], list[Any], list[np.ndarray | None], list[int]]:
         """The chunks ``box`` meets: per chunk (chunk index, slice of out, slice of the chunk), its cache key,
         the cached chunk or None, and the positions of those not cached."""
-        where = str(self.location)
         # Per axis: (chunk index, slice of out, slice of the chunk) for each chunk the box meets.
         axes = []
         for a, b, c in zip(box.start, box.stop, self.chunks, strict=True):
@@ -391,7 +390,7 @@ class EmArray:
             axes.append(parts)
         todo = [((i, j, k), (d0, d1, d2), (s0, s1, s2))
                 for i, d0, s0 in axes[0] for j, d1, s1 in axes[1] for k, d2, s2 in axes[2]]
-        keys = [("direct", where, cidx) for cidx, _, _ in todo]
+        keys = self._direct_keys(cidx for cidx, _, _ in todo)
         if self.cache.nbytes == 0:  # nothing cached (aligned blocks never fill it): no lookups
             return todo, keys, [None] * len(todo), list(range(len(todo)))
         got = self.cache.get_many(keys)
@@ -401,8 +400,12 @@ class EmArray:
         """Drop these chunks (indices in the chunk grid) from the cache: nothing will read them soon. Reads
         from local shards only (other reads keep their chunks in the cache's LRU or tensorstore's pool)."""
         if self._direct is not None:
-            where = str(self.location)
-            self.cache.release(("direct", where, cidx) for cidx in cidxs)
+            self.cache.release(self._direct_keys(cidxs))
+
+    def _direct_keys(self, cidxs: Iterable[tuple[int, int, int]]) -> list[tuple[str, str, tuple[int, int, int]]]:
+        """The cache keys of chunks the shard reader decodes."""
+        where = str(self.location)
+        return [("direct", where, cidx) for cidx in cidxs]
 
     def _decode_into(self, out: np.ndarray, todo: list[Any], group: list[int]) -> None:
         """Decode the chunks ``group`` of ``todo`` into this thread's scratch buffer, each copied into ``out`` at once."""
