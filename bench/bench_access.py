@@ -15,8 +15,9 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -451,7 +452,8 @@ def large_volume_rows(args: argparse.Namespace) -> list[dict[str, object]]:
     size = args.large_size
     path = build_volume(args.out / f"bench_{size}.zarr", size)
     warm_page_cache(path)
-    cases = [(block, 0, next(iter(LARGE_VARIANTS))) for block in args.block]
+    default = next(iter(LARGE_VARIANTS))
+    cases = [(block, 0, default) for block in args.block]
     cases += [(block, args.halo, variant) for block in args.block for variant in LARGE_VARIANTS]
     seconds: dict[tuple[int, int, str], list[float]] = {c: [] for c in cases}
     cpu: dict[tuple[int, int, str], list[float]] = {c: [] for c in cases}
@@ -473,7 +475,6 @@ def large_volume_rows(args: argparse.Namespace) -> list[dict[str, object]]:
         print(f"  {c[0]}^3 blocks, halo {c[1]}, {c[2]}: {statistics.median(seconds[c]):.2f} s, "
               f"{peaks[c] / 2**20:.0f} MiB")
     rows = []
-    default = next(iter(LARGE_VARIANTS))
     for block in args.block:
         new = (block, args.halo, default)
         for variant in list(LARGE_VARIANTS)[1:]:
@@ -481,14 +482,12 @@ def large_volume_rows(args: argparse.Namespace) -> list[dict[str, object]]:
             rows.append(ratio_row(
                 f"{block}^3 blocks, halo {args.halo}, a {size}^3 volume twice the cache: chunks dropped behind the "
                 f"pass (default; cache peak {peaks[new] / 2**20:.0f} MiB) vs {variant} (cache peak "
-                f"{peaks[old] / 2**20:.0f} MiB), speed", [a / b for a, b in zip(seconds[old], seconds[new], strict=True)],
-                [a / b for a, b in zip(cpu[old], cpu[new], strict=True)], str(old), str(new), None, True,
-                "(measured)"))
+                f"{peaks[old] / 2**20:.0f} MiB), speed", ratios(old, new, seconds), ratios(old, new, cpu),
+                str(old), str(new), None, True, "(measured)"))
         h0 = (block, 0, default)
         rows.append(ratio_row(
             f"{block}^3 blocks, a {size}^3 volume twice the cache, fresh process: halo {args.halo} vs halo 0 (time)",
-            [a / b for a, b in zip(seconds[new], seconds[h0], strict=True)],
-            [a / b for a, b in zip(cpu[new], cpu[h0], strict=True)], str(new), str(h0), None, False, "(measured)"))
+            ratios(new, h0, seconds), ratios(new, h0, cpu), str(new), str(h0), None, False, "(measured)"))
     return rows
 
 
@@ -540,6 +539,11 @@ def run_interleaved(cases: dict[str, tuple[Callable[[], int], int]], repeats: in
             cpu[name].append(time.process_time() - c0)
             assert nbytes == expect, (name, nbytes, expect)
             seconds[name].append(t)
+
+
+def ratios(num: Hashable, den: Hashable, times: Mapping[Any, list[float]]) -> list[float]:
+    """Per repeat: case ``num``'s time / case ``den``'s."""
+    return [a / b for a, b in zip(times[num], times[den], strict=True)]
 
 
 def ratio_row(row: str, ratios: list[float], cpu_ratios: list[float], num: str, den: str, target: float | None,
@@ -649,9 +653,6 @@ def reads_suite(args: argparse.Namespace) -> None:
               f"{' '.join(f'{r:.0f}' for r in rates)}")
     print("\nratios, median (min..max) of per-repeat ratios of wall time (speed ratios: >1 is faster; halo rows: "
           "time ratio); [cpu: the same ratio of CPU seconds]")
-    def ratios(num: str, den: str, times: dict[str, list[float]]) -> list[float]:
-        return [a / b for a, b in zip(times[num], times[den], strict=True)]
-
     rows = [ratio_row(row, ratios(num, den, seconds), ratios(num, den, cpu), num, den, target, higher)
             for row, num, den, target, higher in specs]
     rows += [ratio_row(row, ratios(num, den, seconds), ratios(num, den, cpu), num, den, None, True,
