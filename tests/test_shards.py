@@ -277,6 +277,25 @@ def test_buffer_of_a_dropped_chunk_is_reused_only_when_no_view_of_it_is_left():
     assert cache._spare_bytes == 0
 
 
+def test_a_halo_pass_read_through_zarr_python_drops_its_chunks_too(tmp_path):
+    # Remote data (a DVC remote, s3://) is read through zarr-python into the same LRU: a pass over a volume that
+    # does not fit holds the chunks ahead of it, not the cache's bound, and decodes each chunk once.
+    data = em_like((32, 32, 32), seed=3)
+    path = make_volume(tmp_path / "z.zarr", data, n_levels=1, chunks=(8, 8, 8), shards=(16, 16, 16))
+    padded = np.pad(data, 2, mode="reflect")
+    for release, cache in ((None, ChunkCache(32**3 - 1)), (True, ChunkCache())):
+        array = open_array(path, backend="zarr", cache=cache)
+        assert array._direct is None and array.chunks_in_lru
+        grid = BlockGrid(array, BlockSpec(16, halo_voxels=2, border="reflect"), prefetch=0, release_chunks=release)
+        for b in grid:
+            np.testing.assert_array_equal(b.data, _in_padded(padded, 2, b.read_box))
+            assert cache.nbytes <= 32**3 * 3 // 4
+        assert cache.nbytes == 0 and cache.misses == 4**3
+    kept = ChunkCache()
+    list(BlockGrid(open_array(path, backend="zarr", cache=kept), BlockSpec(16, halo_voxels=2)))
+    assert kept.nbytes == 32**3 and kept.misses == 4**3  # it fits: kept for the next pass, as before
+
+
 def test_halo_blocks_stay_exact_while_released_and_evicted_chunks_are_reused(tmp_path):
     import threading
 

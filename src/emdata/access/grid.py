@@ -144,9 +144,11 @@ class BlockGrid:
     belongs to exactly one block's core. Iteration reads the blocks in a background thread pool, up to
     ``prefetch`` blocks ahead; the array's chunk cache makes overlapping reads decode each chunk once.
     ``release_chunks``: whether iterating over all blocks, or some in increasing order (``writer.pending()``,
-    ``shard(rank, n)``), of local shards drops each decoded chunk from the cache once no later block reads it,
-    so that the cache holds the chunks ahead instead of those behind, and their memory serves the next decodes. Default (None): when the chunks the pass reads do not all fit in
-    the cache (a pass over a volume that fits leaves it cached for the next pass); True: always; False: never.
+    ``shard(rank, n)``), drops each decoded chunk from the cache once no later block reads it, so that the cache
+    holds the chunks ahead instead of those behind: chunks of local shards (whose memory then serves the next
+    decodes) and of remote data read through zarr-python; tensorstore's pool keeps its own. Default (None):
+    when the chunks the pass reads do not all fit in the cache (a pass over a volume that fits leaves it
+    cached for the next pass); True: always; False: never.
     When no two blocks share a chunk and the array is read from local shards, the blocks' chunks are all
     decoded on the process's decoding threads. Blocks of at most 16 chunks are decoded straight into them
     from the iterating thread (a reading thread's hand-off per block costs more than it saves there:
@@ -251,7 +253,7 @@ class BlockGrid:
         todo = (self.block_at(i) for i in picked) if picked is not None else self.blocks()
         if self._direct_blocks and self.prefetch > 0:
             yield from self._iter_direct(todo)
-        elif (self._keep and self.release_chunks is not False and self.array._direct is not None
+        elif (self._keep and self.release_chunks is not False and self.array.chunks_in_lru
               and (picked is None or all(a < b for a, b in zip(picked, picked[1:])))):  # C order
             last = self._last_reads()
             chunks_read = math.prod(sum(map(len, axis.values())) for axis in last)

@@ -390,22 +390,30 @@ class EmArray:
             axes.append(parts)
         todo = [((i, j, k), (d0, d1, d2), (s0, s1, s2))
                 for i, d0, s0 in axes[0] for j, d1, s1 in axes[1] for k, d2, s2 in axes[2]]
-        keys = self._direct_keys(cidx for cidx, _, _ in todo)
+        keys = self._chunk_keys(cidx for cidx, _, _ in todo)
         if self.cache.nbytes == 0:  # nothing cached (aligned blocks never fill it): no lookups
             return todo, keys, [None] * len(todo), list(range(len(todo)))
         got = self.cache.get_many(keys)
         return todo, keys, got, [n for n, g in enumerate(got) if g is None]
 
     def release_chunks(self, cidxs: Iterable[tuple[int, int, int]]) -> None:
-        """Drop these chunks (indices in the chunk grid) from the cache: nothing will read them soon. Reads
-        from local shards only (other reads keep their chunks in the cache's LRU or tensorstore's pool)."""
-        if self._direct is not None:
-            self.cache.release(self._direct_keys(cidxs))
+        """Drop these chunks (indices in the chunk grid) from the cache: nothing will read them soon. Chunks
+        that tensorstore reads stay in its pool (``chunks_in_lru``)."""
+        if self.chunks_in_lru:
+            self.cache.release(self._chunk_keys(cidxs))
 
-    def _direct_keys(self, cidxs: Iterable[tuple[int, int, int]]) -> list[tuple[str, str, tuple[int, int, int]]]:
-        """The cache keys of chunks the shard reader decodes."""
+    @property
+    def chunks_in_lru(self) -> bool:
+        """Whether reads keep decoded chunks in ``cache``'s LRU (the shard reader, the zarr-python fallback: remote
+        data), where ``release_chunks`` can drop them, rather than in tensorstore's pool."""
+        return self._direct is not None or self.backend == "zarr"
+
+    def _chunk_keys(self, cidxs: Iterable[tuple[int, ...]]) -> list[tuple[Any, ...]]:
+        """The LRU keys of these chunks: the shard reader's or the zarr-python fallback's."""
         where = str(self.location)
-        return [("direct", where, cidx) for cidx in cidxs]
+        if self._direct is not None:
+            return [("direct", where, cidx) for cidx in cidxs]
+        return [(where, cidx) for cidx in cidxs]
 
     def _decode_into(self, out: np.ndarray, todo: list[Any], group: list[int]) -> None:
         """Decode the chunks ``group`` of ``todo`` into this thread's scratch buffer, each copied into ``out`` at once."""
@@ -479,10 +487,10 @@ class EmArray:
             return
         # Assemble from whole decoded chunks so that overlapping reads decode each chunk once.
         ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(box.start, box.stop, self.chunks, strict=True)]
-        for cidx in itertools.product(*ranges):
+        cidxs = list(itertools.product(*ranges))
+        for cidx, key in zip(cidxs, self._chunk_keys(cidxs), strict=True):
             cbox = Box(tuple(i * c for i, c in zip(cidx, self.chunks, strict=True)),  # type: ignore[arg-type]
                        tuple(min((i + 1) * c, n) for i, c, n in zip(cidx, self.chunks, self.shape, strict=True)))  # type: ignore[arg-type]
-            key = (str(self.location), cidx)
             chunk = self.cache.get_or_load(key, functools.partial(self._load_chunk, cbox))
             part = cbox.intersect(box)
             assert part is not None
