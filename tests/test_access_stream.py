@@ -6,17 +6,20 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import google_crc32c
 import numpy as np
 import pytest
 import zarr
 from access_fixtures import em_like, make_volume
 
-from emdata.access import open_array
+from emdata.access import BlockGrid, BlockSpec, Box, ChunkCache, open_array
 from emdata.access.open import find_repo_root
 from emdata.errors import InvalidParameterError
 from emdata.offline import services
 from emdata.offline.replica import serve_in_thread
+from emdata.shards import CorruptShardError, RemoteShardReader
 
 # moto accepts any credentials; these dummies never leave loopback.
 S3_ENV = {"AWS_ACCESS_KEY_ID": "emdata-local", "AWS_SECRET_ACCESS_KEY": "emdata-local", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -90,6 +93,7 @@ def test_streams_an_output_from_the_dvc_remote_without_pull(workspace, monkeypat
 
         streamed = open_array("epfl", group="training", remote=True)
         assert streamed.backend == "zarr" and "DVC remote" in str(streamed.path)
+        assert isinstance(streamed._direct, RemoteShardReader)  # chunks: concurrent range reads of the shards
         got = streamed.read(streamed.bounds)
         label = open_array("epfl", group="training", label="mito", level=1, remote="storage")
         got_label = label.read(label.bounds)
@@ -119,3 +123,85 @@ def test_reads_an_ome_zarr_over_https_and_s3_urls(tmp_path, monkeypatch):
             open_array(url, group="training", label="cells")
         with pytest.raises(InvalidParameterError, match="reads local data"):
             open_array(url, group="training", backend="tensorstore")
+
+
+def _served_volume(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A sharded OME-Zarr (18 shards of 8 chunks, edge shards cut) served over HTTP; one shard is all fill value,
+    so zarr-python writes no file for it."""
+    image = em_like((32, 48, 40), seed=12)
+    image[:16, :16, :16] = 0
+    make_volume(tmp_path / "served" / "example.org" / "vol.zarr", image, n_levels=1, chunks=(8, 8, 8),
+                shards=(16, 16, 16))
+    return tmp_path / "served" / "example.org" / "vol.zarr" / "0", image
+
+
+def test_remote_shards_fetch_each_index_once_and_adjacent_chunks_in_one_request(tmp_path):
+    level0, image = _served_volume(tmp_path)
+    assert not (level0 / "c" / "0" / "0" / "0").exists()  # the shard of fill value: read as such
+    shard_files = sum(1 for f in (level0 / "c").rglob("*") if f.is_file())
+    with serve_in_thread(tmp_path / "served") as server:
+        arr = open_array(f"{server.base_url}/example.org/vol.zarr", cache=ChunkCache())
+        reader = arr._direct
+        assert isinstance(reader, RemoteShardReader) and arr.backend == "zarr"
+        assert open_array(f"{server.base_url}/example.org/vol.zarr", backend="zarr")._direct is None  # opt out
+        seen = len(server.faults.requests_seen)
+        for spec in (BlockSpec(16), BlockSpec(16, halo_voxels=4, border="reflect")):
+            pad = 20  # blocks at the far end reach past the volume by up to a block and its halo
+            padded = np.pad(image, pad, mode=spec.border)
+            for b in BlockGrid(arr, spec):
+                want = padded[tuple(slice(a + pad, z + pad) for a, z in zip(b.read_box.start, b.read_box.stop))]
+                np.testing.assert_array_equal(b.data, want)
+        requests = server.faults.requests_seen[seen:]
+        index_requests = [r for r in requests if "bytes=-" in r]
+        # Each shard's index once (the missing shard's 404 too), over both passes.
+        assert len(index_requests) == len(set(index_requests)) == shard_files + 1 == reader.index_reads + 1
+        # The aligned pass reads each shard's chunks in one request; the halo pass decodes each chunk once.
+        # Every stored chunk twice (the aligned pass keeps none; the halo pass each once): 8 fill-value chunks not.
+        assert reader.chunk_reads == 2 * (4 * 6 * 5 - 8)
+        chunk_requests = len(requests) - len(index_requests)
+        assert chunk_requests < reader.chunk_reads / 2, (chunk_requests, reader.chunk_reads)
+
+
+def test_remote_shards_refuse_a_bad_index_or_response_naming_the_shard(tmp_path):
+    level0, image = _served_volume(tmp_path)
+    box = Box((16, 16, 16), (32, 32, 32))  # shard (1, 1, 1): whole
+    shard = level0 / "c" / "1" / "1" / "1"
+    with serve_in_thread(tmp_path / "served") as server:
+        url = f"{server.base_url}/example.org/vol.zarr"
+
+        def fresh(cache: int = 2**20) -> Any:  # a new reader and chunk cache: nothing read before is reused
+            return open_array(url, cache=ChunkCache(cache))
+
+        np.testing.assert_array_equal(fresh().read(box), image[box.slices])
+        # A response cut short: the index, then (index cached) a chunk's bytes.
+        server.set_faults({"truncate_to_bytes": 100, "truncate_count": 1, "path_contains": "/c/1/1/1"})
+        with pytest.raises(CorruptShardError, match=r"/0/c/1/1/1: asked for its \d+-byte shard index, got 100 bytes"):
+            fresh().read(box)
+        arr = fresh(0)
+        arr.read(box)
+        server.set_faults({"truncate_to_bytes": 100, "truncate_count": 1, "path_contains": "/c/1/1/1"})
+        with pytest.raises(CorruptShardError, match=r"/0/c/1/1/1: asked for bytes \d+\.\.\d+, got 100 bytes"):
+            arr.read(box)
+        # A server that answers every range with the whole file.
+        server.set_faults({"ignore_ranges": True})
+        with pytest.raises(CorruptShardError, match="ignoring Range"):
+            fresh().read(box)
+        server.set_faults({})
+        # An index with a valid checksum that puts a chunk at more bytes than blosc makes of a chunk: refused
+        # before that chunk is fetched.
+        raw = shard.read_bytes()
+        size = 8 * 16 + 4
+        index = np.frombuffer(raw[-size:-4], "<u8").reshape(-1, 2).copy()
+        index[3, 1] = 2**40
+        body = index.tobytes()
+        shard.write_bytes(raw[:-size] + body + google_crc32c.value(body).to_bytes(4, "little"))
+        seen = len(server.faults.requests_seen)
+        with pytest.raises(CorruptShardError, match=r"/0/c/1/1/1: its index puts chunk \(\d+, \d+, \d+\) at \d+\+"
+                                                    r"1099511627776; a chunk takes 16 to 528 bytes"):
+            fresh().read(box)
+        shard_requests = [r for r in server.faults.requests_seen[seen:] if "/c/" in r]
+        assert shard_requests == [f"GET /example.org/vol.zarr/0/c/1/1/1 bytes=-{size}"]
+        # An index that fails its checksum.
+        shard.write_bytes(raw[:-size] + bytes([raw[-size] ^ 1]) + raw[-size + 1:])
+        with pytest.raises(CorruptShardError, match=r"/0/c/1/1/1: the shard index fails its crc32c checksum"):
+            fresh().read(box)

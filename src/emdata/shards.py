@@ -52,7 +52,9 @@ class CorruptShardError(EmDataError, ValueError):
 class ShardReader:
     """Reads decoded chunks (full chunk shape, native byte order, read-only) of one sharded zarr v3 array."""
 
-    def __init__(self, adir: Path, *, shape: tuple[int, ...], chunks: tuple[int, ...], shards: tuple[int, ...],
+    remote = False  # reads wait on a network (RemoteShardReader): callers keep more reads in flight
+
+    def __init__(self, adir: Path | str, *, shape: tuple[int, ...], chunks: tuple[int, ...], shards: tuple[int, ...],
                  dtype: np.dtype, stored: np.dtype, fill_value: Any, separator: str, index_at_end: bool) -> None:
         self.adir = adir
         self.shape, self.chunks_shape, self.shards = shape, chunks, shards
@@ -69,8 +71,11 @@ class ShardReader:
         self._index_lock = threading.Lock()
         self.chunk_reads = 0  # chunks read from their shard file (tests count them)
         self.index_reads = 0
-        self._crc32c: Any = None
-        self._decompress: Any = None
+        import google_crc32c  # zarr-python's own dependency for the index checksum
+        from numcodecs.blosc import decompress  # what numcodecs' Blosc.decode calls, without its wrapping
+
+        self._crc32c: Any = google_crc32c
+        self._decompress: Any = decompress
         # Open shard files, most recently used last: sidx -> [fd or None (no such file), readers using it].
         self._files: OrderedDict[tuple[int, ...], list[Any]] = OrderedDict()
         self._files_lock = threading.Lock()
@@ -81,48 +86,37 @@ class ShardReader:
         """A reader if ``adir`` is a local sharded array with ``bytes`` + ``blosc`` chunks, else None."""
         try:
             meta = json.loads((adir / "zarr.json").read_text())
-            import google_crc32c  # zarr-python's own dependency for the index checksum
-            from numcodecs.blosc import decompress  # what numcodecs' Blosc.decode calls, without its wrapping
-        except (OSError, ValueError, ImportError):
+        except (OSError, ValueError):
             return None
-        try:
-            codecs = meta["codecs"]
-            if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
-                return None
-            conf = codecs[0]["configuration"]
-            inner = conf["codecs"]
-            if [c["name"] for c in inner] != ["bytes", "blosc"]:
-                return None
-            index_codecs = conf.get("index_codecs", [{"name": "bytes", "configuration": {"endian": "little"}},
-                                                     {"name": "crc32c"}])
-            if [c["name"] for c in index_codecs] != ["bytes", "crc32c"] or index_codecs[0].get(
-                    "configuration", {}).get("endian", "little") != "little":
-                return None
-            key = meta.get("chunk_key_encoding", {"name": "default"})
-            if key["name"] != "default":
-                return None
-            separator = key.get("configuration", {}).get("separator", "/")
-            if meta["chunk_grid"]["name"] != "regular" or meta.get("storage_transformers"):
-                return None
-            shards = tuple(int(s) for s in meta["chunk_grid"]["configuration"]["chunk_shape"])
-            chunks = tuple(int(c) for c in conf["chunk_shape"])
-            shape = tuple(int(s) for s in meta["shape"])
-            if len(shards) != len(shape) or any(s % c for s, c in zip(shards, chunks, strict=True)):
-                return None
-            endian = inner[0].get("configuration", {}).get("endian", "little")
-            if dtype.kind not in "biuf" or dtype.itemsize > 1 and endian not in ("little", "big"):
-                return None
-            stored = dtype.newbyteorder("<" if endian == "little" else ">") if dtype.itemsize > 1 else dtype
-        except (KeyError, TypeError, IndexError, AttributeError):
-            return None
-        reader = cls(adir, shape=shape, chunks=chunks, shards=shards, dtype=dtype, stored=stored,
-                     fill_value=fill_value, separator=separator,
-                     index_at_end=conf.get("index_location", "end") == "end")
-        reader._crc32c, reader._decompress = google_crc32c, decompress
-        return reader
+        layout = _layout(meta, dtype)
+        return None if layout is None else cls(adir, dtype=dtype, fill_value=fill_value, **layout)
 
-    def shard_path(self, sidx: tuple[int, ...]) -> Path:
-        return self.adir / self.separator.join(("c", *(str(i) for i in sidx)))
+    def shard_path(self, sidx: tuple[int, ...]) -> Path | str:
+        return Path(self.adir) / self.separator.join(("c", *(str(i) for i in sidx)))
+
+    def _decode(self, buf: memoryview, sidx: tuple[int, ...], cidx: tuple[int, ...], offset: int, scratch: bool,
+                buffer: Callable[[int], np.ndarray] | None) -> np.ndarray:
+        """Chunk ``cidx``'s stored bytes ``buf`` (at ``offset`` of its shard) decoded, once its blosc header says
+        the chunk's full size from exactly these bytes (``chunks`` says where it goes)."""
+        decoded, stored = _blosc_sizes(buf)
+        if decoded != self.chunk_nbytes or stored != len(buf):
+            raise CorruptShardError(
+                f"{self.shard_path(sidx)}: chunk {cidx} at {offset}+{len(buf)}: its blosc header says "
+                f"{decoded} bytes from {stored}, expected {self.chunk_nbytes} from {len(buf)}")
+        if scratch:
+            out = _decoded_scratch(self.chunk_nbytes)
+        else:
+            out = np.empty(self.chunk_nbytes, np.uint8) if buffer is None else buffer(self.chunk_nbytes)
+        self._decompress(buf, out)
+        arr = out.view(self.stored).reshape(self.chunks_shape)
+        return arr if self.stored == self.dtype else arr.astype(self.dtype)
+
+    def _where(self, cidx: tuple[int, ...], index: np.ndarray) -> tuple[int, int]:
+        """(offset, length) of chunk ``cidx`` in its shard, from the shard's index."""
+        inner = 0
+        for i, p in zip(cidx, self.per_shard, strict=True):
+            inner = inner * p + i % p
+        return int(index[inner, 0]), int(index[inner, 1])
 
     def _index(self, sidx: tuple[int, ...], fd: int, size: int) -> np.ndarray:
         cached = self._indexes.get(sidx)
@@ -136,15 +130,19 @@ class ShardReader:
             raw = os.pread(fd, self.index_bytes, where) if where >= 0 else b""
             if len(raw) != self.index_bytes:
                 raise CorruptShardError(f"{self.shard_path(sidx)}: {size} bytes, too short for its shard index")
-            body, crc = raw[:-4], int.from_bytes(raw[-4:], "little")
-            if self._crc32c.value(body) != crc:
-                raise CorruptShardError(f"{self.shard_path(sidx)}: the shard index fails its crc32c checksum")
-            index = np.frombuffer(body, "<u8").reshape(-1, 2)
-            self.index_reads += 1
-            if len(self._indexes) >= _MAX_CACHED_INDEXES:
-                self._indexes.clear()
-            self._indexes[sidx] = index
-            return index
+            return self._keep_index(sidx, raw)
+
+    def _keep_index(self, sidx: tuple[int, ...], raw: bytes) -> np.ndarray:
+        """The index of shard ``sidx`` from its ``index_bytes`` bytes, checked against its crc32c and cached."""
+        body, crc = raw[:-4], int.from_bytes(raw[-4:], "little")
+        if self._crc32c.value(body) != crc:
+            raise CorruptShardError(f"{self.shard_path(sidx)}: the shard index fails its crc32c checksum")
+        index = np.frombuffer(body, "<u8").reshape(-1, 2)
+        self.index_reads += 1
+        if len(self._indexes) >= _MAX_CACHED_INDEXES:
+            self._indexes.clear()
+        self._indexes[sidx] = index
+        return index
 
     def chunk(self, cidx: tuple[int, ...]) -> np.ndarray:
         """Chunk ``cidx`` decoded: a new array of the chunk shape (fill value where nothing is stored)."""
@@ -176,10 +174,7 @@ class ShardReader:
                 index = self._indexes.get(sidx)
                 if index is None:
                     index = self._index(sidx, fd, os.fstat(fd).st_size)
-                inner = 0
-                for i, p in zip(cidx, per, strict=True):
-                    inner = inner * p + i % p
-                offset, nbytes = int(index[inner, 0]), int(index[inner, 1])
+                offset, nbytes = self._where(cidx, index)
                 if offset == _EMPTY and nbytes == _EMPTY:
                     yield self._fill()
                     continue
@@ -189,18 +184,7 @@ class ShardReader:
                                             f"outside the file")
                 with self._lock:
                     self.chunk_reads += 1
-                decoded, stored = _blosc_sizes(buf)
-                if decoded != self.chunk_nbytes or stored != nbytes:
-                    raise CorruptShardError(
-                        f"{self.shard_path(sidx)}: chunk {cidx} at {offset}+{nbytes}: its blosc header says "
-                        f"{decoded} bytes from {stored}, expected {self.chunk_nbytes} from {nbytes}")
-                if scratch:
-                    out = _decoded_scratch(self.chunk_nbytes)
-                else:
-                    out = np.empty(self.chunk_nbytes, np.uint8) if buffer is None else buffer(self.chunk_nbytes)
-                self._decompress(buf, out)
-                arr = out.view(self.stored).reshape(self.chunks_shape)
-                yield arr if self.stored == self.dtype else arr.astype(self.dtype)
+                yield self._decode(buf, sidx, cidx, offset, scratch, buffer)
         finally:
             if open_sidx is not None:
                 self._release(open_sidx)
@@ -245,6 +229,193 @@ class ShardReader:
 
     def _fill(self) -> np.ndarray:
         return np.full(self.chunks_shape, self.fill_value, dtype=self.dtype)
+
+
+class RemoteShardReader(ShardReader):
+    """The same chunks from shards behind a zarr store that is not a local folder (a URL, a DVC remote).
+
+    zarr-python fetches the chunks it needs from one shard one request after another, and reads the shard's index
+    again for every read: over a network each costs a round trip (measured: 8 chunks of one shard, 20 ms latency,
+    ~0.2 s; a grid pass 10-25x one read of the whole volume; ``bench/bench_access.py --suite remote``). Here each
+    shard's index is fetched once (a suffix range, crc32c-checked, cached), and the chunks one call asks for are
+    fetched together: adjacent byte ranges merged into one request, the requests concurrent (at most zarr's
+    ``async.concurrency``) through the store's own ``get`` (the same client, credentials and retries as
+    zarr-python). Every length comes from the index, which is untrusted: a chunk longer than blosc can make of
+    the chunk, or a response of another length than asked, is a ``CorruptShardError`` naming the URL before
+    anything is decoded. A shard that is not there reads as the fill value, as zarr-python reads it.
+    """
+
+    remote = True
+    # Bytes one request may cover when adjacent chunks are merged into it.
+    MERGE_BYTES = 16 * 2**20
+
+    def __init__(self, store: Any, prefix: str, where: str, **kwargs: Any) -> None:
+        super().__init__(where, **kwargs)
+        self.store, self.prefix = store, prefix.strip("/")
+        self._absent: set[tuple[int, ...]] = set()  # shards found missing (fill value), not asked again
+        # A blosc 1 frame holds at most the decoded bytes and its 16-byte header (stored uncompressed otherwise).
+        self.max_stored = self.chunk_nbytes + 16
+
+    @classmethod
+    def for_zarr(cls, zarray: Any, where: str, dtype: np.dtype, fill_value: Any) -> RemoteShardReader | None:
+        """A reader for a zarr-python array of the production layout in a remote store (``where``: its URL or name
+        for messages), else None."""
+        try:
+            meta = zarray.metadata.to_dict()
+            store = zarray.store
+        except AttributeError:
+            return None
+        layout = _layout(meta, dtype)
+        if layout is None:
+            return None
+        return cls(store, str(zarray.path), where, dtype=dtype, fill_value=fill_value, **layout)
+
+    def shard_path(self, sidx: tuple[int, ...]) -> str:
+        return f"{str(self.adir).rstrip('/')}/{self.separator.join(('c', *(str(i) for i in sidx)))}"
+
+    def _key(self, sidx: tuple[int, ...]) -> str:
+        name = self.separator.join(("c", *(str(i) for i in sidx)))
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _get(self, requests: list[tuple[tuple[int, ...], int | None, int]]) -> list[bytes | None]:
+        """Each (shard, start or None for the last ``n`` bytes, n) fetched concurrently: bytes, or None where the
+        shard does not exist."""
+        import asyncio
+
+        import zarr
+        from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        prototype = default_buffer_prototype()
+        limit = asyncio.Semaphore(max(1, int(zarr.config.get("async.concurrency") or 10)))
+
+        async def one(sidx: tuple[int, ...], start: int | None, n: int) -> bytes | None:
+            rng = SuffixByteRequest(n) if start is None else RangeByteRequest(start, start + n)
+            async with limit:
+                got = await self.store.get(self._key(sidx), prototype=prototype, byte_range=rng)
+            return None if got is None else got.to_bytes()
+
+        async def all_of() -> list[bytes | None]:
+            return list(await asyncio.gather(*(one(*r) for r in requests)))
+
+        return sync(all_of())
+
+    def _indexes_of(self, sidxs: set[tuple[int, ...]]) -> dict[tuple[int, ...], np.ndarray | None]:
+        """The index of each shard (None: no such shard), fetched at once for those not cached."""
+        found: dict[tuple[int, ...], np.ndarray | None] = {}
+        todo = []
+        for sidx in sidxs:
+            index = self._indexes.get(sidx)
+            if index is not None or sidx in self._absent:
+                found[sidx] = index
+            else:
+                todo.append(sidx)
+        if not self.index_at_end and todo:
+            raw = self._get([(sidx, 0, self.index_bytes) for sidx in todo])
+        else:
+            raw = self._get([(sidx, None, self.index_bytes) for sidx in todo])
+        for sidx, got in zip(todo, raw, strict=True):
+            if got is None:
+                found[sidx] = None
+                with self._index_lock:
+                    if len(self._absent) >= _MAX_CACHED_INDEXES:
+                        self._absent.clear()
+                    self._absent.add(sidx)
+                continue
+            if len(got) != self.index_bytes:
+                raise CorruptShardError(f"{self.shard_path(sidx)}: asked for its {self.index_bytes}-byte shard "
+                                        f"index, got {len(got)} bytes (a short file, or a server ignoring Range)")
+            with self._index_lock:
+                found[sidx] = self._keep_index(sidx, got)
+        return found
+
+    def chunks(self, cidxs: Sequence[tuple[int, ...]], *, scratch: bool = False,
+               buffer: Callable[[int], np.ndarray] | None = None) -> Iterator[np.ndarray]:
+        cidxs = list(cidxs)
+        sidxs = [tuple(i // p for i, p in zip(cidx, self.per_shard, strict=True)) for cidx in cidxs]
+        indexes = self._indexes_of(set(sidxs))
+        spans: list[tuple[tuple[int, ...], int, int] | None] = []  # per chunk: (shard, offset, length) or None
+        for cidx, sidx in zip(cidxs, sidxs, strict=True):
+            index = indexes[sidx]
+            if index is None:
+                spans.append(None)
+                continue
+            offset, nbytes = self._where(cidx, index)
+            if offset == _EMPTY and nbytes == _EMPTY:
+                spans.append(None)
+                continue
+            if not 16 <= nbytes <= self.max_stored or offset >= 2**62:
+                raise CorruptShardError(f"{self.shard_path(sidx)}: its index puts chunk {cidx} at {offset}+{nbytes}; "
+                                        f"a chunk takes 16 to {self.max_stored} bytes")
+            spans.append((sidx, offset, nbytes))
+        # Adjacent chunks of one shard in one request (at most MERGE_BYTES), then every request at once.
+        order = sorted((s for s in set(spans) if s is not None))
+        merged: list[list[Any]] = []  # [shard, start, length, [spans]]
+        for span in order:
+            sidx, offset, nbytes = span
+            last = merged[-1] if merged else None
+            if (last is not None and last[0] == sidx and last[1] + last[2] == offset
+                    and last[2] + nbytes <= self.MERGE_BYTES):
+                last[2] += nbytes
+                last[3].append(span)
+            else:
+                merged.append([sidx, offset, nbytes, [span]])
+        got = self._get([(sidx, start, n) for sidx, start, n, _ in merged])
+        data: dict[tuple[tuple[int, ...], int, int], memoryview] = {}
+        for (sidx, start, n, parts), body in zip(merged, got, strict=True):
+            if body is None or len(body) != n:
+                raise CorruptShardError(
+                    f"{self.shard_path(sidx)}: asked for bytes {start}..{start + n}, got "
+                    f"{'no file' if body is None else f'{len(body)} bytes'} (changed, short, or a server ignoring Range)")
+            view = memoryview(body)
+            for span in parts:
+                data[span] = view[span[1] - start:span[1] - start + span[2]]
+        with self._lock:
+            self.chunk_reads += len(data)
+        for cidx, where in zip(cidxs, spans, strict=True):
+            if where is None:
+                yield self._fill()
+            else:
+                yield self._decode(data[where], where[0], cidx, where[1], scratch, buffer)
+
+
+def _layout(meta: Any, dtype: np.dtype) -> dict[str, Any] | None:
+    """The reader's layout arguments from an array's ``zarr.json`` (a dict) if it holds ``bytes`` + ``blosc`` chunks
+    in shards with a crc32c-checked little-endian index and default chunk keys; else None (read by another path)."""
+    try:
+        codecs = meta["codecs"]
+        if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
+            return None
+        conf = codecs[0]["configuration"]
+        inner = conf["codecs"]
+        if [c["name"] for c in inner] != ["bytes", "blosc"]:
+            return None
+        index_codecs = conf.get("index_codecs", [{"name": "bytes", "configuration": {"endian": "little"}},
+                                                 {"name": "crc32c"}])
+        if [c["name"] for c in index_codecs] != ["bytes", "crc32c"] or index_codecs[0].get(
+                "configuration", {}).get("endian", "little") != "little":
+            return None
+        key = meta.get("chunk_key_encoding", {"name": "default"})
+        if key["name"] != "default":
+            return None
+        separator = key.get("configuration", {}).get("separator", "/")
+        if meta["chunk_grid"]["name"] != "regular" or meta.get("storage_transformers"):
+            return None
+        shards = tuple(int(s) for s in meta["chunk_grid"]["configuration"]["chunk_shape"])
+        chunks = tuple(int(c) for c in conf["chunk_shape"])
+        shape = tuple(int(s) for s in meta["shape"])
+        if (len(shards) != len(shape) or len(chunks) != len(shape) or any(c <= 0 for c in chunks)
+                or any(s % c for s, c in zip(shards, chunks, strict=True))):
+            return None
+        endian = inner[0].get("configuration", {}).get("endian", "little")
+        if dtype.kind not in "biuf" or dtype.itemsize > 1 and endian not in ("little", "big"):
+            return None
+        stored = dtype.newbyteorder("<" if endian == "little" else ">") if dtype.itemsize > 1 else dtype
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError):
+        return None
+    return {"shape": shape, "chunks": chunks, "shards": shards, "stored": stored, "separator": separator,
+            "index_at_end": conf.get("index_location", "end") == "end"}
 
 
 _local = threading.local()

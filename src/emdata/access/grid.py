@@ -19,6 +19,11 @@ from emdata.shards import decode_threads
 
 # Blocks of at most this many storage chunks are read by the decoding threads alone (``BlockGrid._direct_blocks``).
 _DIRECT_MAX_CHUNKS = 16
+# Blocks in flight when the shards are remote (each block waits on the network, not on the cores), at most
+# REMOTE_PREFETCH_BYTES of them: measured with bench/bench_access.py --suite remote (DATA_ACCESS_DESIGN.md,
+# "Remote reads").
+REMOTE_PREFETCH = 8
+REMOTE_PREFETCH_BYTES = 256 * 2**20
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -184,6 +189,9 @@ class BlockGrid:
         if prefetch is None:
             if self._direct_blocks:
                 prefetch = 2
+            elif array._direct is not None and array._direct.remote:
+                block_bytes = math.prod(spec.read_shape_voxels) * array.dtype.itemsize
+                prefetch = max(2, min(REMOTE_PREFETCH, REMOTE_PREFETCH_BYTES // max(block_bytes, 1)))
             elif not self._keep and array._direct is not None:
                 prefetch = min(4, max(2, decode_threads()))
             else:
@@ -312,7 +320,7 @@ class BlockGrid:
         """Blocks that share no chunk, of few chunks, read from local shards: decoded straight into them on the
         decoding threads, without reading threads (whose hand-off per block matters when a block has few chunks:
         measured on 2 cores, 128^3 blocks of 8 chunks 1.07x the reading threads, 256^3 of 64 chunks 0.95x)."""
-        return (not self._keep and self.array._direct is not None
+        return (not self._keep and self.array._direct is not None and not self.array._direct.remote
                 and math.prod(-(-b // c) for b, c in zip(self.spec.read_shape_voxels, self.array.chunks, strict=True))
                 <= _DIRECT_MAX_CHUNKS)
 

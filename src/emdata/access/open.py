@@ -7,7 +7,7 @@ import itertools
 import os
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from emdata.access.cache import ChunkCache, default_cache
-from emdata.shards import ShardReader, decode_pool, decode_threads
+from emdata.shards import RemoteShardReader, ShardReader, decode_pool, decode_threads
 from emdata.access.spec import AXES, PAD_MODES, Box, RoiNm, box_to_nm
 from emdata.errors import InvalidParameterError
 from emdata.ngff import Geometry, ome_attrs
@@ -463,11 +463,14 @@ class EmArray:
 
         if missing:
             main = threading.current_thread() is threading.main_thread()
-            n_groups = 1 if len(missing) == 1 and not main else min(len(missing), decode_threads())
+            # Remote shards: fetched (one set of concurrent requests) and decoded in this thread; the decoding
+            # threads would otherwise sit waiting on the network, one fetch each.
+            alone = (len(missing) == 1 and not main) or reader.remote
+            n_groups = 1 if alone else min(len(missing), decode_threads())
             groups = [missing[k * len(missing) // n_groups:(k + 1) * len(missing) // n_groups]
                       for k in range(n_groups)]
-            if n_groups == 1 and not main:
-                load(groups[0])  # (in the main thread numcodecs would decode on blosc's own threads)
+            if n_groups == 1 and (not main or reader.remote):
+                load(groups[0])  # (in the main thread numcodecs would decode local chunks on blosc's own threads)
             else:
                 for _ in decode_pool().map(load, groups):
                     pass
@@ -478,23 +481,72 @@ class EmArray:
                 assert chunk is not None
                 out[dst] = chunk[src]
 
-    def _load_chunk(self, cbox: Box) -> np.ndarray:
-        return np.asarray(self._store[cbox.slices])
-
     def _read_zarr(self, box: Box, out: np.ndarray) -> None:
         if self.cache.total_bytes == 0:
             out[...] = self._store[box.slices]
             return
-        # Assemble from whole decoded chunks so that overlapping reads decode each chunk once.
+        # Assemble from whole decoded chunks so that overlapping reads decode (and fetch) each chunk once.
         ranges = [range(a // c, (b - 1) // c + 1) for a, b, c in zip(box.start, box.stop, self.chunks, strict=True)]
         cidxs = list(itertools.product(*ranges))
-        for cidx, key in zip(cidxs, self._chunk_keys(cidxs), strict=True):
-            cbox = Box(tuple(i * c for i, c in zip(cidx, self.chunks, strict=True)),  # type: ignore[arg-type]
-                       tuple(min((i + 1) * c, n) for i, c, n in zip(cidx, self.chunks, self.shape, strict=True)))  # type: ignore[arg-type]
-            chunk = self.cache.get_or_load(key, functools.partial(self._load_chunk, cbox))
+        chunks = self.cache.load_many(self._chunk_keys(cidxs),
+                                      lambda mine: self._fetch_chunks([cidxs[n] for n in mine]))
+        for cidx, chunk in zip(cidxs, chunks, strict=True):
+            cbox = self._chunk_box(cidx)
             part = cbox.intersect(box)
             assert part is not None
             out[part.relative_to(box)] = chunk[part.relative_to(cbox)]
+
+    def _chunk_box(self, cidx: tuple[int, ...]) -> Box:
+        """The voxels of chunk ``cidx`` (cut at the array's end)."""
+        return Box(tuple(i * c for i, c in zip(cidx, self.chunks, strict=True)),  # type: ignore[arg-type]
+                   tuple(min((i + 1) * c, n) for i, c, n in zip(cidx, self.chunks, self.shape, strict=True)))  # type: ignore[arg-type]
+
+    def _fetch_chunks(self, cidxs: list[tuple[int, ...]]) -> Iterator[np.ndarray]:
+        """The chunks ``cidxs`` (zarr-python: remote data), in that order, each its own array.
+
+        They are read a box of chunks at a time (``chunk_boxes``; one box when they form one, as the chunks a
+        block has not yet met usually do): zarr-python fetches the chunks of one read concurrently, where one
+        read per chunk would wait a round trip for each (and for its shard's index)."""
+        got: dict[tuple[int, ...], np.ndarray] = {}
+        for lo, hi in chunk_boxes(cidxs):
+            vox = Box(self._chunk_box(lo).start, self._chunk_box(tuple(h - 1 for h in hi)).stop)
+            data = np.asarray(self._store[vox.slices])
+            for cidx in itertools.product(*(range(a, b) for a, b in zip(lo, hi, strict=True))):
+                # A copy per chunk: the cache then holds (and drops) chunks, not views of the box read.
+                got[cidx] = np.array(data[self._chunk_box(cidx).relative_to(vox)])
+        for cidx in cidxs:
+            yield got[cidx]
+
+
+def chunk_boxes(cidxs: Iterable[tuple[int, ...]]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Boxes of the chunk grid (start, stop) that together hold exactly the distinct chunk indices ``cidxs``:
+    runs along the last axis, merged with equal runs of the next row, then with equal rectangles of the next
+    plane (one box when the indices form one)."""
+    runs: dict[tuple[int, ...], list[int]] = {}
+    for cidx in set(cidxs):
+        runs.setdefault(tuple(cidx[:-1]), []).append(cidx[-1])
+    boxes = []
+    for head, ks in runs.items():
+        ks.sort()
+        start = ks[0]
+        for a, b in zip(ks, [*ks[1:], None]):
+            if b != a + 1:
+                boxes.append(((*head, start), (*(h + 1 for h in head), a + 1)))
+                start = b  # type: ignore[assignment]
+    # Merge along each leading axis in turn (the last but one first): boxes equal but for that axis, adjacent.
+    for axis in range(len(boxes[0][0]) - 2 if boxes else 0, -1, -1):
+        boxes.sort(key=lambda bx: (bx[0][:axis] + bx[0][axis + 1:], bx[1][:axis] + bx[1][axis + 1:], bx[0][axis]))
+        merged: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+        for lo, hi in boxes:
+            if merged:
+                plo, phi = merged[-1]
+                if (plo[:axis] + plo[axis + 1:] == lo[:axis] + lo[axis + 1:]
+                        and phi[:axis] + phi[axis + 1:] == hi[:axis] + hi[axis + 1:] and phi[axis] == lo[axis]):
+                    merged[-1] = (plo, (*phi[:axis], hi[axis], *phi[axis + 1:]))
+                    continue
+            merged.append((lo, hi))
+        boxes = merged
+    return boxes
 
 
 def _fill_margins(out: np.ndarray, axis: int, lo: int, hi: int, mode: str) -> None:
@@ -700,9 +752,13 @@ def open_array(
                 raise InvalidParameterError(f"tensorstore cannot open {aloc}: {exc}") from exc
     if store is None:
         store, backend = zarray, "zarr"
-    direct = None
+    direct: ShardReader | None = None
     if requested in ("auto", "tensorstore") and root.kind == "local" and zarray.shards is not None:
         direct = ShardReader.for_array(Path(aloc.path), np.dtype(zarray.dtype), zarray.fill_value)
+    elif requested == "auto" and root.kind != "local" and zarray.shards is not None:
+        # Remote shards: each shard's index once, a read's chunks in concurrent merged range requests (zarr-python
+        # fetches one shard's chunks one round trip after another); metadata stays zarr-python's.
+        direct = RemoteShardReader.for_zarr(zarray, str(aloc), np.dtype(zarray.dtype), zarray.fill_value)
     return EmArray(
         ref=ref, shape=tuple(int(s) for s in zarray.shape), dtype=np.dtype(zarray.dtype),  # type: ignore[arg-type]
         chunks=tuple(int(c) for c in zarray.chunks), shards=shards,  # type: ignore[arg-type]
