@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
@@ -282,13 +283,15 @@ def stream_part(args: argparse.Namespace, path: Path, report: Report) -> None:
         total = args.size**3
 
         def read_all(a: object) -> int:
-            return sum(b.data.nbytes for b in BlockGrid(a, BlockSpec(128), prefetch=4))  # type: ignore[arg-type, misc]
+            return sum(b.data.nbytes for b in BlockGrid(a, BlockSpec(128)))  # type: ignore[arg-type, misc]
 
         cases = {
             "local, tensorstore": lambda: open_array(path, cache=ChunkCache()),
             "local, zarr-python": lambda: open_array(path, backend="zarr", cache=ChunkCache()),
-            "loopback S3 (moto), zarr-python + s3fs": lambda: open_array("s3://bench/vol.zarr", storage_options=opts,
-                                                                         cache=ChunkCache()),
+            "loopback S3 (moto), emdata remote shard reader + s3fs": lambda: open_array(
+                "s3://bench/vol.zarr", storage_options=opts, cache=ChunkCache()),
+            "loopback S3 (moto), zarr-python + s3fs": lambda: open_array(
+                "s3://bench/vol.zarr", storage_options=opts, backend="zarr", cache=ChunkCache()),
         }
         res_s: dict[str, list[float]] = {k: [] for k in cases}
         for _ in range(args.repeats):
@@ -298,8 +301,9 @@ def stream_part(args: argparse.Namespace, path: Path, report: Report) -> None:
                 assert read_all(a) == total
                 res_s[name].append(total / (time.perf_counter() - t0) / 1e6)
         med = {name: report(name, v, "MB/s") for name, v in res_s.items()}
-        print(f"{'':58s} -> S3 / local tensorstore {med['loopback S3 (moto), zarr-python + s3fs'] / med['local, tensorstore']:.2f}x; "
-              f"S3 / local zarr-python {med['loopback S3 (moto), zarr-python + s3fs'] / med['local, zarr-python']:.2f}x")
+        s3_new, s3_old = med["loopback S3 (moto), emdata remote shard reader + s3fs"], med["loopback S3 (moto), zarr-python + s3fs"]
+        print(f"{'':58s} -> S3 / local tensorstore {s3_new / med['local, tensorstore']:.2f}x; "
+              f"S3 emdata / S3 zarr-python {s3_new / s3_old:.2f}x")
 
 
 # -- the "reads" suite: the iterator rows of issue 12 ---------------------------------------------------------
@@ -704,12 +708,87 @@ def layouts_suite(args: argparse.Namespace) -> None:
         print(f"- blocks {block}^3, halo {halo}: {statistics.median(ratios):.2f}x ({min(ratios):.2f}..{max(ratios):.2f})")
 
 
+_SERVE = ("import sys; from pathlib import Path; from emdata.offline.replica.server import ReplicaServer; "
+          "s = ReplicaServer(Path(sys.argv[1])); s.faults.latency_s = float(sys.argv[2]); print(s.base_url, flush=True); "
+          "s.serve_forever()")
+
+
+def remote_suite(args: argparse.Namespace) -> None:
+    """Reading over the network: the benchmark volume served over HTTP by the replica server (its own process,
+    ``--latency`` before every response, loopback), read by the grid and the sampler through emdata's remote shard
+    reader (``open_array(url)``) and through zarr-python (``backend="zarr"``, the path before), each against one
+    zarr-python read of the whole volume (every shard in one request, all at once: the least a pass can wait)."""
+    import subprocess
+
+    from emdata.access import RandomBlockSampler
+
+    path = build_volume(args.out / f"bench_{args.remote_size}.zarr", args.remote_size)
+    total = args.remote_size**3
+    proc = subprocess.Popen([sys.executable, "-c", _SERVE, str(path.parent), str(args.latency)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = f"{proc.stdout.readline().strip()}/{path.name}"
+        block, halo, n_samples = args.block[0], args.halo, args.remote_samples
+
+        def whole() -> int:
+            arr = open_array(url, backend="zarr", cache=ChunkCache(0))
+            return int(np.asarray(arr._store[...]).nbytes)
+
+        def grid(backend: str, h: int) -> Callable[[], int]:
+            def run() -> int:
+                arr = open_array(url, backend=backend, cache=ChunkCache())  # type: ignore[arg-type]
+                return sum(b.core().nbytes for b in BlockGrid(arr, BlockSpec(block, halo_voxels=h)))
+            return run
+
+        def samples(backend: str) -> Callable[[], int]:
+            def run() -> int:
+                arr = open_array(url, backend=backend, cache=ChunkCache())  # type: ignore[arg-type]
+                sampler = RandomBlockSampler({"raw": arr}, args.sample_block, seed=0, num_samples=n_samples)
+                return sum(s["raw"].data.nbytes for s in sampler)
+            return run
+
+        sample_bytes = n_samples * args.sample_block**3
+        cases: dict[str, tuple[Callable[[], int], int]] = {"one zarr-python read of the whole volume": (whole, total)}
+        for name, backend in (("emdata", "auto"), ("zarr-python", "zarr")):
+            cases[f"grid {block}^3, {name}"] = (grid(backend, 0), total)
+            cases[f"grid {block}^3 halo {halo}, {name}"] = (grid(backend, halo), total)
+            cases[f"{n_samples} random {args.sample_block}^3 samples, {name}"] = (samples(backend), sample_bytes)
+        probe = open_array(url)
+        assert probe._direct is not None and probe._direct.remote, "the remote shard reader did not take the volume"
+        for fn, _ in cases.values():  # untimed warm-up: connections, imports
+            fn()
+        seconds: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}
+        run_interleaved(cases, args.remote_repeats, seconds, cpu)
+    finally:
+        proc.kill()
+        proc.wait()
+    print(f"\n== remote reads: {args.remote_size}^3 uint8 over HTTP (replica server, +{args.latency * 1000:.0f} ms per "
+          f"response, loopback), {args.remote_repeats} repeats interleaved; s (min..max)")
+    for name, ts in seconds.items():
+        print(f"  {name:55s} {statistics.median(ts):6.2f} s ({min(ts):.2f}..{max(ts):.2f})")
+    rows = []
+    for what in (f"grid {block}^3", f"grid {block}^3 halo {halo}", f"{n_samples} random {args.sample_block}^3 samples"):
+        new, old = f"{what}, emdata", f"{what}, zarr-python"
+        rows.append(ratio_row(f"remote, {what}: emdata's remote shard reader vs zarr-python (speed)",
+                              ratios(old, new, seconds), ratios(old, new, cpu), new, old, None, True, "(measured)"))
+    for what in (f"grid {block}^3", f"grid {block}^3 halo {halo}"):
+        new, limit = f"{what}, emdata", "one zarr-python read of the whole volume"
+        rows.append(ratio_row(f"remote, {what}: emdata vs one read of the whole volume (speed)",
+                              ratios(limit, new, seconds), ratios(limit, new, cpu), new, limit, None, True,
+                              "(measured limit)"))
+    if args.json is not None:
+        args.json.write_text(json.dumps({"remote": rows, "seconds": seconds, "cpu": cpu}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--suite", choices=("reads", "scale", "layouts", "large", "pass"), default="reads",
+    parser.add_argument("--suite", choices=("reads", "scale", "layouts", "large", "pass", "remote"), default="reads",
                         help="reads: issue 12's iterator rows (default; with the large rows); scale: DataLoader "
                              "workers, dask, streaming; layouts: the iterator on the stages' shards vs 256^3; large: "
-                             "only the halo pass over a volume twice the cache; pass: one such pass (internal)")
+                             "only the halo pass over a volume twice the cache; pass: one such pass (internal); remote: "
+                             "the grid and sampler over HTTP, emdata vs zarr-python")
     parser.add_argument("--samples", type=int, default=400, help="scale suite: samples per DataLoader epoch")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="scale suite: worker counts")
     parser.add_argument("--parts", nargs="+", default=["loader", "dask", "stream"], choices=("loader", "dask", "stream"),
@@ -731,6 +810,10 @@ def main() -> None:
     parser.add_argument("--tensorstore-path", action="store_true",
                         help="reads: also time the iterator reading every chunk through tensorstore (the old path)")
     parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--remote-size", type=int, default=512, help="remote: edge of the volume served over HTTP")
+    parser.add_argument("--remote-repeats", type=int, default=5)
+    parser.add_argument("--remote-samples", type=int, default=100, help="remote: random samples per sampler run")
+    parser.add_argument("--latency", type=float, default=0.02, help="remote: seconds before every response")
     parser.add_argument("--out", type=Path, default=HERE / "out")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
@@ -742,6 +825,8 @@ def main() -> None:
         large_volume_rows(args)
     elif args.suite == "pass":
         one_pass(args)
+    elif args.suite == "remote":
+        remote_suite(args)
     else:
         reads_suite(args)
 

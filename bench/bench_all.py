@@ -44,6 +44,11 @@ BENCHMARKS: dict[str, tuple[str, str, str | None]] = {
                "bench/bench_access.py --size 128 --block 64 --repeats 1 --large-size 128 --large-repeats 1 --out {out} "
                "--json {out}/access{tag}.json",
                "RESULTS_access.md"),
+    # Reads over HTTP with latency: emdata's remote shard reader vs zarr-python (DATA_ACCESS_DESIGN.md, "Remote reads").
+    "remote": ("bench/bench_access.py --suite remote --json {out}/remote{tag}.json",
+               "bench/bench_access.py --suite remote --remote-size 128 --block 64 --remote-repeats 1 "
+               "--remote-samples 20 --out {out} --json {out}/remote{tag}.json",
+               "RESULTS_access.md"),
     "hemibrain": ("bench/bench_hemibrain.py --profile full --crop 512 --latency 0.02 --repeats 3",
                   "bench/bench_hemibrain.py --profile small --crop 128 --repeats 1", None),
 }
@@ -132,7 +137,8 @@ def summary(runs: dict[str, dict[str, Any]], tag: str = "") -> list[str]:
                          f"output grows {b['output_mb'] / max(a['output_mb'], 1e-9):.1f}x (target <= 1.15)")
             out.append(line)
     acc = _json(f"access{tag}.json")
-    for r in (acc or {}).get("rows", []):
+    remote = _json(f"remote{tag}.json")
+    for r in (acc or {}).get("rows", []) + (remote or {}).get("remote", []):
         figure = f"access: {r['median']:.2f}x ({r['min']:.2f}..{r['max']:.2f}) [cpu {r['cpu_median']:.2f}x]"
         if r["target"] is None:  # a measured limit beside the rows, not a target
             out.append(f"{figure} {'(measured)' if r.get('label') == '(measured)' else '(measured limit)'}: {r['row']}")

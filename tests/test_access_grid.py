@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from access_fixtures import em_like, make_volume
@@ -224,3 +226,16 @@ def test_default_prefetch_follows_how_blocks_are_read(vol_dir):
     for bad in (-1, 1.5, True):
         with pytest.raises(InvalidParameterError, match="prefetch must be an int >= 0 or None"):
             BlockGrid(local, BlockSpec(8), prefetch=bad)  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.tuples(st.integers(0, 4), st.integers(0, 4), st.integers(0, 4)), min_size=1, max_size=40))
+def test_chunk_boxes_cover_exactly_the_chunks_asked(cidxs):
+    from emdata.access.open import chunk_boxes
+
+    boxes = chunk_boxes(cidxs)
+    covered = [c for lo, hi in boxes for c in itertools.product(*(range(a, b) for a, b in zip(lo, hi, strict=True)))]
+    assert len(covered) == len(set(covered)) and set(covered) == cidxs  # every chunk once, nothing more
+    zs, ys, xs = (sorted({c[i] for c in cidxs}) for i in range(3))
+    if len(cidxs) == len(zs) * len(ys) * len(xs) and all(v[-1] - v[0] + 1 == len(v) for v in (zs, ys, xs)):
+        assert len(boxes) == 1  # a box of chunks: one read
