@@ -1,4 +1,5 @@
-"""Decode the chunks of a local sharded zarr v3 array straight from its shard files (the production layout).
+"""Decode the chunks of a sharded zarr v3 array straight from its shard files (the production layout): local files
+(``ShardReader``) or shards in a remote zarr store (``RemoteShardReader``: a DVC remote, ``s3://``, ``https://``).
 
 For arrays whose shards hold ``bytes`` + ``blosc`` chunks (what ``emdata.ngff`` writes), reading a chunk is: read
 its (offset, length) from the shard index, ``pread`` those bytes, blosc-decode them with numcodecs (the same

@@ -238,7 +238,8 @@ class EmArray:
 
     ``voxel_size_nm`` and ``translation_nm`` are this level's ``scale`` and ``translation`` (the centre of
     voxel (0, 0, 0)). Reads go through tensorstore (``backend="tensorstore"``) or zarr-python, both backed by
-    the same bounded ``cache`` of decoded chunks; ``backend`` is the one actually in use.
+    the same bounded ``cache`` of decoded chunks; ``backend`` is the one actually in use (for the stages'
+    sharded layout the chunks come from ``emdata.shards``, local or remote, with either).
     """
 
     ref: ArrayRef
@@ -505,8 +506,8 @@ class EmArray:
         """The chunks ``cidxs`` (zarr-python: remote data), in that order, each its own array.
 
         They are read a box of chunks at a time (``chunk_boxes``; one box when they form one, as the chunks a
-        block has not yet met usually do): zarr-python fetches the chunks of one read concurrently, where one
-        read per chunk would wait a round trip for each (and for its shard's index)."""
+        block has not yet met usually do): zarr-python fetches the chunks (or shards) of one read concurrently,
+        where one read per chunk would wait a round trip for each."""
         got: dict[tuple[int, ...], np.ndarray] = {}
         for lo, hi in chunk_boxes(cidxs):
             vox = Box(self._chunk_box(lo).start, self._chunk_box(tuple(h - 1 for h in hi)).stop)
@@ -686,7 +687,9 @@ def open_array(
     ``"training"``), ``label`` one of its ``labels/<name>``. The result carries the level's voxel size,
     translation (nm) and axes (z, y, x). ``backend="auto"`` reads local data through tensorstore and falls
     back to zarr-python if tensorstore is missing, cannot open the array, would abort in this forked process,
-    or the data is remote.
+    or the data is remote (chunks of the stages' sharded blosc layout are then fetched and decoded by
+    ``emdata.shards``: local files directly, remote shards with ``RemoteShardReader``; ``backend="zarr"`` reads
+    every chunk through zarr-python).
     """
     if backend not in BACKENDS:
         raise InvalidParameterError(f"backend must be one of {BACKENDS}, got {backend!r}")
