@@ -100,6 +100,11 @@ def test_streams_an_output_from_the_dvc_remote_without_pull(workspace, monkeypat
         assert not (ws / "data" / "epfl.zarr").exists() and not (ws / ".dvc" / "cache" / "files").exists()
 
         _dvc(ws, "pull", "data/epfl.zarr")
+        # Streamed again with the objects now in the DVC cache (opened from there: files without fsspec's size).
+        np.testing.assert_array_equal(open_array("epfl", group="training", remote=True, cache=ChunkCache()).read(
+            streamed.bounds), image)
+        np.testing.assert_array_equal(open_array("epfl", group="training", remote=True, backend="zarr",
+                                                 cache=ChunkCache()).read(streamed.bounds), image)
         pulled = open_array("epfl", group="training")
         assert pulled.backend == "tensorstore"
         np.testing.assert_array_equal(got, pulled.read(pulled.bounds))

@@ -142,9 +142,30 @@ class Location:
 
 @functools.lru_cache(maxsize=8)
 def _dvc_filesystem(repo: str | None, rev: str | None, remote: str | None) -> Any:
+    return _dvc_filesystem_class()(repo=repo, rev=rev, remote=remote)
+
+
+@functools.lru_cache(maxsize=1)
+def _dvc_filesystem_class() -> type:
+    """``dvc.api.DVCFileSystem`` whose reads of a file's last bytes (a shard's index: ``start`` < 0) work wherever
+    the object comes from. fsspec's ``cat_file`` seeks from ``f.size``, which DVC's files opened from its local
+    cache (after a pull, or from a folder remote) lack: zarr-python's and the remote shard reader's index reads
+    failed there with an AttributeError (and DVC's listing has no sizes). The end is found by seeking instead."""
     from dvc.api import DVCFileSystem
 
-    return DVCFileSystem(repo=repo, rev=rev, remote=remote)
+    class RangedDVCFileSystem(DVCFileSystem):  # type: ignore[misc, valid-type]
+        def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+            if start is None or start >= 0:
+                return super().cat_file(path, start=start, end=end, **kwargs)  # type: ignore[no-any-return]
+            with self.open(path, "rb", **kwargs) as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size + start))
+                if end is None:
+                    return f.read()  # type: ignore[no-any-return]
+                stop = size + end if end < 0 else min(end, size)
+                return f.read(max(0, stop - f.tell()))  # type: ignore[no-any-return]
+
+    return RangedDVCFileSystem
 
 
 def _as_location(name_or_path: str | os.PathLike[str] | Location, data_root: str | os.PathLike[str] | None,
