@@ -210,3 +210,21 @@ def test_remote_shards_refuse_a_bad_index_or_response_naming_the_shard(tmp_path)
         shard.write_bytes(raw[:-size] + bytes([raw[-size] ^ 1]) + raw[-size + 1:])
         with pytest.raises(CorruptShardError, match=r"/0/c/1/1/1: the shard index fails its crc32c checksum"):
             fresh().read(box)
+
+
+def test_remote_shard_index_is_fetched_once_by_threads_reading_at_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    level0, image = _served_volume(tmp_path)
+    with serve_in_thread(tmp_path / "served") as server:
+        server.set_faults({"latency_s": 0.05})  # every read is in flight while the others start
+        arr = open_array(f"{server.base_url}/example.org/vol.zarr", cache=ChunkCache())
+        boxes = [Box((16 + z, 16 + y, 16), (24 + z, 24 + y, 32)) for z in (0, 8) for y in (0, 8)]  # shard (1, 1, 1)
+        boxes += [Box((0, 0, 0), (8, 8, 8)), Box((8, 8, 8), (16, 16, 16))]  # the missing shard (0, 0, 0)
+        seen = len(server.faults.requests_seen)
+        with ThreadPoolExecutor(len(boxes)) as pool:
+            got = list(pool.map(arr.read, boxes))
+        for box, data in zip(boxes, got, strict=True):
+            np.testing.assert_array_equal(data, image[box.slices])
+        index_requests = [r for r in server.faults.requests_seen[seen:] if "bytes=-" in r]
+        assert sorted(index_requests) == [f"GET /example.org/vol.zarr/0/c/{s} bytes=-132" for s in ("0/0/0", "1/1/1")]

@@ -24,7 +24,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +254,7 @@ class RemoteShardReader(ShardReader):
         super().__init__(where, **kwargs)
         self.store, self.prefix = store, prefix.strip("/")
         self._absent: set[tuple[int, ...]] = set()  # shards found missing (fill value), not asked again
+        self._loading: dict[tuple[int, ...], Future[np.ndarray | None]] = {}  # indexes being fetched
         # A blosc 1 frame holds at most the decoded bytes and its 16-byte header (stored uncompressed otherwise).
         self.max_stored = self.chunk_nbytes + 16
 
@@ -303,33 +304,53 @@ class RemoteShardReader(ShardReader):
         return sync(all_of())
 
     def _indexes_of(self, sidxs: set[tuple[int, ...]]) -> dict[tuple[int, ...], np.ndarray | None]:
-        """The index of each shard (None: no such shard), fetched at once for those not cached."""
+        """The index of each shard (None: no such shard): cached ones, the others fetched at once, except those
+        another thread is fetching already, which are awaited after ours (each index is fetched once)."""
         found: dict[tuple[int, ...], np.ndarray | None] = {}
-        todo = []
-        for sidx in sidxs:
-            index = self._indexes.get(sidx)
-            if index is not None or sidx in self._absent:
-                found[sidx] = index
-            else:
-                todo.append(sidx)
-        if not self.index_at_end and todo:
-            raw = self._get([(sidx, 0, self.index_bytes) for sidx in todo])
-        else:
-            raw = self._get([(sidx, None, self.index_bytes) for sidx in todo])
-        for sidx, got in zip(todo, raw, strict=True):
-            if got is None:
-                found[sidx] = None
-                with self._index_lock:
-                    if len(self._absent) >= _MAX_CACHED_INDEXES:
-                        self._absent.clear()
-                    self._absent.add(sidx)
-                continue
-            if len(got) != self.index_bytes:
-                raise CorruptShardError(f"{self.shard_path(sidx)}: asked for its {self.index_bytes}-byte shard "
-                                        f"index, got {len(got)} bytes (a short file, or a server ignoring Range)")
+        mine: list[tuple[tuple[int, ...], Future[np.ndarray | None]]] = []
+        waits: list[tuple[tuple[int, ...], Future[np.ndarray | None]]] = []
+        with self._index_lock:
+            for sidx in sidxs:
+                index = self._indexes.get(sidx)
+                if index is not None or sidx in self._absent:
+                    found[sidx] = index
+                elif sidx in self._loading:
+                    waits.append((sidx, self._loading[sidx]))
+                else:
+                    fut: Future[np.ndarray | None] = Future()
+                    self._loading[sidx] = fut
+                    mine.append((sidx, fut))
+        try:
+            if mine:
+                start = None if self.index_at_end else 0  # None: the last index_bytes bytes
+                raw = self._get([(sidx, start, self.index_bytes) for sidx, _ in mine])
+                for (sidx, fut), got in zip(mine, raw, strict=True):
+                    found[sidx] = self._index_from(sidx, got)
+                    fut.set_result(found[sidx])
+        except BaseException as exc:
+            for _, fut in mine:
+                if not fut.done():
+                    fut.set_exception(exc)
+            raise
+        finally:
             with self._index_lock:
-                found[sidx] = self._keep_index(sidx, got)
+                for sidx, _ in mine:
+                    self._loading.pop(sidx, None)
+        for sidx, fut in waits:
+            found[sidx] = fut.result()
         return found
+
+    def _index_from(self, sidx: tuple[int, ...], got: bytes | None) -> np.ndarray | None:
+        """Shard ``sidx``'s index from the bytes fetched for it (None: no such shard, remembered)."""
+        if got is None:
+            if len(self._absent) >= _MAX_CACHED_INDEXES:
+                self._absent.clear()
+            self._absent.add(sidx)
+            return None
+        if len(got) != self.index_bytes:
+            raise CorruptShardError(f"{self.shard_path(sidx)}: asked for its {self.index_bytes}-byte shard "
+                                    f"index, got {len(got)} bytes (a short file, or a server ignoring Range)")
+        return self._keep_index(sidx, got)
 
     def chunks(self, cidxs: Sequence[tuple[int, ...]], *, scratch: bool = False,
                buffer: Callable[[int], np.ndarray] | None = None) -> Iterator[np.ndarray]:
@@ -362,7 +383,7 @@ class RemoteShardReader(ShardReader):
                 last[3].append(span)
             else:
                 merged.append([sidx, offset, nbytes, [span]])
-        got = self._get([(sidx, start, n) for sidx, start, n, _ in merged])
+        got = self._get([(sidx, start, n) for sidx, start, n, _ in merged]) if merged else []
         data: dict[tuple[tuple[int, ...], int, int], memoryview] = {}
         for (sidx, start, n, parts), body in zip(merged, got, strict=True):
             if body is None or len(body) != n:
