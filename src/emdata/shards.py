@@ -24,7 +24,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from emdata.errors import EmDataError
 
 _EMPTY = 2**64 - 1
 _MAX_CACHED_INDEXES = 4096
+_INDEX_CACHE_BYTES = 64 * 2**20  # remote shards' indexes kept (16 bytes per chunk: 4 MiB for 2^18 chunks)
 _MAX_OPEN_FILES = 64  # shard files kept open per reader (an fd each; Linux allows 1024 per process by default)
 
 
@@ -133,13 +134,17 @@ class ShardReader:
                 raise CorruptShardError(f"{self.shard_path(sidx)}: {size} bytes, too short for its shard index")
             return self._keep_index(sidx, raw)
 
-    def _keep_index(self, sidx: tuple[int, ...], raw: bytes) -> np.ndarray:
-        """The index of shard ``sidx`` from its ``index_bytes`` bytes, checked against its crc32c and cached."""
+    def _parse_index(self, sidx: tuple[int, ...], raw: bytes) -> np.ndarray:
+        """The index of shard ``sidx`` from its ``index_bytes`` bytes, checked against its crc32c."""
         body, crc = raw[:-4], int.from_bytes(raw[-4:], "little")
         if self._crc32c.value(body) != crc:
             raise CorruptShardError(f"{self.shard_path(sidx)}: the shard index fails its crc32c checksum")
-        index = np.frombuffer(body, "<u8").reshape(-1, 2)
         self.index_reads += 1
+        return np.frombuffer(body, "<u8").reshape(-1, 2)
+
+    def _keep_index(self, sidx: tuple[int, ...], raw: bytes) -> np.ndarray:
+        """``_parse_index``, cached."""
+        index = self._parse_index(sidx, raw)
         if len(self._indexes) >= _MAX_CACHED_INDEXES:
             self._indexes.clear()
         self._indexes[sidx] = index
@@ -253,8 +258,11 @@ class RemoteShardReader(ShardReader):
     def __init__(self, store: Any, prefix: str, where: str, **kwargs: Any) -> None:
         super().__init__(where, **kwargs)
         self.store, self.prefix = store, prefix.strip("/")
-        self._absent: set[tuple[int, ...]] = set()  # shards found missing (fill value), not asked again
-        self._loading: dict[tuple[int, ...], Future[np.ndarray | None]] = {}  # indexes being fetched
+        # Shard indexes (a missing shard: an empty one), each fetched once even when several threads ask at once
+        # (the others wait for it). The cache lives in emdata.access, which imports this module: imported here.
+        from emdata.access.cache import ChunkCache
+
+        self._index_cache = ChunkCache(_INDEX_CACHE_BYTES)
         # A blosc 1 frame holds at most the decoded bytes and its 16-byte header (stored uncompressed otherwise).
         self.max_stored = self.chunk_nbytes + 16
 
@@ -304,53 +312,22 @@ class RemoteShardReader(ShardReader):
         return sync(all_of())
 
     def _indexes_of(self, sidxs: set[tuple[int, ...]]) -> dict[tuple[int, ...], np.ndarray | None]:
-        """The index of each shard (None: no such shard): cached ones, the others fetched at once, except those
-        another thread is fetching already, which are awaited after ours (each index is fetched once)."""
-        found: dict[tuple[int, ...], np.ndarray | None] = {}
-        mine: list[tuple[tuple[int, ...], Future[np.ndarray | None]]] = []
-        waits: list[tuple[tuple[int, ...], Future[np.ndarray | None]]] = []
-        with self._index_lock:
-            for sidx in sidxs:
-                index = self._indexes.get(sidx)
-                if index is not None or sidx in self._absent:
-                    found[sidx] = index
-                elif sidx in self._loading:
-                    waits.append((sidx, self._loading[sidx]))
-                else:
-                    fut: Future[np.ndarray | None] = Future()
-                    self._loading[sidx] = fut
-                    mine.append((sidx, fut))
-        try:
-            if mine:
-                start = None if self.index_at_end else 0  # None: the last index_bytes bytes
-                raw = self._get([(sidx, start, self.index_bytes) for sidx, _ in mine])
-                for (sidx, fut), got in zip(mine, raw, strict=True):
-                    found[sidx] = self._index_from(sidx, got)
-                    fut.set_result(found[sidx])
-        except BaseException as exc:
-            for _, fut in mine:
-                if not fut.done():
-                    fut.set_exception(exc)
-            raise
-        finally:
-            with self._index_lock:
-                for sidx, _ in mine:
-                    self._loading.pop(sidx, None)
-        for sidx, fut in waits:
-            found[sidx] = fut.result()
-        return found
+        """The index of each shard (None: no such shard): cached ones, the others fetched at once."""
+        todo = list(sidxs)
+        got = self._index_cache.load_many(todo, lambda mine: self._fetch_indexes([todo[n] for n in mine]))
+        return {sidx: None if index.size == 0 else index for sidx, index in zip(todo, got, strict=True)}
 
-    def _index_from(self, sidx: tuple[int, ...], got: bytes | None) -> np.ndarray | None:
-        """Shard ``sidx``'s index from the bytes fetched for it (None: no such shard, remembered)."""
-        if got is None:
-            if len(self._absent) >= _MAX_CACHED_INDEXES:
-                self._absent.clear()
-            self._absent.add(sidx)
-            return None
-        if len(got) != self.index_bytes:
-            raise CorruptShardError(f"{self.shard_path(sidx)}: asked for its {self.index_bytes}-byte shard "
-                                    f"index, got {len(got)} bytes (a short file, or a server ignoring Range)")
-        return self._keep_index(sidx, got)
+    def _fetch_indexes(self, sidxs: list[tuple[int, ...]]) -> Iterator[np.ndarray]:
+        """The indexes of these shards, fetched together (an empty one where the shard does not exist)."""
+        start = None if self.index_at_end else 0  # None: the last index_bytes bytes
+        for sidx, got in zip(sidxs, self._get([(sidx, start, self.index_bytes) for sidx in sidxs]), strict=True):
+            if got is None:
+                yield np.empty((0, 2), "<u8")
+            elif len(got) != self.index_bytes:
+                raise CorruptShardError(f"{self.shard_path(sidx)}: asked for its {self.index_bytes}-byte shard "
+                                        f"index, got {len(got)} bytes (a short file, or a server ignoring Range)")
+            else:
+                yield self._parse_index(sidx, got)
 
     def chunks(self, cidxs: Sequence[tuple[int, ...]], *, scratch: bool = False,
                buffer: Callable[[int], np.ndarray] | None = None) -> Iterator[np.ndarray]:
