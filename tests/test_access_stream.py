@@ -19,7 +19,8 @@ from emdata.access.open import find_repo_root
 from emdata.errors import InvalidParameterError
 from emdata.offline import services
 from emdata.offline.replica import serve_in_thread
-from emdata.shards import CorruptShardError, RemoteShardReader
+from emdata.access.remote import RemoteShardReader
+from emdata.shards import CorruptShardError
 
 # moto accepts any credentials; these dummies never leave loopback.
 S3_ENV = {"AWS_ACCESS_KEY_ID": "emdata-local", "AWS_SECRET_ACCESS_KEY": "emdata-local", "AWS_DEFAULT_REGION": "us-east-1"}

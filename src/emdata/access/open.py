@@ -17,7 +17,8 @@ import numpy as np
 import zarr
 
 from emdata.access.cache import ChunkCache, default_cache
-from emdata.shards import RemoteShardReader, ShardReader, decode_pool, decode_threads
+from emdata.access.remote import RemoteShardReader
+from emdata.shards import ShardReader, decode_pool, decode_threads
 from emdata.access.spec import AXES, PAD_MODES, Box, RoiNm, box_to_nm
 from emdata.errors import InvalidParameterError
 from emdata.ngff import Geometry, ome_attrs
@@ -709,7 +710,7 @@ def open_array(
     translation (nm) and axes (z, y, x). ``backend="auto"`` reads local data through tensorstore and falls
     back to zarr-python if tensorstore is missing, cannot open the array, would abort in this forked process,
     or the data is remote (chunks of the stages' sharded blosc layout are then fetched and decoded by
-    ``emdata.shards``: local files directly, remote shards with ``RemoteShardReader``; ``backend="zarr"`` reads
+    ``emdata.shards``: local files directly, remote shards with ``emdata.access.remote``; ``backend="zarr"`` reads
     every chunk through zarr-python).
     """
     if backend not in BACKENDS:
