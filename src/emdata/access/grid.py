@@ -159,8 +159,9 @@ class BlockGrid:
     from the iterating thread (a reading thread's hand-off per block costs more than it saves there:
     measured on 2 cores, 128^3 blocks of 64^3 chunks, 1.07x the reading threads), ``prefetch=None``
     (default) 2 blocks ahead (1 ahead measured 0.98-1.0x of that); larger blocks go through reading
-    threads, as many as cores (2 to 4) ahead (256^3 blocks: 0.95x directly). Otherwise blocks are read in a
-    thread pool, default 4 ahead (halo and overlap blocks are assembled in the reading threads, and remote
+    threads, as many as cores (2 to 4) ahead (256^3 blocks: 0.95x directly). Remote shards: 8 blocks ahead in
+    reading threads (at most 256 MiB of them), each fetching and decoding its own chunks. Otherwise blocks are
+    read in a thread pool, default 4 ahead (halo and overlap blocks are assembled in the reading threads, and remote
     reads wait on the network: more in flight helps).
     """
 

@@ -20,9 +20,8 @@ class RemoteShardReader(ShardReader):
     zarr-python fetches the chunks it needs from one shard one request after another, and reads the shard's index
     again for every read: over a network each costs a round trip (``bench/bench_access.py --suite remote``, 20 ms
     per response: a 128^3 grid pass through zarr-python takes 3.9x one read of the whole volume, through this
-    reader 0.6x). Here each
-    shard's index is fetched once (a suffix range, crc32c-checked, cached), and the chunks one call asks for are
-    fetched together: adjacent byte ranges merged into one request, the requests concurrent (at most zarr's
+    reader 0.6x). Here each shard's index is fetched once (a suffix range, crc32c-checked, cached), and the
+    chunks one call asks for are fetched together: adjacent byte ranges merged into one request, the requests concurrent (at most zarr's
     ``async.concurrency``) through the store's own ``get`` (the same client, credentials and retries as
     zarr-python). Every length comes from the index, which is untrusted: a chunk longer than blosc can make of
     the chunk, or a response of another length than asked, is a ``CorruptShardError`` naming the URL before
