@@ -93,7 +93,11 @@ class ShardReader:
         return None if layout is None else cls(adir, dtype=dtype, fill_value=fill_value, **layout)
 
     def shard_path(self, sidx: tuple[int, ...]) -> Path | str:
-        return Path(self.adir) / self.separator.join(("c", *(str(i) for i in sidx)))
+        return Path(self.adir) / self._shard_name(sidx)
+
+    def _shard_name(self, sidx: tuple[int, ...]) -> str:
+        """Shard ``sidx``'s key within the array (default chunk key encoding)."""
+        return self.separator.join(("c", *(str(i) for i in sidx)))
 
     def _decode(self, buf: memoryview, sidx: tuple[int, ...], cidx: tuple[int, ...], offset: int, scratch: bool,
                 buffer: Callable[[int], np.ndarray] | None) -> np.ndarray:

@@ -488,8 +488,7 @@ class EmArray:
             main = threading.current_thread() is threading.main_thread()
             # Remote shards: fetched (one set of concurrent requests) and decoded in this thread; the decoding
             # threads would otherwise sit waiting on the network, one fetch each.
-            alone = (len(missing) == 1 and not main) or reader.remote
-            n_groups = 1 if alone else min(len(missing), decode_threads())
+            n_groups = 1 if reader.remote else min(len(missing), decode_threads())
             groups = [missing[k * len(missing) // n_groups:(k + 1) * len(missing) // n_groups]
                       for k in range(n_groups)]
             if n_groups == 1 and (not main or reader.remote):

@@ -56,11 +56,10 @@ class RemoteShardReader(ShardReader):
         return cls(store, str(zarray.path), where, dtype=dtype, fill_value=fill_value, **layout)
 
     def shard_path(self, sidx: tuple[int, ...]) -> str:
-        return f"{str(self.adir).rstrip('/')}/{self.separator.join(('c', *(str(i) for i in sidx)))}"
+        return f"{str(self.adir).rstrip('/')}/{self._shard_name(sidx)}"
 
     def _key(self, sidx: tuple[int, ...]) -> str:
-        name = self.separator.join(("c", *(str(i) for i in sidx)))
-        return f"{self.prefix}/{name}" if self.prefix else name
+        return f"{self.prefix}/{self._shard_name(sidx)}" if self.prefix else self._shard_name(sidx)
 
     def _get(self, requests: list[tuple[tuple[int, ...], int | None, int]]) -> list[bytes | None]:
         """Each (shard, start or None for the last ``n`` bytes, n) fetched concurrently: bytes, or None where the
