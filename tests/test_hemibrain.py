@@ -491,3 +491,26 @@ def test_the_background_histogram_counts_like_bincount():
         np.testing.assert_array_equal(_histogram_uint8(coarse, step=step), want)
     np.testing.assert_array_equal(_histogram_uint8(coarse[:, ::3]), np.bincount(coarse[:, ::3].ravel(),
                                                                                 minlength=256))
+
+
+def test_background_tasks_hand_back_their_value_or_their_error():
+    """The info and open requests that run beside the selection (``_start``): the value, or the exception
+    raised where the result is asked for; on a daemon thread, so a request that stalls never holds the exit."""
+    import threading
+
+    from emdata.sources.hemibrain import _start
+
+    seen = []
+
+    def task(x):
+        seen.append(threading.current_thread())
+        return x * 2
+
+    assert _start(task, 21).result(timeout=10) == 42
+    assert seen[0] is not threading.main_thread() and seen[0].daemon
+
+    def fail():
+        raise DownloadError("opening hemibrain EM at http://127.0.0.1/x failed")
+
+    with pytest.raises(DownloadError, match="opening hemibrain EM"):
+        _start(fail).result(timeout=10)

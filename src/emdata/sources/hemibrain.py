@@ -43,11 +43,13 @@ import dataclasses
 import logging
 import math
 import re
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import tensorstore as ts
@@ -65,6 +67,7 @@ from emdata.formats.precomputed import ScaleInfo, VolumeInfo, parse_info
 from emdata.sources.base import Provenance, SourceBase, output_path
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BUCKET_URL = "https://storage.googleapis.com/neuroglancer-janelia-flyem-hemibrain"
 EM_URL = f"{BUCKET_URL}/emdata/clahe_yz/jpeg"
@@ -556,13 +559,31 @@ def _read_or_explain(ctx: RunContext, live_urls: Sequence[str], read: Any) -> An
         raise
 
 
+def _start(fn: Callable[..., T], *args: Any) -> Future[T]:
+    """``fn(*args)`` on a daemon thread (a request that stalls never holds the process at exit): its Future."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # raised where the result is asked for
+                future.set_exception(exc)
+
+    threading.Thread(target=run, name=f"emdata-{getattr(fn, '__name__', 'task')}", daemon=True).start()
+    return future
+
+
 def fetch_hemibrain_crop(params: HemibrainParams, ctx: RunContext, out: Path) -> dict[str, Any]:
     """Choose the crop from the seed and write it (and its segmentation) to ``out`` atomically."""
     began = time.monotonic()
     fetch = ctx.downloader(progress=False)
-    em_doc = fetch.fetch_json(f"{EM_URL}/info")
     seg_url = segmentation_url(params.segmentation) if params.segmentation is not None else None
-    seg_doc = fetch.fetch_json(f"{seg_url}/info") if seg_url is not None else None
+    # What only waits on the network runs beside the work that needs it: the segmentation's info beside the
+    # EM's, the level-0 stores' opens (an info request each) beside the tissue selection.
+    seg_info = _start(fetch.fetch_json, f"{seg_url}/info") if seg_url is not None else None
+    em_doc = fetch.fetch_json(f"{EM_URL}/info")
+    seg_doc = seg_info.result() if seg_info is not None else None
     plan = plan_crop(params, em_doc, seg_doc)  # every check against the info: before any voxel is read
     scale = plan.em_scale
     volumes = [EM_URL] + ([seg_url] if seg_url is not None else [])
@@ -570,13 +591,18 @@ def fetch_hemibrain_crop(params: HemibrainParams, ctx: RunContext, out: Path) ->
              scale.describe(), plan.selection_scale.describe())
 
     context = ctx.tensorstore_context(concurrency=params.concurrency, cache_bytes=CACHE_BYTES)
+    opening = {EM_URL: _start(open_scale, ctx, EM_URL, scale.index, context, "hemibrain EM")}
+    if plan.segmentation_scale is not None and seg_url is not None:
+        opening[seg_url] = _start(open_scale, ctx, seg_url, plan.segmentation_scale.index, context,
+                                  "hemibrain segmentation")
     t0 = time.monotonic()
     selection_view = open_scale(ctx, EM_URL, plan.selection_scale.index, context, "hemibrain EM")
     policy = ctx.read_policy
     coarse = _read_or_explain(ctx, [EM_URL], lambda: ts_result(
         selection_view.read(), f"hemibrain EM selection level {plan.selection_scale.index}", policy.timeout_s))
+    measuring = _start(measure_background, coarse, params.background_max_value)
     tissue, refused = tissue_mask(coarse, params.background_max_value)
-    background = measure_background(coarse, params.background_max_value, refused)
+    background = dataclasses.replace(measuring.result(), edge_voxels_refused=refused)
     del coarse
     if background.reaches_threshold:
         log.warning("hemibrain: the background noise of EM %s reaches background_max_value %d (median of the "
@@ -601,21 +627,20 @@ def fetch_hemibrain_crop(params: HemibrainParams, ctx: RunContext, out: Path) ->
     geometry = ngff.Geometry(scale.resolution_nm, tuple(origin_nm))  # type: ignore[arg-type]
     budget = params.max_inflight_mb * 2**20
 
-    def blocks(live_url: str, level: int, dtype: Any, what: str) -> ngff.Blocks:
-        view = open_scale(ctx, live_url, level, context, what)
+    def blocks(live_url: str, dtype: Any, what: str) -> ngff.Blocks:
+        view = opening[live_url].result()
         return remote_blocks(view, params.crop_size, sel.origin, dtype=dtype, max_inflight_bytes=budget, what=what,
                              policy=policy)
 
     labels = []
     if plan.segmentation_scale is not None and seg_url is not None:
-        labels.append(ngff.Label("segmentation", blocks(seg_url, plan.segmentation_scale.index,
-                                                         np.uint64, "hemibrain segmentation"), method="mode"))
+        labels.append(ngff.Label("segmentation", blocks(seg_url, np.uint64, "hemibrain segmentation"), method="mode"))
 
     def write() -> Any:
         with atomic_dir(out) as tmp:
             root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
             result = ngff.write_image(
-                root, name="hemibrain_crop", source=blocks(EM_URL, scale.index, np.uint8, "hemibrain EM"),
+                root, name="hemibrain_crop", source=blocks(EM_URL, np.uint8, "hemibrain EM"),
                 geometry=geometry, chunks=OUTPUT_CHUNKS, shards=OUTPUT_SHARDS,
                 method="mean", labels=labels, what="hemibrain EM", overlap_labels=True)
             root.attrs["emdata"] = provenance(params, plan, sel, background, ctx.origin).to_dict()
