@@ -17,10 +17,11 @@ read over its HTTPS form with tensorstore. Steps, all deterministic in ``seed``:
    contains it, until the crop's window is at least ``min_tissue_fraction`` tissue. Drawing near tissue
    keeps the number of draws small even where tissue is a small part of the box (the real hemibrain box is
    mostly empty); accepted windows are all >= the fraction, so the choice is near-uniform among them.
-3. Stream the crop one output shard (128^3) at a time, several in flight, into ``data/hemibrain_crop.zarr``
-   (z, y, x, nm; translation = global voxel index of the first voxel x resolution, Neuroglancer's convention,
-   so the crop overlays the hemibrain), then its mean pyramid; with ``segmentation`` (default ``v1.0``) the
-   same voxels of ``<version>/segmentation`` become ``labels/segmentation`` (uint64, mode pyramid).
+3. Stream the crop one output shard (256 x 512 x 512, ``OUTPUT_SHARDS``) at a time, several in flight,
+   into ``data/hemibrain_crop.zarr`` (z, y, x, nm; translation = global voxel index of the first voxel x
+   resolution, Neuroglancer's convention, so the crop overlays the hemibrain), its mean pyramid built as the
+   shards pass; with ``segmentation`` (default ``v1.0``) the same voxels of ``<version>/segmentation`` become
+   ``labels/segmentation`` (uint64, mode pyramid), written at the same time.
 
 A shard or chunk answering 403 stops the run with the object's URL: the bucket allows anonymous listing, so a
 missing object answers 404 (read as empty space); a 403 means the object cannot be read (or, on a bucket
