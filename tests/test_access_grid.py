@@ -228,6 +228,31 @@ def test_default_prefetch_follows_how_blocks_are_read(vol_dir):
             BlockGrid(local, BlockSpec(8), prefetch=bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("threads, prefetch, groups", [(2, 2, 1), (2, 1, 1), (16, 2, 6), (16, 1, 8), (4, 2, 2)])
+def test_direct_blocks_are_cut_into_as_many_groups_as_keep_the_decoding_threads_busy(vol_dir, monkeypatch, threads,
+                                                                                      prefetch, groups):
+    """prefetch + 1 blocks are in flight: each in ceil(threads / (prefetch + 1)) groups (at most its 8 chunks)."""
+    import emdata.access.grid as grid_module
+
+    path, data = volume(vol_dir, (16, 16, 16))
+    array = open_array(path, cache=ChunkCache())
+    monkeypatch.setattr(grid_module, "decode_threads", lambda: threads)
+    futures = []
+    real = array._submit_direct
+
+    def submit(box, out, groups=None):
+        started = real(box, out, groups)
+        futures.append(len(started))
+        return started
+
+    monkeypatch.setattr(array, "_submit_direct", submit)
+    grid = BlockGrid(array, BlockSpec(8), prefetch=prefetch)
+    assert grid._direct_blocks
+    for block in grid:
+        np.testing.assert_array_equal(block.data, data[block.read_box.slices])
+    assert futures == [min(groups, 8)] * len(grid)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.sets(st.tuples(st.integers(0, 4), st.integers(0, 4), st.integers(0, 4)), min_size=1, max_size=40))
 def test_chunk_boxes_cover_exactly_the_chunks_asked(cidxs):

@@ -331,6 +331,10 @@ class BlockGrid:
         is read here when its turn comes."""
         array = self.array
         pending: deque[tuple[Block, np.ndarray | None, list[Future[None]]]] = deque()
+        # Up to prefetch + 1 blocks are in flight: each is cut into as many groups as keep every decoding thread
+        # busy, no more (a group is a hand-off to a thread and back; on 2 cores one group per block: its main
+        # thread's CPU per 128^3 pass of 512^3 15 -> 12 ms, the pass 1.8% faster, bench/bench_access.py).
+        groups = -(-decode_threads() // (self.prefetch + 1))
 
         def finish(block: Block, out: np.ndarray | None, futures: list[Future[None]]) -> Block:
             for future in futures:
@@ -341,7 +345,7 @@ class BlockGrid:
             for block in blocks:
                 if array.bounds.contains(block.read_box):
                     out = np.empty(block.read_box.shape, array.dtype)
-                    pending.append((block, out, array._submit_direct(block.read_box, out)))
+                    pending.append((block, out, array._submit_direct(block.read_box, out, groups)))
                 else:
                     pending.append((block, None, []))
                 while len(pending) > self.prefetch:

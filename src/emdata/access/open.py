@@ -446,10 +446,10 @@ class EmArray:
             _, dst, src = todo[n]
             out[dst] = chunk[src]
 
-    def _submit_direct(self, box: Box, out: np.ndarray) -> list[Future[None]]:
+    def _submit_direct(self, box: Box, out: np.ndarray, groups: int | None = None) -> list[Future[None]]:
         """Start reading ``box`` (inside the array, from local shards) into ``out`` on the decoding threads, without
-        keeping the chunks it decodes (cached ones are copied here): done when every future returned is. One
-        group of consecutive chunks per decoding thread."""
+        keeping the chunks it decodes (cached ones are copied here): done when every future returned is. The
+        chunks go in ``groups`` groups of consecutive chunks (default: one per decoding thread)."""
         todo, _, got, missing = self._direct_plan(box)
         for n, chunk in enumerate(got):
             if chunk is not None:
@@ -457,7 +457,7 @@ class EmArray:
                 out[dst] = chunk[src]
         if not missing:
             return []
-        n_groups = min(len(missing), decode_threads())
+        n_groups = max(1, min(len(missing), groups or decode_threads()))
         pool = decode_pool()
         return [pool.submit(self._decode_into, out, todo, missing[k * len(missing) // n_groups:
                                                                  (k + 1) * len(missing) // n_groups])
